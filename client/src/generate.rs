@@ -1,0 +1,107 @@
+//! `lime generate`: single-process reference generation, streamed to stdout.
+
+use crate::progress::Progress;
+use anyhow::{bail, Context};
+use lime_kernels::{Checkpoint, Device, GenerateRequest, Model, TextTokenizer};
+use lime_schemas::SamplingParams;
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+/// What to generate from, and how.
+#[derive(Debug, Clone)]
+pub struct GenerateArgs {
+    pub model: PathBuf,
+    pub prompt: Option<String>,
+    pub prompt_ids: Option<Vec<u32>>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub ignore_eos: bool,
+    pub print_ids: bool,
+    /// Appends each step's logits (f32, little-endian) to this file.
+    pub logits_out: Option<PathBuf>,
+}
+
+pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
+    args.sampling.validate()?;
+    let ckpt = Checkpoint::open(&args.model)?;
+    let tokenizer = TextTokenizer::from_path(&args.model)?;
+    let prompt = match (&args.prompt, &args.prompt_ids) {
+        (_, Some(ids)) => ids.clone(),
+        (Some(text), None) => tokenizer.encode(text, true)?,
+        (None, None) => bail!("give --prompt TEXT or --prompt-ids IDS"),
+    };
+    let mut progress = Progress::new(format!("loading {}", args.model.display()));
+    let model = Model::load(&ckpt, &Device::Cpu, |done, total| {
+        progress.update(done as u64, total as u64, "layers")
+    })?;
+    tracing::info!(weights_mb = model.bytes() >> 20, "model loaded");
+    let stop_tokens = if args.ignore_eos {
+        Vec::new()
+    } else {
+        ckpt.config().eos_token_ids.clone()
+    };
+    let req = GenerateRequest {
+        prompt: &prompt,
+        max_tokens: args.max_tokens,
+        sampling: args.sampling.clone(),
+        stop_tokens,
+    };
+    let mut logits_file = match &args.logits_out {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let mut stream = tokenizer.stream();
+    let mut out = std::io::stdout().lock();
+    let mut failure = None;
+    let started = std::time::Instant::now();
+    let generation = lime_kernels::generate(&model, &req, |token, logits| {
+        let step = (|| -> anyhow::Result<()> {
+            if let Some(f) = logits_file.as_mut() {
+                for v in logits {
+                    f.write_all(&v.to_le_bytes())?;
+                }
+            }
+            if !args.print_ids {
+                if let Some(text) = stream.step(token)? {
+                    out.write_all(text.as_bytes())?;
+                    out.flush()?;
+                }
+            }
+            Ok(())
+        })();
+        match step {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                failure = Some(e);
+                ControlFlow::Break(())
+            }
+        }
+    })?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    if let Some(mut f) = logits_file {
+        f.flush()?;
+    }
+    if args.print_ids {
+        let ids: Vec<String> = generation.tokens.iter().map(u32::to_string).collect();
+        writeln!(out, "{}", ids.join(" "))?;
+    } else {
+        if let Some(rest) = stream.finish()? {
+            out.write_all(rest.as_bytes())?;
+        }
+        writeln!(out)?;
+    }
+    eprintln!(
+        "{} prompt tokens, {} generated ({}), {:.2} tokens/s",
+        prompt.len(),
+        generation.tokens.len(),
+        generation.finish.as_str(),
+        generation.tokens.len() as f64 / elapsed
+    );
+    Ok(())
+}

@@ -1,0 +1,368 @@
+//! A Hugging Face safetensors checkpoint on disk, read one tensor at a time.
+//!
+//! Opening a checkpoint reads `config.json` and only the JSON headers of its shards
+//! (single `model.safetensors`, or several shards listed by
+//! `model.safetensors.index.json`). Each tensor is then read on demand with a
+//! positioned read of exactly its bytes. We read rather than mmap: candle's CPU
+//! tensors own their storage, so a mapping would save no copy, and explicit reads
+//! let the stage account every byte it pulls from storage (and later bypass the page
+//! cache or throttle to emulate a Jetson's NVMe).
+
+use crate::{Config, Error, Result};
+use candle_core::{DType, Device, Tensor};
+use safetensors::Dtype;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// File names of the Hugging Face layout.
+pub const CONFIG_FILE: &str = "config.json";
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// safetensors' own limit on header size; a larger one is a corrupt file.
+const MAX_HEADER: u64 = 100 * 1024 * 1024;
+
+/// Where one tensor's bytes are and how to read them.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub shard: usize,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Absolute byte range in the shard file.
+    pub start: u64,
+    pub end: u64,
+}
+
+impl TensorEntry {
+    pub fn byte_len(&self) -> u64 {
+        self.end - self.start
+    }
+}
+
+struct Shard {
+    path: PathBuf,
+    file: File,
+}
+
+/// One positioned read, recorded when read logging is on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadRecord {
+    pub path: PathBuf,
+    pub start: u64,
+    pub end: u64,
+}
+
+#[derive(Default)]
+struct ReadLog {
+    bytes: AtomicU64,
+    records: Mutex<Option<Vec<ReadRecord>>>,
+}
+
+/// An opened checkpoint: its config and the location of every tensor.
+pub struct Checkpoint {
+    dir: PathBuf,
+    config: Config,
+    shards: Vec<Shard>,
+    tensors: HashMap<String, TensorEntry>,
+    log: Arc<ReadLog>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("dir", &self.dir)
+            .field("shards", &self.shards.len())
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+impl Checkpoint {
+    /// Opens the checkpoint in `dir`, reading its config and shard headers only.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let config = Config::from_file(&dir.join(CONFIG_FILE))?;
+        let index_path = dir.join(INDEX_FILE);
+        let shard_names: BTreeMap<String, Vec<String>> = if index_path.exists() {
+            read_index(&index_path)?
+        } else if dir.join(SINGLE_FILE).exists() {
+            BTreeMap::from([(SINGLE_FILE.to_string(), Vec::new())])
+        } else {
+            return Err(Error::io(
+                &dir,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("neither {SINGLE_FILE} nor {INDEX_FILE} is here"),
+                ),
+            ));
+        };
+        let mut shards = Vec::new();
+        let mut tensors = HashMap::new();
+        for (name, expected) in shard_names {
+            let path = dir.join(&name);
+            let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let found = read_header(&path, &file, shards.len())?;
+            for tensor in expected {
+                if !found.contains_key(&tensor) {
+                    return Err(Error::MissingTensor {
+                        dir: path.clone(),
+                        tensor,
+                    });
+                }
+            }
+            for (tensor, entry) in found {
+                if let Some(prev) = tensors.insert(tensor.clone(), entry) {
+                    return Err(Error::CorruptHeader {
+                        path,
+                        message: format!(
+                            "tensor `{tensor}` also appears in {}",
+                            shards_path(&shards, prev.shard).display()
+                        ),
+                    });
+                }
+            }
+            shards.push(Shard { path, file });
+        }
+        tracing::debug!(dir = %dir.display(), shards = shards.len(), tensors = tensors.len(), "checkpoint opened");
+        Ok(Self {
+            dir,
+            config,
+            shards,
+            tensors,
+            log: Arc::default(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where a tensor is, if the checkpoint has it.
+    pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
+        self.tensors.get(name)
+    }
+
+    /// Bytes on disk of every tensor whose name starts with `prefix`.
+    pub fn bytes_with_prefix(&self, prefix: &str) -> u64 {
+        self.tensors
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, e)| e.byte_len())
+            .sum()
+    }
+
+    /// Total bytes read from the shards since the checkpoint was opened.
+    pub fn bytes_read(&self) -> u64 {
+        self.log.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Starts recording every read's byte range (for tests and diagnostics).
+    pub fn record_reads(&self) {
+        *self.log.records.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+    }
+
+    /// The reads recorded since `record_reads`, and stops recording.
+    pub fn take_reads(&self) -> Vec<ReadRecord> {
+        self.log
+            .records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_default()
+    }
+
+    /// Reads tensor `name`, checks that its shape is `shape`, and places it on
+    /// `device` in the dtype the forward pass computes in there.
+    pub fn tensor(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let entry = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            dir: self.dir.clone(),
+            tensor: name.to_string(),
+        })?;
+        let shard = &self.shards[entry.shard];
+        if entry.shape != shape {
+            return Err(Error::ShapeMismatch {
+                path: shard.path.clone(),
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+                found: entry.shape.clone(),
+            });
+        }
+        let compute = compute_dtype(entry.dtype, device).ok_or_else(|| Error::UnsupportedDtype {
+            path: shard.path.clone(),
+            tensor: name.to_string(),
+            found: format!("{:?}", entry.dtype),
+            reason: "lime computes in F32, F16 or BF16",
+        })?;
+        let bytes = self.read(entry)?;
+        let tensor = if device.is_cpu() {
+            Tensor::from_vec(widen_to_f32(&bytes, entry.dtype), shape, device)?
+        } else {
+            Tensor::from_raw_buffer(&bytes, candle_dtype(entry.dtype), shape, device)?
+        };
+        debug_assert_eq!(tensor.dtype(), compute);
+        Ok(tensor)
+    }
+
+    fn read(&self, entry: &TensorEntry) -> Result<Vec<u8>> {
+        let shard = &self.shards[entry.shard];
+        let len = usize::try_from(entry.byte_len())
+            .map_err(|_| Error::Input(format!("tensor of {} bytes", entry.byte_len())))?;
+        let mut buf = vec![0u8; len];
+        shard
+            .file
+            .read_exact_at(&mut buf, entry.start)
+            .map_err(|e| Error::io(&shard.path, e))?;
+        self.log.bytes.fetch_add(entry.byte_len(), Ordering::Relaxed);
+        if let Some(records) = self
+            .log
+            .records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            records.push(ReadRecord {
+                path: shard.path.clone(),
+                start: entry.start,
+                end: entry.end,
+            });
+        }
+        Ok(buf)
+    }
+}
+
+fn shards_path(shards: &[Shard], i: usize) -> &Path {
+    shards.get(i).map(|s| s.path.as_path()).unwrap_or(Path::new("?"))
+}
+
+/// The dtype a stored tensor is computed in on `device`: never narrower than stored.
+/// The CPU backend multiplies only f32 well (its bf16 matmul rounds results back to
+/// bf16), so on CPU every float dtype is widened, exactly, to f32.
+pub fn compute_dtype(stored: Dtype, device: &Device) -> Option<DType> {
+    match (stored, device.is_cpu()) {
+        (Dtype::F32 | Dtype::F16 | Dtype::BF16, true) => Some(DType::F32),
+        (Dtype::F32, false) => Some(DType::F32),
+        (Dtype::F16, false) => Some(DType::F16),
+        (Dtype::BF16, false) => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+fn candle_dtype(d: Dtype) -> DType {
+    match d {
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        _ => DType::F32,
+    }
+}
+
+/// Converts little-endian f32, f16 or bf16 bytes to f32; every value is exact.
+fn widen_to_f32(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
+    match dtype {
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+    }
+}
+
+/// Shard file name → the tensors the index says it holds.
+fn read_index(path: &Path) -> Result<BTreeMap<String, Vec<String>>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: BTreeMap<String, String>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let index: Index = serde_json::from_str(&text).map_err(|e| Error::CorruptHeader {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mut shards: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (tensor, file) in index.weight_map {
+        if file.contains('/') || file.contains("..") {
+            return Err(Error::CorruptHeader {
+                path: path.to_path_buf(),
+                message: format!("shard name `{file}` for `{tensor}` leaves the checkpoint directory"),
+            });
+        }
+        shards.entry(file).or_default().push(tensor);
+    }
+    Ok(shards)
+}
+
+/// Reads and validates one shard's header: every tensor's bytes must lie inside the
+/// file and match its dtype and shape, so later reads cannot go astray.
+fn read_header(path: &Path, file: &File, shard: usize) -> Result<HashMap<String, TensorEntry>> {
+    let corrupt = |message: String| Error::CorruptHeader {
+        path: path.to_path_buf(),
+        message,
+    };
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut len_bytes = [0u8; 8];
+    file.read_exact_at(&mut len_bytes, 0)
+        .map_err(|_| corrupt(format!("file of {file_len} bytes has no header length")))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > MAX_HEADER || 8 + header_len > file_len {
+        return Err(corrupt(format!(
+            "header length {header_len} does not fit a file of {file_len} bytes"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact_at(&mut header, 8)
+        .map_err(|e| Error::io(path, e))?;
+    let text = std::str::from_utf8(&header).map_err(|e| corrupt(format!("not UTF-8: {e}")))?;
+    let metadata: safetensors::tensor::Metadata =
+        serde_json::from_str(text).map_err(|e| corrupt(e.to_string()))?;
+    let data_start = 8 + header_len;
+    let mut out = HashMap::new();
+    for (name, info) in metadata.tensors() {
+        let elems = info
+            .shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+            .ok_or_else(|| corrupt(format!("tensor `{name}`: shape {:?} overflows", info.shape)))?;
+        let (s, e) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
+        let expected = elems.saturating_mul(info.dtype.bitsize() as u64) / 8;
+        if e < s || e - s != expected {
+            return Err(corrupt(format!(
+                "tensor `{name}`: offsets {s}..{e} do not match {:?} {:?} ({expected} bytes)",
+                info.dtype, info.shape
+            )));
+        }
+        let (start, end) = (data_start + s, data_start + e);
+        if end > file_len {
+            return Err(Error::Truncated {
+                path: path.to_path_buf(),
+                tensor: name,
+                needed: end,
+                actual: file_len,
+            });
+        }
+        out.insert(
+            name,
+            TensorEntry {
+                shard,
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                start,
+                end,
+            },
+        );
+    }
+    Ok(out)
+}

@@ -1,0 +1,34 @@
+//! lime's model math.
+//!
+//! A checkpoint is read one tensor at a time ([`Checkpoint`]), so any subset of the
+//! decoder layers can be loaded ([`DecoderLayer`], [`LayerStack`]) and dropped
+//! independently. A forward pass runs a [`MicroBatch`] of sequences, each at its own
+//! position with its own preallocated [`KvCache`]. On the CPU every weight is widened
+//! exactly to f32; nothing is ever quantized or narrowed.
+
+pub mod batch;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod kv_cache;
+pub mod llama;
+pub mod model;
+pub mod rope;
+pub mod sampling;
+pub mod synth;
+pub mod text;
+
+pub use batch::{MicroBatch, SeqSpan};
+pub use checkpoint::Checkpoint;
+pub use config::{Architecture, Config, RopeScaling};
+pub use error::{Error, Result};
+pub use generate::{generate, FinishReason, GenerateRequest, Generation};
+pub use kv_cache::KvCache;
+pub use llama::{DecoderLayer, Embedding, Head};
+pub use model::{LayerStack, Model};
+pub use rope::Rope;
+pub use sampling::Sampler;
+pub use text::{TextStream, TextTokenizer};
+
+pub use candle_core::{DType, Device, Tensor};

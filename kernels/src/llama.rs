@@ -1,0 +1,341 @@
+//! The Llama family's decoder (and Mistral's and Qwen2's, which differ only in
+//! config), in pieces that load and run independently: the embedding, any single
+//! decoder layer, and the head. Weight names are exactly those of the Hugging Face
+//! checkpoint.
+
+use crate::batch::MicroBatch;
+use crate::kv_cache::KvCache;
+use crate::{rope, Checkpoint, Config, Error, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+/// A dense projection `y = x Wᵀ (+ b)` with `W` stored `[out, in]` as in PyTorch.
+#[derive(Debug)]
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(ckpt: &Checkpoint, prefix: &str, dims: (usize, usize), bias: bool, dev: &Device) -> Result<Self> {
+        let (out_dim, in_dim) = dims;
+        let weight = ckpt.tensor(&format!("{prefix}.weight"), &[out_dim, in_dim], dev)?;
+        let bias = if bias {
+            Some(ckpt.tensor(&format!("{prefix}.bias"), &[out_dim], dev)?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        tensor_bytes(&self.weight) + self.bias.as_ref().map_or(0, tensor_bytes)
+    }
+}
+
+/// Root-mean-square normalisation, computed in f32 whatever the weights' dtype.
+#[derive(Debug)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(ckpt: &Checkpoint, name: &str, cfg: &Config, dev: &Device) -> Result<Self> {
+        Ok(Self {
+            weight: ckpt.tensor(name, &[cfg.hidden_size], dev)?,
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let normed = x.broadcast_mul(&inv_rms)?.to_dtype(dtype)?;
+        Ok(normed.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// Grouped-query self-attention with a preallocated per-sequence cache.
+#[derive(Debug)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(ckpt: &Checkpoint, prefix: &str, cfg: &Config, dev: &Device) -> Result<Self> {
+        let (h, q, kv) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.num_key_value_heads * cfg.head_dim,
+        );
+        Ok(Self {
+            q_proj: Linear::load(ckpt, &format!("{prefix}.q_proj"), (q, h), cfg.qkv_bias, dev)?,
+            k_proj: Linear::load(ckpt, &format!("{prefix}.k_proj"), (kv, h), cfg.qkv_bias, dev)?,
+            v_proj: Linear::load(ckpt, &format!("{prefix}.v_proj"), (kv, h), cfg.qkv_bias, dev)?,
+            o_proj: Linear::load(ckpt, &format!("{prefix}.o_proj"), (h, q), cfg.o_bias, dev)?,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        batch: &MicroBatch,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let tokens = batch.tokens();
+        let q = self.q_proj.forward(x)?.reshape((tokens, self.heads, self.head_dim))?;
+        let k = self.k_proj.forward(x)?.reshape((tokens, self.kv_heads, self.head_dim))?;
+        let v = self.v_proj.forward(x)?.reshape((tokens, self.kv_heads, self.head_dim))?;
+        let q = rope::apply(&q, &batch.cos, &batch.sin)?;
+        let k = rope::apply(&k, &batch.cos, &batch.sin)?;
+        let group = self.heads / self.kv_heads;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+
+        let mut outputs = Vec::with_capacity(caches.len());
+        let mut row = 0;
+        for ((span, mask), cache) in batch.spans().iter().zip(&batch.masks).zip(caches.iter_mut()) {
+            let n = span.len;
+            let kv = cache.layer_mut(layer)?;
+            if kv.len != span.pos {
+                return Err(Error::Input(format!(
+                    "layer {layer}: sequence cache holds {} tokens but the batch continues at position {}",
+                    kv.len, span.pos
+                )));
+            }
+            let keys = span.pos + n;
+            if keys > kv.k.dim(1)? {
+                return Err(Error::Input(format!(
+                    "sequence of {keys} tokens exceeds its KV capacity of {}",
+                    kv.k.dim(1)?
+                )));
+            }
+            let k_new = k.narrow(0, row, n)?.transpose(0, 1)?.contiguous()?;
+            let v_new = v.narrow(0, row, n)?.transpose(0, 1)?.contiguous()?;
+            kv.k.slice_set(&k_new, 1, span.pos)?;
+            kv.v.slice_set(&v_new, 1, span.pos)?;
+            kv.len = keys;
+            let k_all = kv.k.narrow(1, 0, keys)?;
+            let v_all = kv.v.narrow(1, 0, keys)?;
+            // [n, heads, d] -> [kv_heads, group * n, d]: each KV head serves its group
+            // of query heads in one product, without copying the cache per head.
+            let q_seq = q
+                .narrow(0, row, n)?
+                .reshape((n, self.kv_heads, group, self.head_dim))?
+                .permute((1, 2, 0, 3))?
+                .contiguous()?
+                .reshape((self.kv_heads, group * n, self.head_dim))?;
+            let scores = (q_seq.matmul(&k_all.t()?)? * scale)?.to_dtype(DType::F32)?;
+            let scores = match mask {
+                Some(m) => scores.broadcast_add(m)?,
+                None => scores,
+            };
+            let probs = softmax_last_dim(&scores)?.to_dtype(v_all.dtype())?;
+            let out = probs
+                .matmul(&v_all)?
+                .reshape((self.kv_heads, group, n, self.head_dim))?
+                .permute((2, 0, 1, 3))?
+                .reshape((n, self.heads * self.head_dim))?;
+            outputs.push(out);
+            row += n;
+        }
+        let attn = if outputs.len() == 1 {
+            outputs.pop().unwrap_or_else(|| unreachable!())
+        } else {
+            Tensor::cat(&outputs, 0)?
+        };
+        self.o_proj.forward(&attn)
+    }
+
+    fn bytes(&self) -> usize {
+        self.q_proj.bytes() + self.k_proj.bytes() + self.v_proj.bytes() + self.o_proj.bytes()
+    }
+}
+
+fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&sum)?)
+}
+
+/// The SwiGLU feed-forward block.
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(ckpt: &Checkpoint, prefix: &str, cfg: &Config, dev: &Device) -> Result<Self> {
+        let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate_proj: Linear::load(ckpt, &format!("{prefix}.gate_proj"), (i, h), b, dev)?,
+            up_proj: Linear::load(ckpt, &format!("{prefix}.up_proj"), (i, h), b, dev)?,
+            down_proj: Linear::load(ckpt, &format!("{prefix}.down_proj"), (h, i), b, dev)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gated = (self.gate_proj.forward(x)?.silu()? * self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&gated)
+    }
+
+    fn bytes(&self) -> usize {
+        self.gate_proj.bytes() + self.up_proj.bytes() + self.down_proj.bytes()
+    }
+}
+
+/// One decoder layer, `model.layers.{index}`: loaded, run and dropped on its own so
+/// that a stage can hold any subset of the model and stream the rest.
+#[derive(Debug)]
+pub struct DecoderLayer {
+    index: usize,
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    /// Reads layer `index`'s weights from the checkpoint (and nothing else).
+    pub fn load(ckpt: &Checkpoint, index: usize, device: &Device) -> Result<Self> {
+        let cfg = ckpt.config();
+        if index >= cfg.num_hidden_layers {
+            return Err(Error::Input(format!(
+                "layer {index} does not exist in a {}-layer model",
+                cfg.num_hidden_layers
+            )));
+        }
+        let p = format!("model.layers.{index}");
+        let _span = tracing::debug_span!("load_layer", layer = index).entered();
+        Ok(Self {
+            index,
+            input_layernorm: RmsNorm::load(ckpt, &format!("{p}.input_layernorm.weight"), cfg, device)?,
+            self_attn: Attention::load(ckpt, &format!("{p}.self_attn"), cfg, device)?,
+            post_attention_layernorm: RmsNorm::load(
+                ckpt,
+                &format!("{p}.post_attention_layernorm.weight"),
+                cfg,
+                device,
+            )?,
+            mlp: Mlp::load(ckpt, &format!("{p}.mlp"), cfg, device)?,
+        })
+    }
+
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Bytes of weights this layer holds in memory.
+    pub fn bytes(&self) -> usize {
+        self.self_attn.bytes()
+            + self.mlp.bytes()
+            + tensor_bytes(&self.input_layernorm.weight)
+            + tensor_bytes(&self.post_attention_layernorm.weight)
+    }
+
+    /// Runs the layer over a micro-batch, appending each sequence's keys and values
+    /// to its cache. `caches` are in the batch's sequence order.
+    pub fn forward(&self, x: &Tensor, batch: &MicroBatch, caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        if caches.len() != batch.spans().len() {
+            return Err(Error::Input(format!(
+                "{} caches for a batch of {} sequences",
+                caches.len(),
+                batch.spans().len()
+            )));
+        }
+        let _span = tracing::trace_span!("layer", layer = self.index, tokens = batch.tokens()).entered();
+        let attn = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, self.index, batch, caches)?;
+        let x = (x + attn)?;
+        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + mlp)?)
+    }
+}
+
+/// The token embedding, `model.embed_tokens`.
+#[derive(Debug)]
+pub struct Embedding {
+    weight: Tensor,
+}
+
+impl Embedding {
+    pub fn load(ckpt: &Checkpoint, device: &Device) -> Result<Self> {
+        let cfg = ckpt.config();
+        Ok(Self {
+            weight: ckpt.tensor("model.embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size], device)?,
+        })
+    }
+
+    /// `[tokens, hidden]` rows for `ids`; an id outside the vocabulary is an error.
+    pub fn forward(&self, ids: &[u32]) -> Result<Tensor> {
+        let vocab = self.weight.dim(0)?;
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::Input(format!("token id {bad} is outside the vocabulary of {vocab}")));
+        }
+        let ids = Tensor::from_slice(ids, ids.len(), self.weight.device())?;
+        Ok(self.weight.index_select(&ids, 0)?)
+    }
+
+    pub fn bytes(&self) -> usize {
+        tensor_bytes(&self.weight)
+    }
+}
+
+/// The final norm and LM head (`model.norm`, `lm_head`, or the embedding when tied).
+#[derive(Debug)]
+pub struct Head {
+    norm: RmsNorm,
+    lm_head: Tensor,
+}
+
+impl Head {
+    pub fn load(ckpt: &Checkpoint, device: &Device) -> Result<Self> {
+        let cfg = ckpt.config();
+        let name = if cfg.tie_word_embeddings && ckpt.entry("lm_head.weight").is_none() {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        Ok(Self {
+            norm: RmsNorm::load(ckpt, "model.norm.weight", cfg, device)?,
+            lm_head: ckpt.tensor(name, &[cfg.vocab_size, cfg.hidden_size], device)?,
+        })
+    }
+
+    /// Logits `[rows, vocab]` in f32 for the given rows of `hidden`.
+    pub fn forward(&self, hidden: &Tensor, rows: &[u32]) -> Result<Tensor> {
+        let rows = Tensor::from_slice(rows, rows.len(), hidden.device())?;
+        let x = self.norm.forward(&hidden.index_select(&rows, 0)?)?;
+        Ok(x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+    }
+
+    pub fn bytes(&self) -> usize {
+        tensor_bytes(&self.norm.weight) + tensor_bytes(&self.lm_head)
+    }
+}
+
+fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
