@@ -183,7 +183,9 @@ impl Config {
                 }
             },
         };
-        let raw: RawConfig = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+        let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+            bad(format!("`{}`: {}", e.path(), e.inner()))
+        })?;
         debug_assert!(raw.architectures.len() == arch_names.len());
         Self::validate(raw, architecture).map_err(bad)
     }
@@ -337,6 +339,7 @@ impl Config {
             "use_cache": true,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": eos,
+            "sliding_window": self.sliding_window,
             "torch_dtype": self.torch_dtype,
         })
     }
