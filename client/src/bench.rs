@@ -35,7 +35,9 @@ pub struct KernelReport {
 pub fn kernels(dir: &Path, steps: usize) -> anyhow::Result<KernelReport> {
     let ckpt = Checkpoint::open(dir)?;
     let mut progress = Progress::new(format!("loading {}", dir.display()));
-    let model = Model::load(&ckpt, &Device::Cpu, |d, t| progress.update(d as u64, t as u64, "layers"))?;
+    let model = Model::load(&ckpt, &Device::Cpu, |d, t| {
+        progress.update(d as u64, t as u64, "layers")
+    })?;
     let cfg = model.config();
     let row_bytes = (cfg.hidden_size * 4) as u64;
     let per_token = (model.bytes() - model.embedding().bytes()) as u64 + row_bytes;
@@ -94,7 +96,9 @@ impl std::fmt::Display for KernelReport {
 
 /// Prompt lengths differ per sequence so the batch holds sequences at different positions.
 fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
-    (0..len).map(|i| ((i * 7919 + salt * 104_729) % vocab) as u32).collect()
+    (0..len)
+        .map(|i| ((i * 7919 + salt * 104_729) % vocab) as u32)
+        .collect()
 }
 
 fn decode_tokens_per_s(model: &Model, batch: usize, steps: usize) -> anyhow::Result<f64> {
@@ -106,7 +110,9 @@ fn decode_tokens_per_s(model: &Model, batch: usize, steps: usize) -> anyhow::Res
         let p = prompt(8 + 3 * s, vocab, s);
         let mut cache = model.new_cache(p.len() + steps + 1)?;
         let logits = model.forward(&[&p], &[0], &mut [&mut cache])?;
-        next.push(lime_kernels::sampling::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?));
+        next.push(lime_kernels::sampling::argmax(
+            &logits.squeeze(0)?.to_vec1::<f32>()?,
+        ));
         positions.push(p.len());
         caches.push(cache);
     }
@@ -114,7 +120,9 @@ fn decode_tokens_per_s(model: &Model, batch: usize, steps: usize) -> anyhow::Res
         let inputs: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
         let tokens: Vec<&[u32]> = inputs.iter().map(|t| t.as_slice()).collect();
         let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-        let logits = model.forward(&tokens, positions, &mut refs)?.to_vec2::<f32>()?;
+        let logits = model
+            .forward(&tokens, positions, &mut refs)?
+            .to_vec2::<f32>()?;
         for (i, l) in logits.iter().enumerate() {
             next[i] = lime_kernels::sampling::argmax(l);
             positions[i] += 1;

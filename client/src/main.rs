@@ -7,7 +7,11 @@ use lime_schemas::SamplingParams;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "lime", version, about = "Lossless LLM inference on memory-constrained edge devices")]
+#[command(
+    name = "lime",
+    version,
+    about = "Lossless LLM inference on memory-constrained edge devices"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -106,7 +110,12 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Synth { preset, dtype, seed, out } => lime::synth::run(preset, dtype, seed, &out),
+        Command::Synth {
+            preset,
+            dtype,
+            seed,
+            out,
+        } => lime::synth::run(preset, dtype, seed, &out),
         Command::Generate(g) => lime::generate::run(&GenerateArgs {
             model: g.model,
             prompt: g.prompt,

@@ -30,7 +30,9 @@ impl MicroBatch {
     /// Prepares rotary tables and causal masks for `spans`.
     pub fn new(cfg: &Config, rope: &Rope, spans: &[SeqSpan], device: &Device) -> Result<Self> {
         if spans.is_empty() || spans.iter().any(|s| s.len == 0) {
-            return Err(Error::Input("a micro-batch needs at least one token per sequence".into()));
+            return Err(Error::Input(
+                "a micro-batch needs at least one token per sequence".into(),
+            ));
         }
         let mut positions = Vec::new();
         let mut masks = Vec::with_capacity(spans.len());
@@ -92,7 +94,13 @@ fn causal_mask(group: usize, s: &SeqSpan, device: &Device) -> Result<Tensor> {
     for _ in 0..group {
         for i in 0..s.len {
             let visible = s.pos + i + 1;
-            mask.extend((0..keys).map(|j| if j < visible { 0.0f32 } else { f32::NEG_INFINITY }));
+            mask.extend((0..keys).map(|j| {
+                if j < visible {
+                    0.0f32
+                } else {
+                    f32::NEG_INFINITY
+                }
+            }));
         }
     }
     Ok(Tensor::from_vec(mask, (group * s.len, keys), device)?)

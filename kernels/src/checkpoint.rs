@@ -195,12 +195,13 @@ impl Checkpoint {
                 found: entry.shape.clone(),
             });
         }
-        let compute = compute_dtype(entry.dtype, device).ok_or_else(|| Error::UnsupportedDtype {
-            path: shard.path.clone(),
-            tensor: name.to_string(),
-            found: format!("{:?}", entry.dtype),
-            reason: "lime computes in F32, F16 or BF16",
-        })?;
+        let compute =
+            compute_dtype(entry.dtype, device).ok_or_else(|| Error::UnsupportedDtype {
+                path: shard.path.clone(),
+                tensor: name.to_string(),
+                found: format!("{:?}", entry.dtype),
+                reason: "lime computes in F32, F16 or BF16",
+            })?;
         let bytes = self.read(entry)?;
         let tensor = if device.is_cpu() {
             Tensor::from_vec(widen_to_f32(&bytes, entry.dtype), shape, device)?
@@ -220,7 +221,9 @@ impl Checkpoint {
             .file
             .read_exact_at(&mut buf, entry.start)
             .map_err(|e| Error::io(&shard.path, e))?;
-        self.log.bytes.fetch_add(entry.byte_len(), Ordering::Relaxed);
+        self.log
+            .bytes
+            .fetch_add(entry.byte_len(), Ordering::Relaxed);
         if let Some(records) = self
             .log
             .records
@@ -239,7 +242,10 @@ impl Checkpoint {
 }
 
 fn shards_path(shards: &[Shard], i: usize) -> &Path {
-    shards.get(i).map(|s| s.path.as_path()).unwrap_or(Path::new("?"))
+    shards
+        .get(i)
+        .map(|s| s.path.as_path())
+        .unwrap_or(Path::new("?"))
 }
 
 /// The dtype a stored tensor is computed in on `device`: never narrower than stored.
@@ -297,7 +303,9 @@ fn read_index(path: &Path) -> Result<BTreeMap<String, Vec<String>>> {
         if file.contains('/') || file.contains("..") {
             return Err(Error::CorruptHeader {
                 path: path.to_path_buf(),
-                message: format!("shard name `{file}` for `{tensor}` leaves the checkpoint directory"),
+                message: format!(
+                    "shard name `{file}` for `{tensor}` leaves the checkpoint directory"
+                ),
             });
         }
         shards.entry(file).or_default().push(tensor);

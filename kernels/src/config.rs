@@ -165,11 +165,13 @@ impl Config {
         // The architecture is checked before the fields, so an unsupported model says
         // so instead of complaining about a field it does not have.
         let architecture = match arch_names.first() {
-            Some(name) => Architecture::from_hf(name).ok_or_else(|| Error::UnsupportedArchitecture {
-                path: path.to_path_buf(),
-                found: name.clone(),
-                supported: SUPPORTED,
-            })?,
+            Some(name) => {
+                Architecture::from_hf(name).ok_or_else(|| Error::UnsupportedArchitecture {
+                    path: path.to_path_buf(),
+                    found: name.clone(),
+                    supported: SUPPORTED,
+                })?
+            }
             None => match value.get("model_type").and_then(|m| m.as_str()) {
                 Some("llama") => Architecture::Llama,
                 Some("mistral") => Architecture::Mistral,
@@ -183,9 +185,8 @@ impl Config {
                 }
             },
         };
-        let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
-            bad(format!("`{}`: {}", e.path(), e.inner()))
-        })?;
+        let raw: RawConfig = serde_path_to_error::deserialize(value)
+            .map_err(|e| bad(format!("`{}`: {}", e.path(), e.inner())))?;
         debug_assert!(raw.architectures.len() == arch_names.len());
         Self::validate(raw, architecture).map_err(bad)
     }
@@ -208,8 +209,11 @@ impl Config {
             MAX_DIM,
         )?;
         let vocab_size = check("vocab_size", raw.vocab_size, MAX_VOCAB)?;
-        let max_position_embeddings =
-            check("max_position_embeddings", raw.max_position_embeddings, 1 << 24)?;
+        let max_position_embeddings = check(
+            "max_position_embeddings",
+            raw.max_position_embeddings,
+            1 << 24,
+        )?;
         if num_attention_heads % num_key_value_heads != 0 {
             return Err(format!(
                 "num_attention_heads ({num_attention_heads}) is not a multiple of num_key_value_heads ({num_key_value_heads})"
@@ -225,7 +229,9 @@ impl Config {
             }
         };
         if head_dim % 2 != 0 {
-            return Err(format!("head_dim ({head_dim}) must be even for rotary embeddings"));
+            return Err(format!(
+                "head_dim ({head_dim}) must be even for rotary embeddings"
+            ));
         }
         if !(raw.rms_norm_eps.is_finite() && raw.rms_norm_eps > 0.0) {
             return Err(format!("rms_norm_eps ({}) must be > 0", raw.rms_norm_eps));
@@ -372,8 +378,7 @@ fn parse_rope_scaling(v: &serde_json::Value) -> std::result::Result<Option<RopeS
                 factor: num("factor")?,
                 low_freq_factor: low,
                 high_freq_factor: high,
-                original_max_position_embeddings: num("original_max_position_embeddings")?
-                    as usize,
+                original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
             }))
         }
         other => Err(format!(

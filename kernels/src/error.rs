@@ -22,7 +22,9 @@ pub enum Error {
     },
     #[error("{path}: corrupt safetensors header: {message}")]
     CorruptHeader { path: PathBuf, message: String },
-    #[error("{path}: truncated: tensor `{tensor}` needs bytes up to {needed} but the file has {actual}")]
+    #[error(
+        "{path}: truncated: tensor `{tensor}` needs bytes up to {needed} but the file has {actual}"
+    )]
     Truncated {
         path: PathBuf,
         tensor: String,

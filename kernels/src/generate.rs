@@ -53,7 +53,9 @@ pub fn generate(
     if req.prompt.is_empty() {
         return Err(Error::Input("the prompt has no tokens".into()));
     }
-    req.sampling.validate().map_err(|e| Error::Input(e.to_string()))?;
+    req.sampling
+        .validate()
+        .map_err(|e| Error::Input(e.to_string()))?;
     let context = req.prompt.len() + req.max_tokens;
     let limit = model.config().max_context();
     if context > limit {
@@ -63,7 +65,12 @@ pub fn generate(
             req.max_tokens
         )));
     }
-    let _span = tracing::info_span!("generate", prompt = req.prompt.len(), max_tokens = req.max_tokens).entered();
+    let _span = tracing::info_span!(
+        "generate",
+        prompt = req.prompt.len(),
+        max_tokens = req.max_tokens
+    )
+    .entered();
     let mut cache = model.new_cache(context.max(1))?;
     let mut sampler = Sampler::new(req.sampling.clone());
     let mut history = req.prompt.to_vec();

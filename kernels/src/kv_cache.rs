@@ -40,7 +40,10 @@ impl KvCache {
         let mut bytes = 0;
         for layer in layers {
             let slot = slots.get_mut(layer).ok_or_else(|| {
-                Error::Input(format!("layer {layer} does not exist in a {}-layer model", cfg.num_hidden_layers))
+                Error::Input(format!(
+                    "layer {layer} does not exist in a {}-layer model",
+                    cfg.num_hidden_layers
+                ))
             })?;
             let k = Tensor::zeros(shape, dtype, device)?;
             let v = Tensor::zeros(shape, dtype, device)?;

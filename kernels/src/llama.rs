@@ -16,7 +16,13 @@ struct Linear {
 }
 
 impl Linear {
-    fn load(ckpt: &Checkpoint, prefix: &str, dims: (usize, usize), bias: bool, dev: &Device) -> Result<Self> {
+    fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        dims: (usize, usize),
+        bias: bool,
+        dev: &Device,
+    ) -> Result<Self> {
         let (out_dim, in_dim) = dims;
         let weight = ckpt.tensor(&format!("{prefix}.weight"), &[out_dim, in_dim], dev)?;
         let bias = if bias {
@@ -58,7 +64,9 @@ impl RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
-        let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
         let normed = x.broadcast_mul(&inv_rms)?.to_dtype(dtype)?;
         Ok(normed.broadcast_mul(&self.weight)?)
     }
@@ -85,8 +93,20 @@ impl Attention {
         );
         Ok(Self {
             q_proj: Linear::load(ckpt, &format!("{prefix}.q_proj"), (q, h), cfg.qkv_bias, dev)?,
-            k_proj: Linear::load(ckpt, &format!("{prefix}.k_proj"), (kv, h), cfg.qkv_bias, dev)?,
-            v_proj: Linear::load(ckpt, &format!("{prefix}.v_proj"), (kv, h), cfg.qkv_bias, dev)?,
+            k_proj: Linear::load(
+                ckpt,
+                &format!("{prefix}.k_proj"),
+                (kv, h),
+                cfg.qkv_bias,
+                dev,
+            )?,
+            v_proj: Linear::load(
+                ckpt,
+                &format!("{prefix}.v_proj"),
+                (kv, h),
+                cfg.qkv_bias,
+                dev,
+            )?,
             o_proj: Linear::load(ckpt, &format!("{prefix}.o_proj"), (h, q), cfg.o_bias, dev)?,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
@@ -102,9 +122,18 @@ impl Attention {
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor> {
         let tokens = batch.tokens();
-        let q = self.q_proj.forward(x)?.reshape((tokens, self.heads, self.head_dim))?;
-        let k = self.k_proj.forward(x)?.reshape((tokens, self.kv_heads, self.head_dim))?;
-        let v = self.v_proj.forward(x)?.reshape((tokens, self.kv_heads, self.head_dim))?;
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((tokens, self.heads, self.head_dim))?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((tokens, self.kv_heads, self.head_dim))?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((tokens, self.kv_heads, self.head_dim))?;
         let q = rope::apply(&q, &batch.cos, &batch.sin)?;
         let k = rope::apply(&k, &batch.cos, &batch.sin)?;
         let group = self.heads / self.kv_heads;
@@ -112,7 +141,12 @@ impl Attention {
 
         let mut outputs = Vec::with_capacity(caches.len());
         let mut row = 0;
-        for ((span, mask), cache) in batch.spans().iter().zip(&batch.masks).zip(caches.iter_mut()) {
+        for ((span, mask), cache) in batch
+            .spans()
+            .iter()
+            .zip(&batch.masks)
+            .zip(caches.iter_mut())
+        {
             let n = span.len;
             let kv = cache.layer_mut(layer)?;
             if kv.len != span.pos {
@@ -230,7 +264,12 @@ impl DecoderLayer {
         let _span = tracing::debug_span!("load_layer", layer = index).entered();
         Ok(Self {
             index,
-            input_layernorm: RmsNorm::load(ckpt, &format!("{p}.input_layernorm.weight"), cfg, device)?,
+            input_layernorm: RmsNorm::load(
+                ckpt,
+                &format!("{p}.input_layernorm.weight"),
+                cfg,
+                device,
+            )?,
             self_attn: Attention::load(ckpt, &format!("{p}.self_attn"), cfg, device)?,
             post_attention_layernorm: RmsNorm::load(
                 ckpt,
@@ -256,7 +295,12 @@ impl DecoderLayer {
 
     /// Runs the layer over a micro-batch, appending each sequence's keys and values
     /// to its cache. `caches` are in the batch's sequence order.
-    pub fn forward(&self, x: &Tensor, batch: &MicroBatch, caches: &mut [&mut KvCache]) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        batch: &MicroBatch,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
         if caches.len() != batch.spans().len() {
             return Err(Error::Input(format!(
                 "{} caches for a batch of {} sequences",
@@ -264,12 +308,15 @@ impl DecoderLayer {
                 batch.spans().len()
             )));
         }
-        let _span = tracing::trace_span!("layer", layer = self.index, tokens = batch.tokens()).entered();
-        let attn = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, self.index, batch, caches)?;
+        let _span =
+            tracing::trace_span!("layer", layer = self.index, tokens = batch.tokens()).entered();
+        let attn =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(x)?, self.index, batch, caches)?;
         let x = (x + attn)?;
-        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + mlp)?)
     }
 }
@@ -284,7 +331,11 @@ impl Embedding {
     pub fn load(ckpt: &Checkpoint, device: &Device) -> Result<Self> {
         let cfg = ckpt.config();
         Ok(Self {
-            weight: ckpt.tensor("model.embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size], device)?,
+            weight: ckpt.tensor(
+                "model.embed_tokens.weight",
+                &[cfg.vocab_size, cfg.hidden_size],
+                device,
+            )?,
         })
     }
 
@@ -292,7 +343,9 @@ impl Embedding {
     pub fn forward(&self, ids: &[u32]) -> Result<Tensor> {
         let vocab = self.weight.dim(0)?;
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(Error::Input(format!("token id {bad} is outside the vocabulary of {vocab}")));
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
         }
         let ids = Tensor::from_slice(ids, ids.len(), self.weight.device())?;
         Ok(self.weight.index_select(&ids, 0)?)

@@ -30,7 +30,9 @@ impl LayerStack {
     ) -> Result<Self> {
         let n = ckpt.config().num_hidden_layers;
         if range.is_empty() || range.end > n {
-            return Err(Error::Input(format!("layer range {range:?} is not within 0..{n}")));
+            return Err(Error::Input(format!(
+                "layer range {range:?} is not within 0..{n}"
+            )));
         }
         let mut layers = Vec::with_capacity(range.len());
         for i in range.clone() {
@@ -50,7 +52,12 @@ impl LayerStack {
     }
 
     /// Runs every layer of the range over the micro-batch.
-    pub fn forward(&self, x: &Tensor, batch: &MicroBatch, caches: &mut [&mut KvCache]) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        batch: &MicroBatch,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
         let mut x = x.clone();
         for layer in &self.layers {
             x = layer.forward(&x, batch, caches)?;
@@ -72,7 +79,11 @@ pub struct Model {
 
 impl Model {
     /// Loads the whole checkpoint; `progress(done, total)` counts loaded layers.
-    pub fn load(ckpt: &Checkpoint, device: &Device, mut progress: impl FnMut(usize, usize)) -> Result<Self> {
+    pub fn load(
+        ckpt: &Checkpoint,
+        device: &Device,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self> {
         let config = ckpt.config().clone();
         let n = config.num_hidden_layers;
         let embedding = Embedding::load(ckpt, device)?;
@@ -132,7 +143,12 @@ impl Model {
 
     /// Runs a micro-batch: `tokens[i]` continue sequence `i` at `positions[i]`.
     /// Returns each sequence's next-token logits, `[sequences, vocab]` in f32.
-    pub fn forward(&self, tokens: &[&[u32]], positions: &[usize], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        tokens: &[&[u32]],
+        positions: &[usize],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
         if tokens.len() != positions.len() {
             return Err(Error::Input("one position per sequence is needed".into()));
         }

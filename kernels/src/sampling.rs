@@ -40,7 +40,11 @@ impl Sampler {
             seen.dedup();
             for id in seen {
                 if let Some(x) = l.get_mut(id as usize) {
-                    *x = if *x < 0.0 { *x * p.repetition_penalty } else { *x / p.repetition_penalty };
+                    *x = if *x < 0.0 {
+                        *x * p.repetition_penalty
+                    } else {
+                        *x / p.repetition_penalty
+                    };
                 }
             }
         }
@@ -50,7 +54,12 @@ impl Sampler {
         let inv_t = 1.0 / p.temperature;
         let cand = &mut self.scratch;
         cand.clear();
-        cand.extend(logits.iter().enumerate().map(|(i, &x)| (i as u32, x * inv_t)));
+        cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| (i as u32, x * inv_t)),
+        );
         // Descending by logit, ascending id on ties, so the order is total and fixed.
         cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if p.top_k > 0 && p.top_k < cand.len() {
@@ -102,7 +111,9 @@ mod tests {
     use super::*;
 
     fn logits() -> Vec<f32> {
-        (0..64).map(|i| ((i * 37 % 64) as f32 / 8.0).sin() * 3.0).collect()
+        (0..64)
+            .map(|i| ((i * 37 % 64) as f32 / 8.0).sin() * 3.0)
+            .collect()
     }
 
     fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
@@ -119,7 +130,10 @@ mod tests {
     fn greedy_takes_the_first_maximum() {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, f32::NAN]), 1);
         let l = logits();
-        assert_eq!(Sampler::new(SamplingParams::greedy()).next(&l, &[]), argmax(&l));
+        assert_eq!(
+            Sampler::new(SamplingParams::greedy()).next(&l, &[]),
+            argmax(&l)
+        );
     }
 
     #[test]
@@ -154,7 +168,10 @@ mod tests {
         let mut s = Sampler::new(params(5.0, 5, 1.0, 3));
         let drawn: std::collections::BTreeSet<u32> = (0..500).map(|_| s.next(&l, &[])).collect();
         assert!(drawn.iter().all(|t| allowed.contains(t)), "{drawn:?}");
-        assert!(drawn.len() > 2, "high temperature should spread over the top 5");
+        assert!(
+            drawn.len() > 2,
+            "high temperature should spread over the top 5"
+        );
     }
 
     #[test]

@@ -12,7 +12,9 @@ pub struct TextTokenizer {
 
 impl std::fmt::Debug for TextTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TextTokenizer").field("path", &self.path).finish()
+        f.debug_struct("TextTokenizer")
+            .field("path", &self.path)
+            .finish()
     }
 }
 

@@ -20,8 +20,17 @@ use lime_kernels::{KvCache, Model};
 
 const TOL: f32 = 2e-3;
 
-fn logits_of(model: &Model, tokens: &[&[u32]], pos: &[usize], caches: &mut [&mut KvCache]) -> Vec<Vec<f32>> {
-    model.forward(tokens, pos, caches).unwrap().to_vec2::<f32>().unwrap()
+fn logits_of(
+    model: &Model,
+    tokens: &[&[u32]],
+    pos: &[usize],
+    caches: &mut [&mut KvCache],
+) -> Vec<Vec<f32>> {
+    model
+        .forward(tokens, pos, caches)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
 }
 
 /// Decodes `steps` tokens for one sequence alone; returns each step's logits.
@@ -40,17 +49,25 @@ fn alone(model: &Model, p: &[u32], steps: usize) -> Vec<Vec<f32>> {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)] // `step` indexes every sequence's expectations
 fn batched_decode_matches_each_sequence_alone() {
     let fx = Fixture::tiny(StoredDtype::F32);
     let (_, model) = fx.model();
     let vocab = model.config().vocab_size;
     let steps = 32;
-    let prompts: Vec<Vec<u32>> = [3, 7, 12, 20].iter().enumerate().map(|(i, &n)| prompt(n, vocab, i)).collect();
+    let prompts: Vec<Vec<u32>> = [3, 7, 12, 20]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| prompt(n, vocab, i))
+        .collect();
     let expected: Vec<Vec<Vec<f32>>> = prompts.iter().map(|p| alone(&model, p, steps)).collect();
 
     // Prefill the sequences in one mixed micro-batch, then decode them together,
     // each at its own position.
-    let mut caches: Vec<KvCache> = prompts.iter().map(|p| cache(&model, p.len() + steps + 1)).collect();
+    let mut caches: Vec<KvCache> = prompts
+        .iter()
+        .map(|p| cache(&model, p.len() + steps + 1))
+        .collect();
     let mut inputs: Vec<Vec<u32>> = prompts.clone();
     let mut pos = vec![0; prompts.len()];
     let mut worst = 0.0f32;
@@ -61,8 +78,15 @@ fn batched_decode_matches_each_sequence_alone() {
         for (s, l) in got.iter().enumerate() {
             let diff = max_abs_diff(l, &expected[s][step]);
             worst = worst.max(diff);
-            assert!(diff <= TOL, "sequence {s} step {step}: batched logits differ by {diff}");
-            assert_eq!(argmax(l), argmax(&expected[s][step]), "sequence {s} step {step}");
+            assert!(
+                diff <= TOL,
+                "sequence {s} step {step}: batched logits differ by {diff}"
+            );
+            assert_eq!(
+                argmax(l),
+                argmax(&expected[s][step]),
+                "sequence {s} step {step}"
+            );
             pos[s] += inputs[s].len();
             inputs[s] = vec![argmax(l)];
         }
@@ -83,9 +107,9 @@ fn a_prefill_can_join_a_decoding_batch() {
     // Sequence a decodes for a few steps on its own...
     let mut input = a.clone();
     let mut pos = 0;
-    for step in 0..4 {
+    for expected in &expected_a[..4] {
         let l = logits_of(&model, &[&input], &[pos], &mut [&mut ca]).remove(0);
-        assert!(max_abs_diff(&l, &expected_a[step]) <= TOL);
+        assert!(max_abs_diff(&l, expected) <= TOL);
         pos += input.len();
         input = vec![argmax(&l)];
     }
@@ -110,7 +134,10 @@ fn cached_decode_matches_recomputation_without_cache() {
         let l = logits_of(&model, &[&seq], &[0], &mut [&mut c]).remove(0);
         let diff = max_abs_diff(&l, expected);
         worst = worst.max(diff);
-        assert!(diff <= TOL, "step {step}: cached logits differ from recomputation by {diff}");
+        assert!(
+            diff <= TOL,
+            "step {step}: cached logits differ from recomputation by {diff}"
+        );
         seq.push(argmax(expected));
     }
     println!("largest cached-vs-recomputed logit difference: {worst:e}");
@@ -122,13 +149,22 @@ fn cache_misuse_is_an_error_not_a_panic() {
     let (_, model) = fx.model();
     let mut c = cache(&model, 4);
     // Continuing at the wrong position.
-    let e = model.forward(&[&[1, 2]], &[3], &mut [&mut c]).unwrap_err().to_string();
+    let e = model
+        .forward(&[&[1, 2]], &[3], &mut [&mut c])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("position 3"), "{e}");
     // Overflowing the capacity.
-    let e = model.forward(&[&[1, 2, 3, 4, 5]], &[0], &mut [&mut c]).unwrap_err().to_string();
+    let e = model
+        .forward(&[&[1, 2, 3, 4, 5]], &[0], &mut [&mut c])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("capacity"), "{e}");
     // Out-of-vocabulary ids.
-    let e = model.forward(&[&[u32::MAX]], &[0], &mut [&mut c]).unwrap_err().to_string();
+    let e = model
+        .forward(&[&[u32::MAX]], &[0], &mut [&mut c])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("outside the vocabulary"), "{e}");
 }
 
@@ -139,7 +175,10 @@ fn random_weights_give_finite_varied_output_over_512_tokens() {
         let (_, model) = fx.model();
         let p = prompt(4, model.config().vocab_size, 9);
         let logits = alone(&model, &p, 512);
-        assert!(logits.iter().flatten().all(|x| x.is_finite()), "{dtype:?}: non-finite logits");
+        assert!(
+            logits.iter().flatten().all(|x| x.is_finite()),
+            "{dtype:?}: non-finite logits"
+        );
         let tokens: Vec<u32> = logits.iter().map(|l| argmax(l)).collect();
         let distinct: std::collections::BTreeSet<_> = tokens.iter().collect();
         let longest_run = tokens
@@ -147,12 +186,22 @@ fn random_weights_give_finite_varied_output_over_512_tokens() {
             .map(<[u32]>::len)
             .max()
             .unwrap_or(0);
-        assert!(distinct.len() >= 64, "{dtype:?}: only {} distinct tokens", distinct.len());
-        assert!(longest_run <= 16, "{dtype:?}: one token repeated {longest_run} times");
+        assert!(
+            distinct.len() >= 64,
+            "{dtype:?}: only {} distinct tokens",
+            distinct.len()
+        );
+        assert!(
+            longest_run <= 16,
+            "{dtype:?}: one token repeated {longest_run} times"
+        );
         let spread = |l: &Vec<f32>| {
             let m = l.iter().sum::<f32>() / l.len() as f32;
             (l.iter().map(|x| (x - m).powi(2)).sum::<f32>() / l.len() as f32).sqrt()
         };
-        assert!(logits.iter().all(|l| spread(l) > 0.5), "{dtype:?}: flat logits");
+        assert!(
+            logits.iter().all(|l| spread(l) > 0.5),
+            "{dtype:?}: flat logits"
+        );
     }
 }

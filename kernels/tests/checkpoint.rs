@@ -11,13 +11,17 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 fn is_layer(name: &str, layers: &[usize]) -> bool {
-    layers.iter().any(|l| name.starts_with(&format!("model.layers.{l}.")))
+    layers
+        .iter()
+        .any(|l| name.starts_with(&format!("model.layers.{l}.")))
 }
 
 /// Every tensor's (shard file, byte range) from the index and the shard headers.
 fn locations(dir: &Path) -> BTreeMap<String, (PathBuf, u64, u64)> {
-    let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
     let ckpt = Checkpoint::open(dir).unwrap();
     index["weight_map"]
         .as_object()
@@ -25,7 +29,10 @@ fn locations(dir: &Path) -> BTreeMap<String, (PathBuf, u64, u64)> {
         .iter()
         .map(|(name, file)| {
             let e = ckpt.entry(name).unwrap();
-            (name.clone(), (dir.join(file.as_str().unwrap()), e.start, e.end))
+            (
+                name.clone(),
+                (dir.join(file.as_str().unwrap()), e.start, e.end),
+            )
         })
         .collect()
 }
@@ -35,7 +42,10 @@ fn loading_layers_10_and_11_reads_only_their_bytes() {
     let fx = Fixture::tiny(StoredDtype::F32);
     let dir = fx.path();
     let locs = locations(dir);
-    let wanted: Vec<_> = locs.iter().filter(|(n, _)| is_layer(n, &[10, 11])).collect();
+    let wanted: Vec<_> = locs
+        .iter()
+        .filter(|(n, _)| is_layer(n, &[10, 11]))
+        .collect();
     assert_eq!(wanted.len(), 18, "two layers of nine tensors");
 
     let ckpt = Checkpoint::open(dir).unwrap();
@@ -43,11 +53,20 @@ fn loading_layers_10_and_11_reads_only_their_bytes() {
     ckpt.record_reads();
     let before = LayerStack::load(&ckpt, 10..12, &Device::Cpu, |_| {}).unwrap();
     let reads = ckpt.take_reads();
-    let mut expected: Vec<_> = wanted.iter().map(|(_, (p, s, e))| (p.clone(), *s, *e)).collect();
-    let mut got: Vec<_> = reads.iter().map(|r| (r.path.clone(), r.start, r.end)).collect();
+    let mut expected: Vec<_> = wanted
+        .iter()
+        .map(|(_, (p, s, e))| (p.clone(), *s, *e))
+        .collect();
+    let mut got: Vec<_> = reads
+        .iter()
+        .map(|r| (r.path.clone(), r.start, r.end))
+        .collect();
     expected.sort();
     got.sort();
-    assert_eq!(got, expected, "exactly the tensors of layers 10 and 11 were read, once each");
+    assert_eq!(
+        got, expected,
+        "exactly the tensors of layers 10 and 11 were read, once each"
+    );
     let layer_bytes: u64 = wanted.iter().map(|(_, (_, s, e))| e - s).sum();
     assert_eq!(ckpt.bytes_read(), layer_bytes);
     drop(ckpt);
@@ -70,14 +89,26 @@ fn loading_layers_10_and_11_reads_only_their_bytes() {
         let rope = lime_kernels::Rope::new(cfg, 8, &Device::Cpu).unwrap();
         let spans = [lime_kernels::SeqSpan { pos: 0, len: 1 }];
         let batch = lime_kernels::MicroBatch::new(cfg, &rope, &spans, &Device::Cpu).unwrap();
-        let mut c = lime_kernels::KvCache::new(cfg, 10..12, 8, lime_kernels::DType::F32, &Device::Cpu).unwrap();
-        stack.forward(&x, &batch, &mut [&mut c]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        let mut c =
+            lime_kernels::KvCache::new(cfg, 10..12, 8, lime_kernels::DType::F32, &Device::Cpu)
+                .unwrap();
+        stack
+            .forward(&x, &batch, &mut [&mut c])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
     };
     assert_eq!(bits(&run(&before)), bits(&run(&after)));
     // And a destroyed layer really is destroyed, so the check above can fail.
     let cfg = ckpt.config();
     let broken = ckpt
-        .tensor("model.layers.3.mlp.up_proj.weight", &[cfg.intermediate_size, cfg.hidden_size], &Device::Cpu)
+        .tensor(
+            "model.layers.3.mlp.up_proj.weight",
+            &[cfg.intermediate_size, cfg.hidden_size],
+            &Device::Cpu,
+        )
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -86,7 +117,10 @@ fn loading_layers_10_and_11_reads_only_their_bytes() {
     assert!(broken.iter().all(|x| x.is_nan()));
 }
 
-fn rewrite_shard(path: &Path, edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>)) {
+fn rewrite_shard(
+    path: &Path,
+    edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
+) {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut tensors: Vec<_> = st
@@ -98,7 +132,12 @@ fn rewrite_shard(path: &Path, edit: impl FnOnce(&mut Vec<(String, safetensors::D
     edit(&mut tensors);
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
-        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
@@ -137,7 +176,8 @@ fn a_tensor_missing_everywhere_is_named_when_needed() {
     let shard = shard_of(fx.path(), name);
     rewrite_shard(&shard, |t| t.retain(|(n, ..)| n != name));
     let index_path = fx.path().join("model.safetensors.index.json");
-    let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
     index["weight_map"].as_object_mut().unwrap().remove(name);
     std::fs::write(&index_path, index.to_string()).unwrap();
     let err = load_all(fx.path()).unwrap_err();
@@ -167,7 +207,12 @@ fn a_truncated_shard_is_named_with_the_tensor_it_cuts() {
     let len = std::fs::metadata(&path).unwrap().len();
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(len - 100).unwrap();
-    let last = locs.iter().filter(|(_, l)| l.0 == path).max_by_key(|(_, l)| l.2).unwrap().0;
+    let last = locs
+        .iter()
+        .filter(|(_, l)| l.0 == path)
+        .max_by_key(|(_, l)| l.2)
+        .unwrap()
+        .0;
     let err = Checkpoint::open(fx.path()).unwrap_err();
     assert!(matches!(err, Error::Truncated { .. }), "{err:?}");
     assert_error_names(err, &[last, &path.display().to_string(), "truncated"]);
@@ -197,19 +242,30 @@ fn an_empty_or_missing_shard_is_an_error() {
     let fx = Fixture::tiny(StoredDtype::F32);
     let path = locations(fx.path()).values().next().unwrap().0.clone();
     std::fs::write(&path, b"").unwrap();
-    assert_error_names(Checkpoint::open(fx.path()).unwrap_err(), &[&path.display().to_string()]);
+    assert_error_names(
+        Checkpoint::open(fx.path()).unwrap_err(),
+        &[&path.display().to_string()],
+    );
     std::fs::remove_file(&path).unwrap();
-    assert_error_names(Checkpoint::open(fx.path()).unwrap_err(), &[&path.display().to_string()]);
+    assert_error_names(
+        Checkpoint::open(fx.path()).unwrap_err(),
+        &[&path.display().to_string()],
+    );
 }
 
 #[test]
 fn an_unknown_architecture_is_refused_clearly() {
     let fx = Fixture::tiny(StoredDtype::F32);
     let path = fx.path().join("config.json");
-    let text = std::fs::read_to_string(&path).unwrap().replace("LlamaForCausalLM", "GPT2LMHeadModel");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("LlamaForCausalLM", "GPT2LMHeadModel");
     std::fs::write(&path, text).unwrap();
     let err = Checkpoint::open(fx.path()).unwrap_err();
-    assert!(matches!(err, Error::UnsupportedArchitecture { .. }), "{err:?}");
+    assert!(
+        matches!(err, Error::UnsupportedArchitecture { .. }),
+        "{err:?}"
+    );
     assert_error_names(err, &["GPT2LMHeadModel", "config.json", "LlamaForCausalLM"]);
 }
 
@@ -228,14 +284,30 @@ fn a_single_file_checkpoint_loads_like_a_sharded_one() {
     }
     let views: Vec<_> = all
         .iter()
-        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &single.path().join("model.safetensors")).unwrap();
-    std::fs::copy(fx.path().join("config.json"), single.path().join("config.json")).unwrap();
+    std::fs::copy(
+        fx.path().join("config.json"),
+        single.path().join("config.json"),
+    )
+    .unwrap();
     let ckpt = Checkpoint::open(single.path()).unwrap();
     let model = lime_kernels::Model::load(&ckpt, &Device::Cpu, |_, _| {}).unwrap();
     let ids = [1u32, 2, 3];
-    let a = sharded.forward(&[&ids], &[0], &mut [&mut sharded.new_cache(3).unwrap()]).unwrap();
-    let b = model.forward(&[&ids], &[0], &mut [&mut model.new_cache(3).unwrap()]).unwrap();
-    assert_eq!(bits(&a.flatten_all().unwrap().to_vec1().unwrap()), bits(&b.flatten_all().unwrap().to_vec1().unwrap()));
+    let a = sharded
+        .forward(&[&ids], &[0], &mut [&mut sharded.new_cache(3).unwrap()])
+        .unwrap();
+    let b = model
+        .forward(&[&ids], &[0], &mut [&mut model.new_cache(3).unwrap()])
+        .unwrap();
+    assert_eq!(
+        bits(&a.flatten_all().unwrap().to_vec1().unwrap()),
+        bits(&b.flatten_all().unwrap().to_vec1().unwrap())
+    );
 }

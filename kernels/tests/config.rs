@@ -56,7 +56,10 @@ const QWEN2_05B: &str = r#"{"architectures":["Qwen2ForCausalLM"],"attention_drop
 fn llama_2() {
     let c = parse(LLAMA2_7B).unwrap();
     assert_eq!(c.architecture, Architecture::Llama);
-    assert_eq!((c.num_key_value_heads, c.head_dim, c.rope_theta), (32, 128, 10_000.0));
+    assert_eq!(
+        (c.num_key_value_heads, c.head_dim, c.rope_theta),
+        (32, 128, 10_000.0)
+    );
     assert_eq!(c.eos_token_ids, vec![2]);
     assert!(c.rope_scaling.is_none() && !c.tie_word_embeddings);
 }
@@ -64,7 +67,10 @@ fn llama_2() {
 #[test]
 fn llama_3_uses_grouped_query_attention() {
     let c = parse(LLAMA3_8B).unwrap();
-    assert_eq!((c.num_key_value_heads, c.kv_group(), c.rope_theta), (8, 4, 500_000.0));
+    assert_eq!(
+        (c.num_key_value_heads, c.kv_group(), c.rope_theta),
+        (8, 4, 500_000.0)
+    );
 }
 
 #[test]
@@ -87,10 +93,24 @@ fn llama_3_2_ties_embeddings_and_scales_rope() {
 #[test]
 fn llama_3_3_70b_has_the_papers_shape() {
     let c = parse(LLAMA33_70B).unwrap();
-    assert_eq!((c.num_hidden_layers, c.hidden_size, c.intermediate_size), (80, 8192, 28672));
-    assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size), (64, 8, 128, 128256));
+    assert_eq!(
+        (c.num_hidden_layers, c.hidden_size, c.intermediate_size),
+        (80, 8192, 28672)
+    );
+    assert_eq!(
+        (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.vocab_size
+        ),
+        (64, 8, 128, 128256)
+    );
     // KV bytes per token over all layers in bf16: 2 * 8 * 128 * 2 * 80 = 320 KiB.
-    assert_eq!(2 * c.num_key_value_heads * c.head_dim * 2 * c.num_hidden_layers, 320 * 1024);
+    assert_eq!(
+        2 * c.num_key_value_heads * c.head_dim * 2 * c.num_hidden_layers,
+        320 * 1024
+    );
 }
 
 #[test]
@@ -111,7 +131,13 @@ fn qwen2_has_qkv_biases() {
 
 #[test]
 fn written_configs_read_back_the_same() {
-    for json in [LLAMA2_7B, LLAMA32_1B, LLAMA33_70B, MISTRAL_7B_V01, QWEN2_05B] {
+    for json in [
+        LLAMA2_7B,
+        LLAMA32_1B,
+        LLAMA33_70B,
+        MISTRAL_7B_V01,
+        QWEN2_05B,
+    ] {
         let c = parse(json).unwrap();
         assert_eq!(parse(&c.to_hf_json().to_string()).unwrap(), c);
     }
@@ -120,20 +146,59 @@ fn written_configs_read_back_the_same() {
 #[test]
 fn refusals_say_what_is_wrong() {
     let cases: &[(&str, &str)] = &[
-        (r#"{"architectures":["GPT2LMHeadModel"],"n_embd":768}"#, "unsupported architecture \"GPT2LMHeadModel\""),
+        (
+            r#"{"architectures":["GPT2LMHeadModel"],"n_embd":768}"#,
+            "unsupported architecture \"GPT2LMHeadModel\"",
+        ),
         (r#"{"model_type":"gemma"}"#, "unsupported architecture"),
         ("not json", "invalid config"),
-        (&LLAMA3_8B.replace("\"num_key_value_heads\":8", "\"num_key_value_heads\":5"), "not a multiple"),
-        (&LLAMA3_8B.replace("\"hidden_size\":4096", "\"hidden_size\":0"), "hidden_size"),
-        (&LLAMA3_8B.replace("\"num_hidden_layers\":32", "\"num_hidden_layers\":1000000000"), "num_hidden_layers"),
-        (&LLAMA3_8B.replace("\"hidden_act\":\"silu\"", "\"hidden_act\":\"gelu\""), "gelu"),
-        (&LLAMA3_8B.replace("\"rope_scaling\":null", "\"rope_scaling\":{\"rope_type\":\"yarn\",\"factor\":4}"), "yarn"),
-        (&LLAMA3_8B.replace("\"vocab_size\":128256", "\"vocab_size\":\"big\""), "vocab_size"),
-        (&QWEN2_05B.replace("\"use_sliding_window\":false", "\"use_sliding_window\":true"), "sliding"),
+        (
+            &LLAMA3_8B.replace("\"num_key_value_heads\":8", "\"num_key_value_heads\":5"),
+            "not a multiple",
+        ),
+        (
+            &LLAMA3_8B.replace("\"hidden_size\":4096", "\"hidden_size\":0"),
+            "hidden_size",
+        ),
+        (
+            &LLAMA3_8B.replace(
+                "\"num_hidden_layers\":32",
+                "\"num_hidden_layers\":1000000000",
+            ),
+            "num_hidden_layers",
+        ),
+        (
+            &LLAMA3_8B.replace("\"hidden_act\":\"silu\"", "\"hidden_act\":\"gelu\""),
+            "gelu",
+        ),
+        (
+            &LLAMA3_8B.replace(
+                "\"rope_scaling\":null",
+                "\"rope_scaling\":{\"rope_type\":\"yarn\",\"factor\":4}",
+            ),
+            "yarn",
+        ),
+        (
+            &LLAMA3_8B.replace("\"vocab_size\":128256", "\"vocab_size\":\"big\""),
+            "vocab_size",
+        ),
+        (
+            &QWEN2_05B.replace(
+                "\"use_sliding_window\":false",
+                "\"use_sliding_window\":true",
+            ),
+            "sliding",
+        ),
     ];
     for (json, expected) in cases {
         let msg = parse(json).unwrap_err().to_string();
-        assert!(msg.contains(expected), "`{msg}` should mention `{expected}`");
-        assert!(msg.starts_with("config.json"), "`{msg}` should name the file");
+        assert!(
+            msg.contains(expected),
+            "`{msg}` should mention `{expected}`"
+        );
+        assert!(
+            msg.starts_with("config.json"),
+            "`{msg}` should name the file"
+        );
     }
 }

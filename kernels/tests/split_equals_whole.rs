@@ -48,7 +48,8 @@ fn split(ckpt: &Checkpoint, ranges: &[Range<usize>], prompt: &[u32]) -> Vec<Vec<
         .iter()
         .map(|r| {
             let stack = LayerStack::load(ckpt, r.clone(), &dev, |_| {}).unwrap();
-            let cache = KvCache::new(cfg, r.clone(), capacity, lime_kernels::DType::F32, &dev).unwrap();
+            let cache =
+                KvCache::new(cfg, r.clone(), capacity, lime_kernels::DType::F32, &dev).unwrap();
             (stack, cache)
         })
         .collect();
@@ -57,7 +58,10 @@ fn split(ckpt: &Checkpoint, ranges: &[Range<usize>], prompt: &[u32]) -> Vec<Vec<
     let mut input = prompt.to_vec();
     let mut pos = 0;
     for _ in 0..=DECODE_STEPS {
-        let spans = [SeqSpan { pos, len: input.len() }];
+        let spans = [SeqSpan {
+            pos,
+            len: input.len(),
+        }];
         let batch = MicroBatch::new(cfg, &rope, &spans, &dev).unwrap();
         let mut hidden = embedding.forward(&input).unwrap();
         for (stack, cache) in stages.iter_mut() {
@@ -99,8 +103,10 @@ fn partitions(n: usize) -> Vec<Vec<Range<usize>>> {
     for _ in 0..4 {
         let mut at: Vec<usize> = (1..n)
             .filter(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                (state >> 33) % 3 == 0
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (state >> 33).is_multiple_of(3)
             })
             .collect();
         at.dedup();

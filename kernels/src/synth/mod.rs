@@ -185,27 +185,61 @@ struct Init {
 /// Every tensor of the model, in file order, with its shape and initialisation.
 fn tensor_plan(cfg: &Config) -> Vec<(String, Vec<usize>, Init)> {
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
+    let (q, kv) = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
     let rsqrt = |n: usize| 1.0 / (n as f32).sqrt();
     let w = |std: f32| Init { mean: 0.0, std };
-    let norm = || Init { mean: 1.0, std: 0.1 };
+    let norm = || Init {
+        mean: 1.0,
+        std: 0.1,
+    };
     // Gains found by generating 512 greedy tokens from each preset: sharp,
     // position-dependent attention (q and k at 3x) and full-scale output projections
     // keep random models from settling on one repeated token.
     let (eg, og, qg) = (3.0, 1.0, 3.0);
-    let mut plan = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h], w(eg * rsqrt(h)))];
+    let mut plan = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size, h],
+        w(eg * rsqrt(h)),
+    )];
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
         let mut layer = vec![
             (format!("{p}.input_layernorm.weight"), vec![h], norm()),
-            (format!("{p}.mlp.down_proj.weight"), vec![h, i], w(og * rsqrt(i))),
+            (
+                format!("{p}.mlp.down_proj.weight"),
+                vec![h, i],
+                w(og * rsqrt(i)),
+            ),
             (format!("{p}.mlp.gate_proj.weight"), vec![i, h], w(rsqrt(h))),
             (format!("{p}.mlp.up_proj.weight"), vec![i, h], w(rsqrt(h))),
-            (format!("{p}.post_attention_layernorm.weight"), vec![h], norm()),
-            (format!("{p}.self_attn.k_proj.weight"), vec![kv, h], w(qg * rsqrt(h))),
-            (format!("{p}.self_attn.o_proj.weight"), vec![h, q], w(og * rsqrt(q))),
-            (format!("{p}.self_attn.q_proj.weight"), vec![q, h], w(qg * rsqrt(h))),
-            (format!("{p}.self_attn.v_proj.weight"), vec![kv, h], w(rsqrt(h))),
+            (
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                norm(),
+            ),
+            (
+                format!("{p}.self_attn.k_proj.weight"),
+                vec![kv, h],
+                w(qg * rsqrt(h)),
+            ),
+            (
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![h, q],
+                w(og * rsqrt(q)),
+            ),
+            (
+                format!("{p}.self_attn.q_proj.weight"),
+                vec![q, h],
+                w(qg * rsqrt(h)),
+            ),
+            (
+                format!("{p}.self_attn.v_proj.weight"),
+                vec![kv, h],
+                w(rsqrt(h)),
+            ),
         ];
         if cfg.qkv_bias {
             for (name, n) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv), ("o_proj", h)] {
@@ -217,7 +251,11 @@ fn tensor_plan(cfg: &Config) -> Vec<(String, Vec<usize>, Init)> {
     }
     plan.push(("model.norm.weight".into(), vec![h], norm()));
     if !cfg.tie_word_embeddings {
-        plan.push(("lm_head.weight".into(), vec![cfg.vocab_size, h], w(3.0 * rsqrt(h))));
+        plan.push((
+            "lm_head.weight".into(),
+            vec![cfg.vocab_size, h],
+            w(3.0 * rsqrt(h)),
+        ));
     }
     plan
 }
@@ -233,7 +271,9 @@ fn draw(seed: u64, name: &str, numel: usize, init: &Init) -> Vec<f32> {
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 struct Bytes {
@@ -264,22 +304,36 @@ pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 pub fn synthesize(spec: &SynthSpec, dir: &Path, progress: Progress<'_>) -> Result<Config> {
     if spec.num_attention_heads == 0
         || spec.num_key_value_heads == 0
-        || spec.hidden_size % spec.num_attention_heads != 0
-        || spec.num_attention_heads % spec.num_key_value_heads != 0
+        || !spec.hidden_size.is_multiple_of(spec.num_attention_heads)
+        || !spec
+            .num_attention_heads
+            .is_multiple_of(spec.num_key_value_heads)
     {
-        return Err(Error::Input("synth: heads must divide hidden size, KV heads must divide heads".into()));
+        return Err(Error::Input(
+            "synth: heads must divide hidden size, KV heads must divide heads".into(),
+        ));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tok = tokenizer::train(spec.vocab_size)?;
-    let id = |t: &str| tok.token_to_id(t).ok_or_else(|| Error::Input(format!("synth: no token {t}")));
-    let (bos, eos, eot) = (id(tokenizer::BOS)?, id(tokenizer::EOS)?, id(tokenizer::EOT)?);
+    let id = |t: &str| {
+        tok.token_to_id(t)
+            .ok_or_else(|| Error::Input(format!("synth: no token {t}")))
+    };
+    let (bos, eos, eot) = (
+        id(tokenizer::BOS)?,
+        id(tokenizer::EOS)?,
+        id(tokenizer::EOT)?,
+    );
     let cfg = spec.config(tok.get_vocab_size(true), bos, vec![eos, eot]);
     tokenizer::save(&tok, &dir.join("tokenizer.json"))?;
 
     let plan = tensor_plan(&cfg);
     let dtype = spec.dtype.safetensors();
     let elem = dtype.bitsize() as u64 / 8;
-    let total: u64 = plan.iter().map(|(_, s, _)| s.iter().product::<usize>() as u64 * elem).sum();
+    let total: u64 = plan
+        .iter()
+        .map(|(_, s, _)| s.iter().product::<usize>() as u64 * elem)
+        .sum();
     // Shards are cut at tensor boundaries, as transformers does, so a layer may
     // straddle two files.
     let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
@@ -316,8 +370,12 @@ pub fn synthesize(spec: &SynthSpec, dir: &Path, progress: Progress<'_>) -> Resul
             .collect();
         let path = dir.join(&file);
         let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), &path)
-            .map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))?;
+        safetensors::serialize_to_file(
+            tensors.iter().map(|(n, t)| (n.as_str(), t)),
+            Some(meta),
+            &path,
+        )
+        .map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))?;
         progress(done, total);
     }
     let _ = std::fs::remove_file(dir.join(crate::checkpoint::SINGLE_FILE));

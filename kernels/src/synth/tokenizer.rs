@@ -33,14 +33,20 @@ fn err(message: impl std::fmt::Display) -> Error {
 /// Trains a tokenizer with at most `vocab_size` entries (specials included).
 pub fn train(vocab_size: usize) -> Result<Tokenizer> {
     let learned = vocab_size.saturating_sub(SPECIALS.len()).max(256);
-    let mut builder = TokenizerBuilder::<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>::new()
-        .with_model(BPE::default())
-        .with_normalizer(None)
-        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true).into()))
-        .with_post_processor(None)
-        .with_decoder(Some(ByteLevel::default().into()))
-        .build()
-        .map_err(err)?;
+    let mut builder = TokenizerBuilder::<
+        BPE,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >::new()
+    .with_model(BPE::default())
+    .with_normalizer(None)
+    .with_pre_tokenizer(Some(ByteLevel::new(false, true, true).into()))
+    .with_post_processor(None)
+    .with_decoder(Some(ByteLevel::default().into()))
+    .build()
+    .map_err(err)?;
     let mut trainer = BpeTrainerBuilder::new()
         .vocab_size(learned)
         .min_frequency(0)
@@ -52,9 +58,14 @@ pub fn train(vocab_size: usize) -> Result<Tokenizer> {
         .map_err(err)?;
     let json = serde_json::to_string(&builder).map_err(err)?;
     let mut tokenizer: Tokenizer = json.parse().map_err(err)?;
-    let specials: Vec<AddedToken> = SPECIALS.iter().map(|s| AddedToken::from(*s, true)).collect();
+    let specials: Vec<AddedToken> = SPECIALS
+        .iter()
+        .map(|s| AddedToken::from(*s, true))
+        .collect();
     tokenizer.add_special_tokens(&specials);
-    let bos_id = tokenizer.token_to_id(BOS).ok_or_else(|| err("BOS was not added"))?;
+    let bos_id = tokenizer
+        .token_to_id(BOS)
+        .ok_or_else(|| err("BOS was not added"))?;
     let template = TemplateProcessing::builder()
         .try_single(format!("{BOS} $A"))
         .map_err(err)?

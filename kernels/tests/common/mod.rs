@@ -39,7 +39,9 @@ impl Fixture {
 
 /// A deterministic prompt of `len` in-vocabulary ids.
 pub fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<u32> {
-    (0..len).map(|i| ((i * 131 + salt * 977 + 5) % vocab) as u32).collect()
+    (0..len)
+        .map(|i| ((i * 131 + salt * 977 + 5) % vocab) as u32)
+        .collect()
 }
 
 pub fn cache(model: &Model, capacity: usize) -> KvCache {
@@ -49,7 +51,10 @@ pub fn cache(model: &Model, capacity: usize) -> KvCache {
 /// Largest absolute difference between two logit vectors.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 pub fn bits(v: &[f32]) -> Vec<u32> {

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# lime's whole test suite. Sets up the Python packages that the reference tests
+# compare against in a virtualenv under target/, then runs every crate's tests in
+# release (numerics are too slow unoptimised). Extra arguments go to cargo test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=target/py
+if [ ! -x "$venv/bin/python" ]; then
+  echo "field-tests/test.sh: creating $venv" >&2
+  python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -r field-tests/requirements.txt
+export LIME_PYTHON="$PWD/$venv/bin/python"
+cargo test --release --workspace "$@"
