@@ -18,6 +18,7 @@ use rand_chacha::ChaCha8Rng;
 use safetensors::{Dtype, View};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 /// Named model sizes.
@@ -376,6 +377,10 @@ pub fn synthesize(spec: &SynthSpec, dir: &Path, progress: Progress<'_>) -> Resul
             &path,
         )
         .map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))?;
+        // safetensors writes through a private temporary file; models are read by
+        // service users, so give the shard ordinary file permissions.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(&path, e))?;
         progress(done, total);
     }
     let _ = std::fs::remove_file(dir.join(crate::checkpoint::SINGLE_FILE));
