@@ -11,4 +11,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -r field-tests/requirements.txt
 export LIME_PYTHON="$PWD/$venv/bin/python"
-cargo test --release --workspace "$@"
+log=target/test.log
+cargo test --release --workspace "$@" 2>&1 | tee "$log"
+# cargo prints one result line per test binary; end with the totals.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"

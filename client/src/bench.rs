@@ -38,9 +38,7 @@ pub fn kernels(dir: &Path, steps: usize) -> anyhow::Result<KernelReport> {
     let model = Model::load(&ckpt, &Device::Cpu, |d, t| {
         progress.update(d as u64, t as u64, "layers")
     })?;
-    let cfg = model.config();
-    let row_bytes = (cfg.hidden_size * 4) as u64;
-    let per_token = (model.bytes() - model.embedding().bytes()) as u64 + row_bytes;
+    let per_token = model.bytes_read_per_token() as u64;
 
     eprintln!("measuring memory bandwidth…");
     let bandwidth = memory_bandwidth();

@@ -15,6 +15,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod model;
 pub mod rope;
+mod rowwise;
 pub mod sampling;
 pub mod synth;
 pub mod text;

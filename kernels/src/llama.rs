@@ -34,7 +34,7 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = project(x, &self.weight)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -361,19 +361,30 @@ impl Embedding {
 pub struct Head {
     norm: RmsNorm,
     lm_head: Tensor,
+    shares_embedding: bool,
 }
 
 impl Head {
-    pub fn load(ckpt: &Checkpoint, device: &Device) -> Result<Self> {
+    /// Loads the head. With tied embeddings and the starter's `embedding` at hand,
+    /// the LM head shares its tensor instead of holding a second copy.
+    pub fn load(ckpt: &Checkpoint, device: &Device, embedding: Option<&Embedding>) -> Result<Self> {
         let cfg = ckpt.config();
-        let name = if cfg.tie_word_embeddings && ckpt.entry("lm_head.weight").is_none() {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
+        let tied = cfg.tie_word_embeddings && ckpt.entry("lm_head.weight").is_none();
+        let lm_head = match (tied, embedding) {
+            (true, Some(e)) => e.weight.clone(),
+            (true, None) => ckpt.tensor(
+                "model.embed_tokens.weight",
+                &[cfg.vocab_size, cfg.hidden_size],
+                device,
+            )?,
+            (false, _) => {
+                ckpt.tensor("lm_head.weight", &[cfg.vocab_size, cfg.hidden_size], device)?
+            }
         };
         Ok(Self {
             norm: RmsNorm::load(ckpt, "model.norm.weight", cfg, device)?,
-            lm_head: ckpt.tensor(name, &[cfg.vocab_size, cfg.hidden_size], device)?,
+            lm_head,
+            shares_embedding: tied && embedding.is_some(),
         })
     }
 
@@ -381,11 +392,31 @@ impl Head {
     pub fn forward(&self, hidden: &Tensor, rows: &[u32]) -> Result<Tensor> {
         let rows = Tensor::from_slice(rows, rows.len(), hidden.device())?;
         let x = self.norm.forward(&hidden.index_select(&rows, 0)?)?;
-        Ok(x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+        Ok(project(&x, &self.lm_head)?.to_dtype(DType::F32)?)
     }
 
-    pub fn bytes(&self) -> usize {
+    /// Bytes of weights one forward pass reads (the LM head even when it is shared).
+    pub fn bytes_read(&self) -> usize {
         tensor_bytes(&self.norm.weight) + tensor_bytes(&self.lm_head)
+    }
+
+    /// Bytes of weights this head alone holds in memory.
+    pub fn bytes(&self) -> usize {
+        if self.shares_embedding {
+            tensor_bytes(&self.norm.weight)
+        } else {
+            self.bytes_read()
+        }
+    }
+}
+
+/// `x Wᵀ`; on the CPU with the batch-invariant kernel of [`crate::rowwise`].
+fn project(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+        Ok(x.contiguous()?
+            .apply_op2_no_bwd(weight, &crate::rowwise::RowwiseLinear)?)
+    } else {
+        Ok(x.matmul(&weight.t()?)?)
     }
 }
 

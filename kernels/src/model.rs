@@ -88,7 +88,7 @@ impl Model {
         let n = config.num_hidden_layers;
         let embedding = Embedding::load(ckpt, device)?;
         let layers = LayerStack::load(ckpt, 0..n, device, |i| progress(i + 1, n))?;
-        let head = Head::load(ckpt, device)?;
+        let head = Head::load(ckpt, device, Some(&embedding))?;
         let rope = Rope::new(&config, config.max_context(), device)?;
         Ok(Self {
             config,
@@ -123,6 +123,13 @@ impl Model {
     /// Bytes of weights in memory.
     pub fn bytes(&self) -> usize {
         self.embedding.bytes() + self.layers.bytes() + self.head.bytes()
+    }
+
+    /// Bytes of weights one decode step reads: every layer, the head, one embedding row.
+    pub fn bytes_read_per_token(&self) -> usize {
+        self.layers.bytes()
+            + self.head.bytes_read()
+            + self.config.hidden_size * self.activation_dtype().size_in_bytes()
     }
 
     /// The dtype activations and caches use on this model's device.

@@ -42,7 +42,7 @@ fn split(ckpt: &Checkpoint, ranges: &[Range<usize>], prompt: &[u32]) -> Vec<Vec<
     let cfg = ckpt.config();
     let capacity = prompt.len() + DECODE_STEPS + 1;
     let embedding = Embedding::load(ckpt, &dev).unwrap();
-    let head = Head::load(ckpt, &dev).unwrap();
+    let head = Head::load(ckpt, &dev, None).unwrap();
     let rope = Rope::new(cfg, cfg.max_context(), &dev).unwrap();
     let stages: Vec<(LayerStack, KvCache)> = ranges
         .iter()
