@@ -39,7 +39,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let stop_tokens = if args.ignore_eos {
         Vec::new()
     } else {
-        ckpt.config().eos_token_ids.clone()
+        ckpt.eos_token_ids()?
     };
     let req = GenerateRequest {
         prompt: &prompt,

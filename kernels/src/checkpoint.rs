@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 pub const CONFIG_FILE: &str = "config.json";
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
 
 /// safetensors' own limit on header size; a larger one is a corrupt file.
 const MAX_HEADER: u64 = 100 * 1024 * 1024;
@@ -139,6 +140,29 @@ impl Checkpoint {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Tokens that end a generation: `config.json`'s EOS ids and those of
+    /// `generation_config.json`, which instruction-tuned checkpoints extend (Llama 3
+    /// Instruct adds `<|eot_id|>` there).
+    pub fn eos_token_ids(&self) -> Result<Vec<u32>> {
+        let mut ids = self.config.eos_token_ids.clone();
+        let path = self.dir.join(GENERATION_CONFIG_FILE);
+        if path.exists() {
+            #[derive(serde::Deserialize)]
+            struct GenerationConfig {
+                eos_token_id: Option<crate::config::TokenIds>,
+            }
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let gen: GenerationConfig = serde_json::from_str(&text).map_err(|e| Error::Config {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            ids.extend(gen.eos_token_id.map(|t| t.to_vec()).unwrap_or_default());
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
     }
 
     pub fn dir(&self) -> &Path {

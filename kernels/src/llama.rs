@@ -354,6 +354,11 @@ impl Embedding {
     pub fn bytes(&self) -> usize {
         tensor_bytes(&self.weight)
     }
+
+    /// The dtype of the hidden states it produces, which every later layer keeps.
+    pub fn dtype(&self) -> DType {
+        self.weight.dtype()
+    }
 }
 
 /// The final norm and LM head (`model.norm`, `lm_head`, or the embedding when tied).

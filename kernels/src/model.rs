@@ -132,9 +132,10 @@ impl Model {
             + self.config.hidden_size * self.activation_dtype().size_in_bytes()
     }
 
-    /// The dtype activations and caches use on this model's device.
+    /// The dtype activations and caches use: the weights' compute dtype (f32 on
+    /// the CPU, the checkpoint's dtype on a GPU).
     pub fn activation_dtype(&self) -> DType {
-        DType::F32
+        self.embedding.dtype()
     }
 
     /// A cache for one sequence of up to `capacity` tokens over every layer.

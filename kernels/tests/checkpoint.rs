@@ -311,3 +311,21 @@ fn a_single_file_checkpoint_loads_like_a_sharded_one() {
         bits(&b.flatten_all().unwrap().to_vec1().unwrap())
     );
 }
+
+#[test]
+fn end_of_sequence_ids_merge_config_and_generation_config() {
+    let fx = Fixture::tiny(StoredDtype::F32);
+    let path = fx.path().join("generation_config.json");
+    let ckpt = Checkpoint::open(fx.path()).unwrap();
+    let base = ckpt.eos_token_ids().unwrap();
+    assert_eq!(base, ckpt.config().eos_token_ids);
+    std::fs::write(&path, r#"{"eos_token_id": [7, 3]}"#).unwrap();
+    let mut expected = [base.clone(), vec![3, 7]].concat();
+    expected.sort();
+    assert_eq!(ckpt.eos_token_ids().unwrap(), expected);
+    std::fs::write(&path, "{broken").unwrap();
+    let err = ckpt.eos_token_ids().unwrap_err().to_string();
+    assert!(err.contains("generation_config.json"), "{err}");
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(ckpt.eos_token_ids().unwrap(), base);
+}

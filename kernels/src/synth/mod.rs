@@ -390,7 +390,7 @@ pub fn synthesize(spec: &SynthSpec, dir: &Path, progress: Progress<'_>) -> Resul
     )?;
     write_json(&dir.join(CONFIG_FILE), &cfg.to_hf_json())?;
     write_json(
-        &dir.join("generation_config.json"),
+        &dir.join(crate::checkpoint::GENERATION_CONFIG_FILE),
         &serde_json::json!({
             "_from_model_config": true,
             "bos_token_id": bos,
