@@ -6,10 +6,12 @@
 //! Needs Python with numpy, tokenizers and transformers (`field-tests/test.sh`
 //! sets up a virtualenv and points `LIME_PYTHON` at it). Logits agree to 5e-3
 //! absolute on logits of standard deviation ~3: both sides compute in f32, but
-//! NumPy's BLAS and candle's gemm sum in different orders, and the synthetic
-//! models' sharp attention amplifies that (see kernels/tests/batching.rs). Seen
-//! here: at most 1.2e-3 over 24 steps; the tolerance leaves room for other CPUs'
-//! BLAS kernels. Greedy tokens must be equal.
+//! NumPy's BLAS and lime's kernels sum in different orders, and a difference in
+//! one position's keys carries into every later position, so differences grow
+//! with context. Seen here: at most ~1e-3 after 64 steps (both sides also differ
+//! from an f64 evaluation by as much); the tolerance leaves room for other CPUs'
+//! BLAS kernels.
+//! Greedy tokens must be equal.
 
 use lime_kernels::synth::{self, Preset, StoredDtype, SynthSpec};
 use lime_kernels::{RopeScaling, TextTokenizer};
@@ -49,11 +51,10 @@ fn lime() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lime"))
 }
 
-fn compare_with_reference(name: &str, spec: &SynthSpec) {
+fn compare_with_reference(name: &str, spec: &SynthSpec, steps: usize) {
     let dir = tempfile::tempdir().unwrap();
     synth::synthesize(spec, dir.path(), &mut |_, _| {}).unwrap();
     let prompt = "507,12,99,250,31,7";
-    let steps = 24;
     let logits_path = dir.path().join("logits.bin");
     let out = lime()
         .args(["generate", "--model"])
@@ -120,6 +121,7 @@ fn tiny_f32_matches_the_reference() {
     compare_with_reference(
         "tiny f32",
         &SynthSpec::preset(Preset::Tiny, StoredDtype::F32, 1),
+        64,
     );
 }
 
@@ -128,6 +130,16 @@ fn tiny_bf16_matches_the_reference() {
     compare_with_reference(
         "tiny bf16",
         &SynthSpec::preset(Preset::Tiny, StoredDtype::BF16, 2),
+        64,
+    );
+}
+
+#[test]
+fn small_bf16_matches_the_reference() {
+    compare_with_reference(
+        "small bf16",
+        &SynthSpec::preset(Preset::Small, StoredDtype::BF16, 4),
+        32,
     );
 }
 
@@ -142,7 +154,7 @@ fn untied_biased_linear_rope_f16_matches_the_reference() {
         num_hidden_layers: 5,
         ..SynthSpec::preset(Preset::Tiny, StoredDtype::F16, 3)
     };
-    compare_with_reference("untied+bias+linear rope f16", &spec);
+    compare_with_reference("untied+bias+linear rope f16", &spec, 32);
 }
 
 #[test]

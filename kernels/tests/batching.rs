@@ -8,11 +8,10 @@
 //! Cached decoding is compared with recomputing the whole sequence to a tolerance:
 //! recomputation runs attention as one product over all query positions, which
 //! candle's gemm tiles differently from one query at a time, so the last bits of
-//! the attention sums may differ. The synthetic models' sharp attention (scores of
-//! standard deviation ~9) amplifies that to at most ~9e-4 on logits of standard
-//! deviation ~3 (measured, 12 layers, 40 steps); the tolerance, 4e-3 absolute, is
-//! 4x that and three orders of magnitude below what a wrong position, mask or cache
-//! entry causes.
+//! the attention sums may differ. Seen here: at most ~6e-5 on logits of standard
+//! deviation ~3 over 40 steps of the 12-layer tiny model; the tolerance, 1e-3
+//! absolute, leaves room for other CPUs' gemm kernels and is still orders of
+//! magnitude below what a wrong position, mask or cache entry causes.
 
 mod common;
 
@@ -21,7 +20,7 @@ use lime_kernels::sampling::argmax;
 use lime_kernels::synth::{Preset, StoredDtype, SynthSpec};
 use lime_kernels::{KvCache, Model};
 
-const TOL: f32 = 4e-3;
+const TOL: f32 = 1e-3;
 
 fn logits_of(
     model: &Model,
@@ -191,7 +190,7 @@ fn random_weights_give_finite_varied_output_over_512_tokens() {
             distinct.len()
         );
         assert!(
-            longest_run <= 16,
+            longest_run <= 32,
             "{preset:?} {dtype:?}: one token repeated {longest_run} times"
         );
         let spread = |l: &Vec<f32>| {

@@ -196,10 +196,12 @@ fn tensor_plan(cfg: &Config) -> Vec<(String, Vec<usize>, Init)> {
         mean: 1.0,
         std: 0.1,
     };
-    // Gains found by generating 512 greedy tokens from each preset: sharp,
-    // position-dependent attention (q and k at 3x) and full-scale output projections
-    // keep random models from settling on one repeated token.
-    let (eg, og, qg) = (3.0, 1.0, 3.0);
+    // Gains chosen by generating 512 greedy tokens from each preset and comparing
+    // with an f64 reference: queries and keys at 2.5x make attention sharp and
+    // position-dependent, which with full-scale output projections keeps random
+    // models from settling on one repeated token; at 3x the output varies no more
+    // but rounding differences grow about twice as fast with context.
+    let (eg, og, qg) = (3.0, 1.0, 2.5);
     let mut plan = vec![(
         "model.embed_tokens.weight".to_string(),
         vec![cfg.vocab_size, h],
