@@ -191,12 +191,7 @@ impl Attention {
             outputs.push(out);
             row += n;
         }
-        let attn = if outputs.len() == 1 {
-            outputs.pop().unwrap_or_else(|| unreachable!())
-        } else {
-            Tensor::cat(&outputs, 0)?
-        };
-        self.o_proj.forward(&attn)
+        self.o_proj.forward(&Tensor::cat(&outputs, 0)?)
     }
 
     fn bytes(&self) -> usize {

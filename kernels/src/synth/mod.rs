@@ -339,17 +339,19 @@ pub fn synthesize(spec: &SynthSpec, dir: &Path, progress: Progress<'_>) -> Resul
         .sum();
     // Shards are cut at tensor boundaries, as transformers does, so a layer may
     // straddle two files.
-    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut shards: Vec<Vec<usize>> = Vec::new();
+    let mut current = Vec::new();
     let mut size = 0;
     for (k, (_, shape, _)) in plan.iter().enumerate() {
         let bytes = shape.iter().product::<usize>() as u64 * elem;
         if size > 0 && size + bytes > spec.shard_bytes {
-            shards.push(Vec::new());
+            shards.push(std::mem::take(&mut current));
             size = 0;
         }
         size += bytes;
-        shards.last_mut().unwrap_or_else(|| unreachable!()).push(k);
+        current.push(k);
     }
+    shards.push(current);
     let count = shards.len();
     let mut weight_map = BTreeMap::new();
     let mut done = 0;
