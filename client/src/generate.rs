@@ -25,11 +25,16 @@ pub struct GenerateArgs {
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     args.sampling.validate()?;
     let ckpt = Checkpoint::open(&args.model)?;
-    let tokenizer = TextTokenizer::from_path(&args.model)?;
-    let prompt = match (&args.prompt, &args.prompt_ids) {
-        (_, Some(ids)) => ids.clone(),
-        (Some(text), None) => tokenizer.encode(text, true)?,
-        (None, None) => bail!("give --prompt TEXT or --prompt-ids IDS"),
+    // Token ids in and out need no tokenizer (some checkpoints ship none).
+    let tokenizer = if args.prompt_ids.is_some() && args.print_ids {
+        None
+    } else {
+        Some(TextTokenizer::from_path(&args.model)?)
+    };
+    let prompt = match (&args.prompt, &args.prompt_ids, &tokenizer) {
+        (_, Some(ids), _) => ids.clone(),
+        (Some(text), None, Some(t)) => t.encode(text, true)?,
+        _ => bail!("give --prompt TEXT or --prompt-ids IDS"),
     };
     let mut progress = Progress::new(format!("loading {}", args.model.display()));
     let model = Model::load(&ckpt, &Device::Cpu, |done, total| {
@@ -53,7 +58,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         )),
         None => None,
     };
-    let mut stream = tokenizer.stream();
+    let mut stream = tokenizer.as_ref().map(TextTokenizer::stream);
     let mut out = std::io::stdout().lock();
     let mut failure = None;
     let started = std::time::Instant::now();
@@ -64,7 +69,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
                     f.write_all(&v.to_le_bytes())?;
                 }
             }
-            if !args.print_ids {
+            if let (false, Some(stream)) = (args.print_ids, stream.as_mut()) {
                 if let Some(text) = stream.step(token)? {
                     out.write_all(text.as_bytes())?;
                     out.flush()?;
@@ -91,7 +96,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         let ids: Vec<String> = generation.tokens.iter().map(u32::to_string).collect();
         writeln!(out, "{}", ids.join(" "))?;
     } else {
-        if let Some(rest) = stream.finish()? {
+        if let Some(rest) = stream.map(|s| s.finish()).transpose()?.flatten() {
             out.write_all(rest.as_bytes())?;
         }
         writeln!(out)?;
