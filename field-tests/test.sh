@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 venv=target/py
 if [ ! -x "$venv/bin/python" ]; then
   echo "field-tests/test.sh: creating $venv" >&2
-  python3 -m venv "$venv"
+  python3 -m venv "$venv" || {
+    echo "field-tests/test.sh: python3 cannot make a virtualenv; install python3-venv (Debian) and retry" >&2
+    exit 1
+  }
 fi
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -r field-tests/requirements.txt
 export LIME_PYTHON="$PWD/$venv/bin/python"
