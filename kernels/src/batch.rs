@@ -22,7 +22,8 @@ pub struct MicroBatch {
     tokens: usize,
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
-    /// Per sequence, an additive causal mask `[group * len, pos + len]` for prefills.
+    /// Per sequence, an additive causal mask `[group * len, pos + len]` for prefills
+    /// on devices that attend with general matrix products.
     pub(crate) masks: Vec<Option<Tensor>>,
 }
 
@@ -46,7 +47,8 @@ impl MicroBatch {
                 )));
             }
             positions.extend((s.pos..end).map(|p| p as u32));
-            masks.push(if s.len > 1 {
+            // The CPU's exact attention kernel masks by position itself.
+            masks.push(if s.len > 1 && !device.is_cpu() {
                 Some(causal_mask(cfg.kv_group(), s, device)?)
             } else {
                 None

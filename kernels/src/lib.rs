@@ -7,6 +7,7 @@
 //! exactly to f32; nothing is ever quantized or narrowed.
 
 pub mod batch;
+mod causal_attention;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

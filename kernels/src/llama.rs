@@ -4,6 +4,7 @@
 //! checkpoint.
 
 use crate::batch::MicroBatch;
+use crate::causal_attention::CausalAttention;
 use crate::kv_cache::KvCache;
 use crate::{rope, Checkpoint, Config, Error, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -167,27 +168,27 @@ impl Attention {
             kv.k.slice_set(&k_new, 1, span.pos)?;
             kv.v.slice_set(&v_new, 1, span.pos)?;
             kv.len = keys;
-            let k_all = kv.k.narrow(1, 0, keys)?;
-            let v_all = kv.v.narrow(1, 0, keys)?;
-            // [n, heads, d] -> [kv_heads, group * n, d]: each KV head serves its group
-            // of query heads in one product, without copying the cache per head.
-            let q_seq = q
-                .narrow(0, row, n)?
-                .reshape((n, self.kv_heads, group, self.head_dim))?
-                .permute((1, 2, 0, 3))?
-                .contiguous()?
-                .reshape((self.kv_heads, group * n, self.head_dim))?;
-            let scores = (q_seq.matmul(&k_all.t()?)? * scale)?.to_dtype(DType::F32)?;
-            let scores = match mask {
-                Some(m) => scores.broadcast_add(m)?,
-                None => scores,
+            let q_seq = q.narrow(0, row, n)?;
+            let out = if q_seq.device().is_cpu() && q_seq.dtype() == DType::F32 {
+                let op = CausalAttention {
+                    pos: span.pos,
+                    group,
+                    scale: scale as f32,
+                };
+                q_seq.contiguous()?.apply_op3_no_bwd(&kv.k, &kv.v, &op)?
+            } else {
+                let mask = mask
+                    .as_ref()
+                    .ok_or_else(|| Error::Input("prefill without a mask".into()));
+                attend_with_matmul(
+                    &q_seq,
+                    &kv.k.narrow(1, 0, keys)?,
+                    &kv.v.narrow(1, 0, keys)?,
+                    n > 1,
+                    mask,
+                    scale,
+                )?
             };
-            let probs = softmax_last_dim(&scores)?.to_dtype(v_all.dtype())?;
-            let out = probs
-                .matmul(&v_all)?
-                .reshape((self.kv_heads, group, n, self.head_dim))?
-                .permute((2, 0, 1, 3))?
-                .reshape((n, self.heads * self.head_dim))?;
             outputs.push(out);
             row += n;
         }
@@ -197,6 +198,40 @@ impl Attention {
     fn bytes(&self) -> usize {
         self.q_proj.bytes() + self.k_proj.bytes() + self.v_proj.bytes() + self.o_proj.bytes()
     }
+}
+
+/// Attention through general matrix products, for devices without the exact CPU
+/// kernel: `q [n, heads, d]` over `k`, `v [kv_heads, keys, d]`.
+fn attend_with_matmul(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    masked: bool,
+    mask: Result<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (n, heads, d) = q.dims3()?;
+    let kv_heads = k.dim(0)?;
+    let group = heads / kv_heads;
+    // [n, heads, d] -> [kv_heads, group * n, d]: each KV head serves its group of
+    // query heads in one product, without copying the cache per head.
+    let q = q
+        .reshape((n, kv_heads, group, d))?
+        .permute((1, 2, 0, 3))?
+        .contiguous()?
+        .reshape((kv_heads, group * n, d))?;
+    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let scores = if masked {
+        scores.broadcast_add(mask?)?
+    } else {
+        scores
+    };
+    let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+    Ok(probs
+        .matmul(v)?
+        .reshape((kv_heads, group, n, d))?
+        .permute((2, 0, 1, 3))?
+        .reshape((n, heads * d))?)
 }
 
 fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {

@@ -160,6 +160,11 @@ fn finish(mut acc: [f32; LANES], x: &[f32], w: &[f32]) -> f32 {
         .fold(acc[0], |s, (a, b)| s + a * b)
 }
 
+/// One fixed-order dot product, the same bits as any row of [`matmul_t`].
+pub(crate) fn dot(x: &[f32], w: &[f32]) -> f32 {
+    dot1(x, w)
+}
+
 #[inline(always)]
 fn dot1(x: &[f32], w: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
