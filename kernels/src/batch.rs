@@ -38,14 +38,18 @@ impl MicroBatch {
         let mut positions = Vec::new();
         let mut masks = Vec::with_capacity(spans.len());
         for s in spans {
-            let end = s.pos + s.len;
-            if end > rope.max_positions() {
+            let end = s
+                .pos
+                .checked_add(s.len)
+                .filter(|&e| e <= rope.max_positions());
+            let Some(end) = end else {
                 return Err(Error::Input(format!(
-                    "position {} is beyond the {} positions prepared",
-                    end - 1,
+                    "positions {}+{} go beyond the {} positions prepared",
+                    s.pos,
+                    s.len,
                     rope.max_positions()
                 )));
-            }
+            };
             positions.extend((s.pos..end).map(|p| p as u32));
             // The CPU's exact attention kernel masks by position itself.
             masks.push(if s.len > 1 && !device.is_cpu() {

@@ -177,15 +177,11 @@ impl Attention {
                 };
                 q_seq.contiguous()?.apply_op3_no_bwd(&kv.k, &kv.v, &op)?
             } else {
-                let mask = mask
-                    .as_ref()
-                    .ok_or_else(|| Error::Input("prefill without a mask".into()));
                 attend_with_matmul(
                     &q_seq,
                     &kv.k.narrow(1, 0, keys)?,
                     &kv.v.narrow(1, 0, keys)?,
-                    n > 1,
-                    mask,
+                    mask.as_ref(),
                     scale,
                 )?
             };
@@ -201,13 +197,13 @@ impl Attention {
 }
 
 /// Attention through general matrix products, for devices without the exact CPU
-/// kernel: `q [n, heads, d]` over `k`, `v [kv_heads, keys, d]`.
+/// kernel: `q [n, heads, d]` over `k`, `v [kv_heads, keys, d]`, with the batch's
+/// causal mask when `n > 1`.
 fn attend_with_matmul(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    masked: bool,
-    mask: Result<&Tensor>,
+    mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
     let (n, heads, d) = q.dims3()?;
