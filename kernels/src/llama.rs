@@ -217,10 +217,9 @@ fn attend_with_matmul(
         .contiguous()?
         .reshape((kv_heads, group * n, d))?;
     let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-    let scores = if masked {
-        scores.broadcast_add(mask?)?
-    } else {
-        scores
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
     };
     let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
     Ok(probs
