@@ -81,8 +81,6 @@ impl TokenIds {
 /// The fields of `config.json` that decide the computation, under their HF names.
 #[derive(Debug, Clone, Deserialize)]
 struct RawConfig {
-    #[serde(default)]
-    architectures: Vec<String>,
     hidden_size: usize,
     intermediate_size: usize,
     num_hidden_layers: usize,
@@ -187,7 +185,6 @@ impl Config {
         };
         let raw: RawConfig = serde_path_to_error::deserialize(value)
             .map_err(|e| bad(format!("`{}`: {}", e.path(), e.inner())))?;
-        debug_assert!(raw.architectures.len() == arch_names.len());
         Self::validate(raw, architecture).map_err(bad)
     }
 
