@@ -1,10 +1,20 @@
 //! The types that cross a lime process boundary.
 //!
 //! Everything here is plain data with serde derives and no I/O, so that the broker,
-//! the stages and the command line agree on one definition of each payload. This
-//! crate grows with the MQTT surface and the data plane; today it holds the
-//! sampling parameters, which a request carries and the kernels obey.
+//! the stages and the command line agree on one definition of each payload: MQTT
+//! topics and JSON documents, the plan, and the data plane's postcard frames.
 
+pub mod frame;
+pub mod plan;
+pub mod reply;
+pub mod request;
 mod sampling;
+pub mod status;
+pub mod topics;
 
+pub use frame::{Activations, Frame, FrameError, Hello, SeqSlot};
+pub use plan::{LayerRange, Plan, PlanChunk, PlanError, PlanStage};
+pub use reply::{ErrorCode, ErrorReply, Final, FinishReason, Reply, TextPiece, Timing, Usage};
+pub use request::{ChatMessage, Invalid, Request};
 pub use sampling::{SamplingError, SamplingParams};
+pub use status::{MemoryUse, Role, StageState, StageStatus};

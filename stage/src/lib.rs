@@ -1,6 +1,278 @@
-//! lime-stage: the runtime on one device (residency manager, KV cache pool,
-//! pipeline loop, data plane, the starter role).
+//! lime-stage: the runtime on one device, one stage of the pipeline ring.
 //!
-//! It is built on `lime-kernels`' layer ranges and per-sequence caches. The
-//! distributed runtime arrives with the end-to-end issue; until then this crate
-//! exposes nothing, and its binary says so instead of pretending to serve.
+//! A stage joins the MQTT control plane ([`control`]), takes its part of the plan,
+//! loads its chunks ([`worker`]), and runs the pipeline loop ([`pipeline`]) between
+//! a TCP link from the previous stage and one to the next ([`ring`]). The plan's
+//! first stage is the starter: it also checks and tokenizes requests ([`intake`]),
+//! schedules sequences into micro-batches and samples ([`starter`], [`sequence`]).
+
+pub mod chat;
+pub mod config;
+pub mod connection;
+pub mod control;
+pub mod intake;
+pub mod pipeline;
+pub mod ring;
+pub mod sequence;
+pub mod starter;
+pub mod worker;
+
+use anyhow::Context;
+use config::StageConfig;
+use control::{Inbox, RequestSink};
+use lime_kernels::{Checkpoint, Device, TextTokenizer};
+use lime_schemas::{LayerRange, MemoryUse, Plan, Role, StageState, StageStatus};
+use pipeline::{Event, Note, Pipeline};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Runs a stage until SIGTERM or SIGINT.
+pub fn run(cfg: StageConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("lime-stage-io")
+        .build()?;
+    runtime.block_on(serve(cfg))
+}
+
+async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
+    let (client, eventloop) = rumqttc::v5::AsyncClient::new(control::options(&cfg), 256);
+    let (inbox, plan_rx) = Inbox::new(cfg.plan_file.is_none());
+    tokio::spawn(control::drive(eventloop, client.clone(), inbox.clone()));
+    let mut status = StageStatus {
+        pid: Some(std::process::id()),
+        version: Some(env!("CARGO_PKG_VERSION").into()),
+        state: StageState::Starting,
+        ..StageStatus::offline(&cfg.name)
+    };
+    control::publish_status(&client, &inbox, status.clone()).await;
+
+    let plan = match (&cfg.plan_file, plan_rx) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the plan {}", path.display()))?;
+            serde_json::from_str::<Plan>(&text)
+                .with_context(|| format!("parsing the plan {}", path.display()))?
+        }
+        (None, Some(mut rx)) => {
+            tracing::info!(
+                "waiting for the retained plan on {}",
+                lime_schemas::topics::PLAN
+            );
+            loop {
+                if let Some(p) = rx.borrow_and_update().clone() {
+                    if p.position(&cfg.name).is_some() {
+                        break p;
+                    }
+                    tracing::warn!(
+                        epoch = p.epoch,
+                        "the published plan has no stage {}",
+                        cfg.name
+                    );
+                }
+                rx.changed().await?;
+            }
+        }
+        (None, None) => anyhow::bail!("no plan file and no plan subscription"),
+    };
+    let ckpt = Checkpoint::open(&cfg.model)?;
+    plan.validate(ckpt.config().num_hidden_layers)?;
+    let Some(position) = plan.position(&cfg.name) else {
+        anyhow::bail!(
+            "the plan (epoch {}) has no stage {:?}",
+            plan.epoch,
+            cfg.name
+        );
+    };
+    let starter = position == 0;
+    let chunks: Vec<LayerRange> = plan.chunks_of(&cfg.name).into_iter().map(|c| c.1).collect();
+    tracing::info!(
+        epoch = plan.epoch,
+        role = if starter { "starter" } else { "secondary" },
+        chunks = ?chunks.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "plan adopted"
+    );
+    status.role = Some(if starter {
+        Role::Starter
+    } else {
+        Role::Secondary
+    });
+    status.epoch = Some(plan.epoch);
+    status.chunks = chunks;
+    let me = &plan.stages[position];
+    let listen_addr = cfg
+        .data
+        .listen
+        .clone()
+        .unwrap_or_else(|| me.data_addr.clone());
+    status.data_addr = Some(me.data_addr.clone());
+
+    // Listen before loading so the previous stage's link is up when we are.
+    let (events_tx, events_rx) = std::sync::mpsc::channel::<Event>();
+    let identity = ring::LinkIdentity {
+        me: cfg.name.clone(),
+        epoch: plan.epoch,
+        hello_timeout: Duration::from_millis(cfg.data.hello_timeout_ms),
+    };
+    let single = plan.stages.len() == 1;
+    let mut next_tx = None;
+    if !single {
+        let listener = tokio::net::TcpListener::bind(&listen_addr)
+            .await
+            .with_context(|| format!("binding the data port {listen_addr}"))?;
+        tracing::info!(addr = %listen_addr, "data plane listening");
+        let prev = plan
+            .predecessor(&cfg.name)
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        tokio::spawn(ring::listen(
+            listener,
+            identity.clone(),
+            prev,
+            events_tx.clone(),
+        ));
+        let next = plan
+            .successor(&cfg.name)
+            .cloned()
+            .context("no next stage")?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let backoff = (
+            Duration::from_millis(cfg.data.backoff_min_ms),
+            Duration::from_millis(cfg.data.backoff_max_ms),
+        );
+        tokio::spawn(ring::connect(
+            next.data_addr,
+            next.name,
+            identity,
+            backoff,
+            rx,
+        ));
+        next_tx = Some(tx);
+    }
+
+    let worker = {
+        let (plan, name, device) = (plan.clone(), cfg.name.clone(), Device::Cpu);
+        tokio::task::spawn_blocking(move || {
+            let mut last = std::time::Instant::now();
+            worker::Worker::load(&ckpt, &plan, &name, &device, |done, total| {
+                if done == total || last.elapsed() > Duration::from_secs(1) {
+                    last = std::time::Instant::now();
+                    tracing::info!(done, total, "loading layers");
+                }
+            })
+            .map(|w| (w, ckpt))
+        })
+        .await??
+    };
+    let (worker, ckpt) = worker;
+    let weights = worker.weights_bytes() as u64;
+    tracing::info!(weights_mb = weights >> 20, "weights loaded");
+    status.memory = Some(MemoryUse {
+        weights_bytes: weights,
+        ..MemoryUse::default()
+    });
+
+    let (notes_tx, mut notes_rx) = tokio::sync::mpsc::unbounded_channel();
+    let engine = if starter {
+        let tokenizer = Arc::new(TextTokenizer::from_path(&cfg.model)?);
+        let template = chat::ChatTemplate::from_dir(&cfg.model)?;
+        let eos = ckpt.eos_token_ids()?;
+        let intake = Arc::new(intake::Intake::new(
+            tokenizer.clone(),
+            template,
+            worker.config().max_context(),
+            cfg.starter.max_request_bytes,
+        ));
+        let (outbox_tx, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(control::publish_replies(client.clone(), outbox_rx));
+        let limits = cfg.starter.clone();
+        let stages = plan.stages.len();
+        let outbox = outbox_tx.clone();
+        let engine = std::thread::Builder::new()
+            .name("lime-pipeline".into())
+            .spawn(move || {
+                let scheduler = starter::Scheduler::new(&tokenizer, eos, limits, stages, outbox);
+                Pipeline {
+                    worker,
+                    next: next_tx,
+                    starter: Some(scheduler),
+                    notes: notes_tx,
+                }
+                .run(events_rx)
+            })?;
+        let sink = RequestSink {
+            intake,
+            events: events_tx.clone(),
+            outbox: outbox_tx,
+        };
+        control::open_requests(&client, &inbox, sink).await;
+        engine
+    } else {
+        std::thread::Builder::new()
+            .name("lime-pipeline".into())
+            .spawn(move || {
+                Pipeline {
+                    worker,
+                    next: next_tx,
+                    starter: None,
+                    notes: notes_tx,
+                }
+                .run(events_rx)
+            })?
+    };
+    if !starter {
+        status.state = StageState::Online;
+        control::publish_status(&client, &inbox, status.clone()).await;
+        tracing::info!("stage online");
+    }
+
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            note = notes_rx.recv() => match note {
+                Some(Note::RingClosed) => {
+                    status.state = StageState::Online;
+                    control::publish_status(&client, &inbox, status.clone()).await;
+                    tracing::info!("starter online: taking requests");
+                }
+                Some(Note::Memory { kv_bytes, sequences }) => {
+                    if let Some(m) = status.memory.as_mut() {
+                        m.kv_bytes = kv_bytes;
+                        m.sequences = sequences;
+                    }
+                    // Status is for membership; memory in it is refreshed only
+                    // with state changes to keep the retained topic quiet.
+                }
+                None => break,
+            },
+        }
+    }
+    tracing::info!("shutting down");
+    status.state = StageState::Offline;
+    control::publish_status(&client, &inbox, status).await;
+    let _ = events_tx.send(Event::Stop);
+    let _ = client.disconnect().await;
+    // Give the MQTT loop a moment to flush the offline status and the disconnect.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(engine);
+    Ok(())
+}
+
+/// Resolves on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,253 @@
+//! The data plane's frames: what one stage sends the next over TCP.
+//!
+//! On the wire a frame is a little-endian `u32` body length followed by the body in
+//! postcard. Every connection starts with a `Hello` so that a stray or garbage peer,
+//! an old build or a stage on another plan is refused before any activation moves.
+
+use serde::{Deserialize, Serialize};
+
+/// First bytes of every hello.
+pub const MAGIC: [u8; 4] = *b"LIME";
+/// Bumped whenever a frame's layout changes.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Larger frames are refused unread: no honest micro-batch comes near this.
+pub const MAX_FRAME_BYTES: usize = 512 << 20;
+/// Bytes of the length prefix.
+pub const PREFIX_BYTES: usize = 4;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Frame {
+    Hello(Hello),
+    Activations(Activations),
+    /// These sequences finished: free their caches. Goes round the ring once.
+    Release {
+        seqs: Vec<u64>,
+    },
+    /// A stage could not run a micro-batch (`merged` as in [`Activations`]); the
+    /// starter fails its sequences' requests.
+    Failed {
+        seqs: Vec<u64>,
+        merged: u32,
+        message: String,
+    },
+    /// Goes round the ring once; its return tells the starter the ring is closed.
+    Ping {
+        nonce: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub magic: [u8; 4],
+    pub version: u16,
+    /// The plan epoch the sender runs.
+    pub epoch: u64,
+    /// The sender's stage name.
+    pub from: String,
+}
+
+impl Hello {
+    pub fn new(epoch: u64, from: &str) -> Self {
+        Self {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            epoch,
+            from: from.to_owned(),
+        }
+    }
+}
+
+/// A micro-batch between chunks: every sequence's hidden states, stacked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Activations {
+    /// Starter-assigned number, for tracing a micro-batch round the ring.
+    pub batch: u64,
+    /// Index (in the plan) of the next chunk to run; the chunk count means "done,
+    /// back to the starter's head".
+    pub chunk: u32,
+    /// How many micro-batches the starter sent are merged into this one: stages
+    /// batch what is waiting, and the starter counts what it has in flight.
+    pub merged: u32,
+    pub seqs: Vec<SeqSlot>,
+    pub dtype: ActivationDtype,
+    /// Row-major `[tokens, hidden]`, little-endian.
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// One sequence's rows in a micro-batch: `len` tokens from position `pos`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeqSlot {
+    pub id: u64,
+    pub pos: u32,
+    pub len: u32,
+    /// Tokens its KV cache must hold; stages allocate the cache on first sight.
+    pub capacity: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActivationDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl ActivationDtype {
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::Bf16 => 2,
+        }
+    }
+}
+
+/// A frame that cannot be read or should not have been sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes is larger than the {MAX_FRAME_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("empty frame")]
+    Empty,
+    #[error("undecodable frame: {0}")]
+    Decode(String),
+    #[error("inconsistent activations: {0}")]
+    Inconsistent(String),
+}
+
+impl Frame {
+    /// Length prefix and body, ready to write.
+    pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+        let mut out = postcard::to_extend(self, vec![0u8; PREFIX_BYTES])
+            .map_err(|e| FrameError::Decode(e.to_string()))?;
+        let body = out.len() - PREFIX_BYTES;
+        if body > MAX_FRAME_BYTES {
+            return Err(FrameError::TooLarge(body));
+        }
+        out[..PREFIX_BYTES].copy_from_slice(&(body as u32).to_le_bytes());
+        Ok(out)
+    }
+
+    /// The body length a prefix announces, if acceptable.
+    pub fn body_len(prefix: [u8; PREFIX_BYTES]) -> Result<usize, FrameError> {
+        match u32::from_le_bytes(prefix) as usize {
+            0 => Err(FrameError::Empty),
+            n if n > MAX_FRAME_BYTES => Err(FrameError::TooLarge(n)),
+            n => Ok(n),
+        }
+    }
+
+    /// Decodes a body; trailing bytes make it invalid.
+    pub fn decode(body: &[u8]) -> Result<Self, FrameError> {
+        let (frame, rest) =
+            postcard::take_from_bytes(body).map_err(|e| FrameError::Decode(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(FrameError::Decode(format!(
+                "{} bytes after the frame",
+                rest.len()
+            )));
+        }
+        Ok(frame)
+    }
+}
+
+impl Activations {
+    /// Appends another micro-batch bound for the same chunk.
+    pub fn merge(&mut self, other: Activations) {
+        self.seqs.extend(other.seqs);
+        self.data.extend(other.data);
+        self.merged += other.merged;
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.len as usize).sum()
+    }
+
+    /// Checks the header against the data and the model: every sequence has tokens,
+    /// stays within its capacity and the context, and the data is `tokens × hidden`.
+    pub fn check(&self, hidden: usize, max_context: usize) -> Result<(), FrameError> {
+        let bad = |m: String| Err(FrameError::Inconsistent(m));
+        if self.seqs.is_empty() {
+            return bad("no sequences".into());
+        }
+        for (i, s) in self.seqs.iter().enumerate() {
+            let end = s.pos as u64 + s.len as u64;
+            if s.len == 0 || end > s.capacity as u64 || s.capacity as usize > max_context {
+                return bad(format!(
+                    "sequence {} has {}+{} tokens with capacity {} (context {max_context})",
+                    s.id, s.pos, s.len, s.capacity
+                ));
+            }
+            if self.seqs[..i].iter().any(|o| o.id == s.id) {
+                return bad(format!("sequence {} appears twice", s.id));
+            }
+        }
+        let want = self.tokens() * hidden * self.dtype.size();
+        if self.data.len() != want {
+            return bad(format!(
+                "{} data bytes for {} tokens of width {hidden}; expected {want}",
+                self.data.len(),
+                self.tokens()
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Frame {
+        Frame::Activations(Activations {
+            batch: 7,
+            chunk: 1,
+            merged: 1,
+            seqs: vec![SeqSlot {
+                id: 3,
+                pos: 5,
+                len: 2,
+                capacity: 16,
+            }],
+            dtype: ActivationDtype::F32,
+            data: vec![1; 2 * 4 * 4],
+        })
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        for f in [
+            Frame::Hello(Hello::new(9, "s1")),
+            sample(),
+            Frame::Release { seqs: vec![1, 2] },
+            Frame::Ping { nonce: 1 },
+        ] {
+            let bytes = f.encode().unwrap();
+            let n = Frame::body_len(bytes[..4].try_into().unwrap()).unwrap();
+            assert_eq!(n, bytes.len() - 4);
+            assert_eq!(Frame::decode(&bytes[4..]).unwrap(), f);
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        assert!(Frame::body_len(*b"GET ").is_err());
+        assert!(Frame::body_len([0; 4]).is_err());
+        assert!(Frame::decode(b"\xff\xff\xff\xff\xff\xff").is_err());
+        let mut bytes = sample().encode().unwrap();
+        bytes.push(0);
+        assert!(Frame::decode(&bytes[4..]).is_err());
+    }
+
+    #[test]
+    fn activations_are_checked() {
+        let Frame::Activations(a) = sample() else {
+            unreachable!()
+        };
+        a.check(4, 64).unwrap();
+        assert!(a.check(8, 64).is_err(), "wrong width");
+        assert!(a.check(4, 8).is_err(), "capacity beyond context");
+        let mut b = a.clone();
+        b.seqs[0].pos = 15;
+        assert!(b.check(4, 64).is_err(), "past capacity");
+    }
+}

@@ -1,0 +1,295 @@
+//! The plan: which stage runs which chunks, in what order around the ring.
+//!
+//! Stages are listed in ring order and the first is the starter. Chunks are listed in
+//! model order and dealt round-robin: chunk `i` belongs to stage `i % stages`, so with
+//! `k` chunks per stage (interleave degree `v = k`) a micro-batch goes round the ring
+//! `v` times per token and every hop is always the same stage-to-successor link.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::ops::Range;
+
+/// Decoder layers `start..end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LayerRange {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl LayerRange {
+    pub fn new(range: Range<usize>) -> Self {
+        Self {
+            start: range.start,
+            end: range.end,
+        }
+    }
+
+    pub fn range(self) -> Range<usize> {
+        self.start..self.end
+    }
+
+    pub fn len(self) -> usize {
+        self.end.saturating_sub(self.start)
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Display for LayerRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}..{}", self.start, self.end)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Increases with every new plan; the data-plane hello carries it so that stages
+    /// on different plans never exchange activations.
+    pub epoch: u64,
+    /// Ring order; the first is the starter.
+    pub stages: Vec<PlanStage>,
+    /// Model order; chunk `i` belongs to `stages[i % stages.len()]`.
+    pub chunks: Vec<PlanChunk>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanStage {
+    pub name: String,
+    /// `host:port` of its data-plane listener.
+    pub data_addr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanChunk {
+    pub stage: String,
+    pub layers: LayerRange,
+}
+
+/// Why a plan cannot run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid plan (epoch {epoch}): {reason}")]
+pub struct PlanError {
+    pub epoch: u64,
+    pub reason: String,
+}
+
+impl Plan {
+    /// Chunks cut at `cuts` (layer indices, increasing, within `1..num_layers`) and
+    /// dealt round-robin over `stages`.
+    pub fn from_cuts(
+        epoch: u64,
+        stages: Vec<PlanStage>,
+        cuts: &[usize],
+        num_layers: usize,
+    ) -> Result<Self, PlanError> {
+        let mut bounds = Vec::with_capacity(cuts.len() + 2);
+        bounds.push(0);
+        bounds.extend_from_slice(cuts);
+        bounds.push(num_layers);
+        let chunks = bounds
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| PlanChunk {
+                stage: stages
+                    .get(i % stages.len().max(1))
+                    .map(|s| s.name.clone())
+                    .unwrap_or_default(),
+                layers: LayerRange {
+                    start: w[0],
+                    end: w[1],
+                },
+            })
+            .collect();
+        let plan = Self {
+            epoch,
+            stages,
+            chunks,
+        };
+        plan.validate(num_layers)?;
+        Ok(plan)
+    }
+
+    /// Layers split as evenly as possible into `interleave` chunks per stage.
+    pub fn even(
+        epoch: u64,
+        stages: Vec<PlanStage>,
+        interleave: usize,
+        num_layers: usize,
+    ) -> Result<Self, PlanError> {
+        let n = stages.len() * interleave;
+        if n == 0 || n > num_layers {
+            return Err(PlanError {
+                epoch,
+                reason: format!(
+                    "{} stages with {interleave} chunks each cannot split {num_layers} layers",
+                    stages.len()
+                ),
+            });
+        }
+        let cuts: Vec<usize> = (1..n).map(|i| i * num_layers / n).collect();
+        Self::from_cuts(epoch, stages, &cuts, num_layers)
+    }
+
+    /// Checks that the plan covers `0..num_layers` exactly, in order, with the
+    /// round-robin ownership, and that names and addresses are usable.
+    pub fn validate(&self, num_layers: usize) -> Result<(), PlanError> {
+        let fail = |reason: String| {
+            Err(PlanError {
+                epoch: self.epoch,
+                reason,
+            })
+        };
+        if self.stages.is_empty() {
+            return fail("no stages".into());
+        }
+        for (i, s) in self.stages.iter().enumerate() {
+            if !crate::topics::is_topic_level(&s.name) {
+                return fail(format!("stage name {:?} is not a usable name", s.name));
+            }
+            if self.stages[..i].iter().any(|o| o.name == s.name) {
+                return fail(format!("stage {} is listed twice", s.name));
+            }
+            if self.stages.len() > 1 && s.data_addr.parse::<std::net::SocketAddr>().is_err() {
+                return fail(format!(
+                    "stage {}: data_addr {:?} is not host:port",
+                    s.name, s.data_addr
+                ));
+            }
+        }
+        if self.chunks.is_empty() || self.chunks.len() % self.stages.len() != 0 {
+            return fail(format!(
+                "{} chunks cannot be dealt evenly over {} stages",
+                self.chunks.len(),
+                self.stages.len()
+            ));
+        }
+        let mut next = 0;
+        for (i, c) in self.chunks.iter().enumerate() {
+            let owner = &self.stages[i % self.stages.len()].name;
+            if &c.stage != owner {
+                return fail(format!(
+                    "chunk {i} ({}) belongs to {} but the ring order gives it to {owner}",
+                    c.layers, c.stage
+                ));
+            }
+            if c.layers.start != next || c.layers.is_empty() {
+                return fail(format!(
+                    "chunk {i} is {} but should start at layer {next} and be non-empty",
+                    c.layers
+                ));
+            }
+            next = c.layers.end;
+        }
+        if next != num_layers {
+            return fail(format!(
+                "chunks end at layer {next}, the model has {num_layers}"
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn starter(&self) -> &PlanStage {
+        &self.stages[0]
+    }
+
+    /// Where `stage` sits in the ring.
+    pub fn position(&self, stage: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.name == stage)
+    }
+
+    /// The stage `stage` sends to.
+    pub fn successor(&self, stage: &str) -> Option<&PlanStage> {
+        let i = self.position(stage)?;
+        self.stages.get((i + 1) % self.stages.len())
+    }
+
+    /// The stage `stage` receives from.
+    pub fn predecessor(&self, stage: &str) -> Option<&PlanStage> {
+        let i = self.position(stage)?;
+        self.stages
+            .get((i + self.stages.len() - 1) % self.stages.len())
+    }
+
+    /// `(chunk index, layers)` of every chunk `stage` owns, in ring order.
+    pub fn chunks_of(&self, stage: &str) -> Vec<(usize, LayerRange)> {
+        self.chunks
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.stage == stage)
+            .map(|(i, c)| (i, c.layers))
+            .collect()
+    }
+
+    /// Chunks per stage.
+    pub fn interleave(&self) -> usize {
+        self.chunks.len() / self.stages.len().max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stages(n: usize) -> Vec<PlanStage> {
+        (0..n)
+            .map(|i| PlanStage {
+                name: format!("s{i}"),
+                data_addr: format!("127.0.0.1:{}", 7000 + i),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn even_plans_cover_every_layer() {
+        for n in 1..=4 {
+            for v in 1..=3 {
+                let p = Plan::even(1, stages(n), v, 12).unwrap();
+                assert_eq!(p.chunks.len(), n * v);
+                assert_eq!(p.interleave(), v);
+                let total: usize = p.chunks.iter().map(|c| c.layers.len()).sum();
+                assert_eq!(total, 12);
+            }
+        }
+    }
+
+    #[test]
+    fn ring_neighbours() {
+        let p = Plan::even(1, stages(3), 2, 12).unwrap();
+        assert_eq!(p.successor("s2").unwrap().name, "s0");
+        assert_eq!(p.predecessor("s0").unwrap().name, "s2");
+        let mine: Vec<usize> = p.chunks_of("s1").iter().map(|c| c.0).collect();
+        assert_eq!(mine, vec![1, 4]);
+    }
+
+    #[test]
+    fn bad_plans_are_refused() {
+        assert!(Plan::from_cuts(1, stages(2), &[3], 12).is_ok());
+        assert!(
+            Plan::from_cuts(1, stages(2), &[3, 5], 12).is_err(),
+            "3 chunks, 2 stages"
+        );
+        assert!(
+            Plan::from_cuts(1, stages(2), &[0], 12).is_err(),
+            "empty chunk"
+        );
+        assert!(
+            Plan::from_cuts(1, stages(2), &[13], 12).is_err(),
+            "past the end"
+        );
+        let mut p = Plan::even(1, stages(2), 1, 12).unwrap();
+        p.chunks.swap(0, 1);
+        assert!(p.validate(12).unwrap_err().reason.contains("ring order"));
+        let mut p = Plan::even(1, stages(2), 1, 12).unwrap();
+        p.stages[1].data_addr = "nowhere".into();
+        assert!(p.validate(12).is_err());
+        assert!(Plan::even(1, stages(1), 1, 10)
+            .unwrap()
+            .validate(12)
+            .is_err());
+    }
+}

@@ -1,0 +1,153 @@
+//! What the starter publishes on a request's reply topic: text pieces as they are
+//! generated, then one final message; or one error.
+
+use serde::{Deserialize, Serialize};
+
+/// A piece of generated text. `seq` counts pieces from 0 so a reader can spot gaps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextPiece {
+    pub id: String,
+    pub seq: u32,
+    pub text: String,
+    pub done: bool,
+}
+
+/// The last message of a successful request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Final {
+    pub id: String,
+    pub done: bool,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+    pub timing: Timing,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
+    /// The logits the last token was drawn from (f32, exact through JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logits: Option<Vec<f32>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` were generated.
+    Length,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+/// Milliseconds unless named otherwise, measured at the starter from the moment the
+/// request arrived.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Timing {
+    /// Waiting for a place in the batch.
+    pub queue_ms: f64,
+    /// Time to first token.
+    pub ttft_ms: f64,
+    pub total_ms: f64,
+    /// Mean time per output token after the first.
+    pub tpot_ms: f64,
+    /// Completion tokens over the time from the first to the last token.
+    pub tokens_per_s: f64,
+}
+
+/// Why a request failed; stable strings a robot can switch on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The payload is not JSON (or not UTF-8).
+    BadJson,
+    /// JSON, but not a valid request: unknown field, wrong type, bad value.
+    InvalidRequest,
+    /// The payload is larger than the starter accepts.
+    PayloadTooLarge,
+    /// The prompt plus `max_tokens` does not fit the model's context.
+    ContextLengthExceeded,
+    /// Too many requests are queued; try again later.
+    Overloaded,
+    /// The request was accepted but could not be completed.
+    Internal,
+}
+
+/// An error reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub error: ErrorBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorReply {
+    pub fn new(id: Option<String>, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            id,
+            error: ErrorBody {
+                code,
+                message: message.into(),
+            },
+        }
+    }
+}
+
+/// Any message on a reply topic, for readers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Reply {
+    Error(ErrorReply),
+    Final(Final),
+    Text(TextPiece),
+}
+
+impl Reply {
+    pub fn parse(payload: &[u8]) -> serde_json::Result<Self> {
+        serde_json::from_slice(payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_are_told_apart() {
+        let piece = br#"{"id":"a","seq":0,"text":"hi","done":false}"#;
+        assert!(matches!(Reply::parse(piece).unwrap(), Reply::Text(_)));
+        let err = serde_json::to_vec(&ErrorReply::new(None, ErrorCode::BadJson, "x")).unwrap();
+        assert!(matches!(Reply::parse(&err).unwrap(), Reply::Error(_)));
+        let fin = Final {
+            id: "a".into(),
+            done: true,
+            finish_reason: FinishReason::Length,
+            usage: Usage {
+                prompt_tokens: 1,
+                completion_tokens: 2,
+                total_tokens: 3,
+            },
+            timing: Timing {
+                queue_ms: 0.0,
+                ttft_ms: 1.0,
+                total_ms: 2.0,
+                tpot_ms: 1.0,
+                tokens_per_s: 1000.0,
+            },
+            token_ids: Some(vec![1, 2]),
+            logits: Some(vec![0.1, -3.5e-7, 1e30]),
+        };
+        let text = serde_json::to_vec(&fin).unwrap();
+        assert!(String::from_utf8_lossy(&text).contains(r#""finish_reason":"length""#));
+        assert_eq!(Reply::parse(&text).unwrap(), Reply::Final(fin));
+    }
+}

@@ -1,0 +1,64 @@
+//! MQTT topic names: the one place they are spelled.
+
+/// Robots publish requests here (QoS 1).
+pub const REQUEST: &str = "lime/request";
+/// Errors that cannot be addressed to any reply topic.
+pub const ERROR: &str = "lime/error";
+/// The retained current plan.
+pub const PLAN: &str = "lime/control/plan";
+/// Every stage's retained status document.
+pub const STATUS_ALL: &str = "lime/status/+";
+/// Prefix of default reply topics, `lime/response/<id>`.
+pub const RESPONSE_PREFIX: &str = "lime/response/";
+
+/// A stage's retained status topic.
+pub fn status(stage: &str) -> String {
+    format!("lime/status/{stage}")
+}
+
+/// A stage's telemetry topic.
+pub fn telemetry(stage: &str) -> String {
+    format!("lime/telemetry/{stage}")
+}
+
+/// The reply topic of a request that named none.
+pub fn response(id: &str) -> String {
+    format!("{RESPONSE_PREFIX}{id}")
+}
+
+/// The stage a `lime/status/<stage>` topic is about.
+pub fn stage_of_status(topic: &str) -> Option<&str> {
+    topic
+        .strip_prefix("lime/status/")
+        .filter(|s| !s.is_empty() && !s.contains('/'))
+}
+
+/// Whether `name` can be one level of a topic: stage names and request ids end up
+/// in topics, where `/` would add levels and `+`, `#` are wildcards.
+pub fn is_topic_level(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name
+            .chars()
+            .any(|c| matches!(c, '/' | '+' | '#' | '\0') || c.is_control())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_topics_round_trip() {
+        assert_eq!(stage_of_status(&status("s1")), Some("s1"));
+        assert_eq!(stage_of_status("lime/status/a/b"), None);
+        assert_eq!(stage_of_status("lime/status/"), None);
+    }
+
+    #[test]
+    fn topic_levels() {
+        assert!(is_topic_level("req-42"));
+        for bad in ["", "a/b", "a+", "#", "a\nb"] {
+            assert!(!is_topic_level(bad), "{bad:?}");
+        }
+    }
+}

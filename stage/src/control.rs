@@ -1,0 +1,243 @@
+//! The control plane as a stage sees it: one MQTT 5 connection with a last will,
+//! the retained status, the plan topic, and (at the starter) requests in and
+//! replies out.
+
+use crate::config::StageConfig;
+use crate::intake::Intake;
+use crate::pipeline::Event;
+use crate::starter::Outgoing;
+use lime_schemas::{topics, Plan, StageStatus};
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::watch;
+
+/// Largest MQTT packet a stage accepts: room for a request somewhat over the
+/// starter's own limit, so that an oversized one gets a clear error.
+const MAX_PACKET_BYTES: u32 = 8 << 20;
+
+/// Connection options: credentials, keep-alive, and a will that marks the stage
+/// offline if it vanishes.
+pub fn options(cfg: &StageConfig) -> MqttOptions {
+    let client_id = format!("lime-stage-{}", cfg.name);
+    let mut o = MqttOptions::new(client_id, cfg.broker.host.clone(), cfg.broker.port);
+    o.set_keep_alive(Duration::from_secs(cfg.broker.keep_alive_s.max(1)));
+    o.set_max_packet_size(Some(MAX_PACKET_BYTES));
+    if let (Some(u), Some(p)) = (&cfg.broker.username, &cfg.broker.password) {
+        o.set_credentials(u.clone(), p.clone());
+    }
+    let will = serde_json::to_vec(&StageStatus::offline(&cfg.name)).unwrap_or_default();
+    o.set_last_will(LastWill::new(
+        topics::status(&cfg.name),
+        will,
+        QoS::AtLeastOnce,
+        true,
+        None,
+    ));
+    o
+}
+
+/// Where incoming requests go once the starter is ready for them.
+pub struct RequestSink {
+    pub intake: Arc<Intake>,
+    pub events: std::sync::mpsc::Sender<Event>,
+    pub outbox: UnboundedSender<Outgoing>,
+}
+
+/// What the MQTT loop routes incoming messages to.
+pub struct Inbox {
+    /// Plans from the retained topic (when the stage has no plan file).
+    pub plan: Option<watch::Sender<Option<Plan>>>,
+    /// Set when the starter can take requests; subscribing follows.
+    pub requests: OnceLock<RequestSink>,
+    /// The status to publish again after a reconnect (retained messages survive a
+    /// broker restart only on brokers that persist them).
+    pub status: Mutex<Option<StageStatus>>,
+}
+
+impl Inbox {
+    pub fn new(want_plan: bool) -> (Arc<Self>, Option<watch::Receiver<Option<Plan>>>) {
+        let (tx, rx) = if want_plan {
+            let (tx, rx) = watch::channel(None);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        (
+            Arc::new(Self {
+                plan: tx,
+                requests: OnceLock::new(),
+                status: Mutex::new(None),
+            }),
+            rx,
+        )
+    }
+}
+
+/// Publishes `status` retained and remembers it for reconnects.
+pub async fn publish_status(client: &AsyncClient, inbox: &Inbox, status: StageStatus) {
+    let payload = serde_json::to_vec(&status).unwrap_or_default();
+    let topic = topics::status(&status.stage);
+    if let Ok(mut s) = inbox.status.lock() {
+        *s = Some(status);
+    }
+    if let Err(e) = client.publish(topic, QoS::AtLeastOnce, true, payload).await {
+        tracing::warn!(error = %e, "status not published");
+    }
+}
+
+/// Drives the MQTT connection for the life of the stage.
+pub async fn drive(mut eventloop: EventLoop, client: AsyncClient, inbox: Arc<Inbox>) {
+    let mut connected = false;
+    loop {
+        match eventloop.poll().await {
+            Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                tracing::info!("connected to the MQTT broker");
+                connected = true;
+                let (client, inbox) = (client.clone(), inbox.clone());
+                tokio::spawn(async move { resubscribe(&client, &inbox).await });
+            }
+            Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                let received = Instant::now();
+                let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                if topic == topics::REQUEST {
+                    handle_request(&inbox, &p.payload, p.properties.as_ref(), received);
+                } else if topic == topics::PLAN {
+                    handle_plan(&inbox, &p.payload);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if connected {
+                    tracing::warn!(error = %e, "MQTT connection lost; reconnecting");
+                } else {
+                    tracing::debug!(error = %e, "MQTT broker not reachable; retrying");
+                }
+                connected = false;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+async fn resubscribe(client: &AsyncClient, inbox: &Inbox) {
+    if inbox.plan.is_some() {
+        let _ = client.subscribe(topics::PLAN, QoS::AtLeastOnce).await;
+    }
+    if inbox.requests.get().is_some() {
+        let _ = client.subscribe(topics::REQUEST, QoS::AtLeastOnce).await;
+    }
+    let status = inbox.status.lock().ok().and_then(|s| s.clone());
+    if let Some(status) = status {
+        let payload = serde_json::to_vec(&status).unwrap_or_default();
+        let _ = client
+            .publish(
+                topics::status(&status.stage),
+                QoS::AtLeastOnce,
+                true,
+                payload,
+            )
+            .await;
+    }
+}
+
+/// Starts taking requests: from now on `lime/request` is subscribed.
+pub async fn open_requests(client: &AsyncClient, inbox: &Inbox, sink: RequestSink) {
+    if inbox.requests.set(sink).is_ok() {
+        if let Err(e) = client.subscribe(topics::REQUEST, QoS::AtLeastOnce).await {
+            tracing::error!(error = %e, "could not subscribe to requests");
+        }
+    }
+}
+
+fn handle_request(
+    inbox: &Inbox,
+    payload: &[u8],
+    props: Option<&PublishProperties>,
+    received: Instant,
+) {
+    let Some(sink) = inbox.requests.get() else {
+        return;
+    };
+    let response_topic = props.and_then(|p| p.response_topic.as_deref());
+    let correlation = props.and_then(|p| p.correlation_data.as_deref());
+    match sink
+        .intake
+        .accept(payload, response_topic, correlation, received)
+    {
+        Ok(job) => {
+            tracing::debug!(id = %job.id, prompt = job.prompt.len(), "request accepted");
+            let _ = sink.events.send(Event::Job(Box::new(job)));
+        }
+        Err(refusal) => {
+            tracing::warn!(
+                id = ?refusal.error.id,
+                code = ?refusal.error.error.code,
+                message = %refusal.error.error.message,
+                topic = %refusal.reply.topic,
+                "request refused"
+            );
+            let payload = serde_json::to_vec(&refusal.error).unwrap_or_default();
+            let _ = sink.outbox.send(Outgoing {
+                reply: refusal.reply,
+                payload,
+            });
+        }
+    }
+}
+
+fn handle_plan(inbox: &Inbox, payload: &[u8]) {
+    let Some(tx) = &inbox.plan else { return };
+    if payload.is_empty() {
+        return;
+    }
+    match serde_json::from_slice::<Plan>(payload) {
+        Ok(plan) => {
+            let current = tx.borrow().as_ref().map(|p| p.epoch);
+            if current.is_some_and(|e| e != plan.epoch) {
+                tracing::warn!(
+                    running = current,
+                    published = plan.epoch,
+                    "a new plan was published; switching plans at run time is not supported yet, restart the stage to adopt it"
+                );
+                return;
+            }
+            let _ = tx.send(Some(plan));
+        }
+        Err(e) => tracing::error!(error = %e, "ignoring an unreadable plan on {}", topics::PLAN),
+    }
+}
+
+/// Publishes replies in order, QoS 1, with the request's correlation data.
+pub async fn publish_replies(client: AsyncClient, mut outbox: UnboundedReceiver<Outgoing>) {
+    while let Some(out) = outbox.recv().await {
+        let props = out.reply.correlation.map(|c| PublishProperties {
+            correlation_data: Some(c.into()),
+            ..Default::default()
+        });
+        let result = match props {
+            Some(p) => {
+                client
+                    .publish_with_properties(
+                        out.reply.topic,
+                        QoS::AtLeastOnce,
+                        false,
+                        out.payload,
+                        p,
+                    )
+                    .await
+            }
+            None => {
+                client
+                    .publish(out.reply.topic, QoS::AtLeastOnce, false, out.payload)
+                    .await
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "reply not published");
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! The pipeline loop of one stage: take what arrived, batch activations bound for the
+//! same chunk into one micro-batch, run every chunk held here that it reaches, hand
+//! it to the next stage. At the starter the loop also closes the ring: finished
+//! micro-batches go to the scheduler, which samples and launches new ones.
+//!
+//! It runs on its own thread because the model math blocks; the network and MQTT
+//! live on tokio and talk to it through channels, so sends overlap compute.
+
+use crate::starter::Scheduler;
+use crate::worker::Worker;
+use lime_schemas::{Activations, Frame};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// What the pipeline loop is told.
+pub enum Event {
+    /// A frame from the previous stage.
+    Frame(Frame),
+    /// A checked request (starter only).
+    Job(Box<crate::intake::Job>),
+    /// Finish: drop everything and return.
+    Stop,
+}
+
+/// What the pipeline loop tells the control plane.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Note {
+    /// The starter's ping came back: every hop is connected.
+    RingClosed,
+    /// Memory in use changed.
+    Memory { kv_bytes: u64, sequences: u32 },
+}
+
+pub struct Pipeline<'t> {
+    pub worker: Worker,
+    /// The next stage; `None` when this stage is the whole ring.
+    pub next: Option<UnboundedSender<Frame>>,
+    pub starter: Option<Scheduler<'t>>,
+    pub notes: UnboundedSender<Note>,
+}
+
+/// How often the loop wakes with nothing to do (ring probes, memory notes).
+const TICK: Duration = Duration::from_millis(500);
+
+impl Pipeline<'_> {
+    pub fn run(mut self, events: Receiver<Event>) {
+        let mut ring_closed = self.next.is_none();
+        if ring_closed {
+            let _ = self.notes.send(Note::RingClosed);
+        }
+        let mut last_ping: Option<Instant> = None;
+        let mut last_memory = (u64::MAX, u32::MAX);
+        loop {
+            if self.starter.is_some()
+                && !ring_closed
+                && last_ping.is_none_or(|t| t.elapsed() > Duration::from_secs(2))
+            {
+                self.send(Frame::Ping { nonce: 0 });
+                last_ping = Some(Instant::now());
+            }
+            let busy = self.starter.as_ref().is_some_and(Scheduler::can_launch);
+            let first = if busy {
+                match events.try_recv() {
+                    Ok(e) => Some(e),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => None,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+                }
+            } else {
+                match events.recv_timeout(TICK) {
+                    Ok(e) => Some(e),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            };
+            let mut pending: Vec<Event> = first.into_iter().collect();
+            pending.extend(events.try_iter());
+            let mut group: Vec<Activations> = Vec::new();
+            for event in pending {
+                match event {
+                    Event::Frame(Frame::Activations(a)) => {
+                        if group.last().is_some_and(|g| g.chunk != a.chunk) {
+                            self.advance_group(&mut group);
+                        }
+                        group.push(a);
+                    }
+                    other => {
+                        self.advance_group(&mut group);
+                        match other {
+                            Event::Stop => return,
+                            Event::Job(job) => match &mut self.starter {
+                                Some(s) => s.submit(*job),
+                                None => tracing::error!("a request reached a secondary stage"),
+                            },
+                            Event::Frame(Frame::Ping { nonce }) => {
+                                if self.starter.is_some() {
+                                    if !ring_closed {
+                                        tracing::info!("ring closed: every hop is connected");
+                                        let _ = self.notes.send(Note::RingClosed);
+                                    }
+                                    ring_closed = true;
+                                } else {
+                                    self.send(Frame::Ping { nonce });
+                                }
+                            }
+                            Event::Frame(Frame::Release { seqs }) => {
+                                self.worker.release(&seqs);
+                                if self.starter.is_none() {
+                                    self.send(Frame::Release { seqs });
+                                }
+                            }
+                            Event::Frame(Frame::Failed {
+                                seqs,
+                                merged,
+                                message,
+                            }) => {
+                                self.worker.release(&seqs);
+                                match &mut self.starter {
+                                    Some(s) => {
+                                        let done = s.failed(&seqs, merged, &message);
+                                        self.release(done);
+                                    }
+                                    None => self.send(Frame::Failed {
+                                        seqs,
+                                        merged,
+                                        message,
+                                    }),
+                                }
+                            }
+                            Event::Frame(Frame::Hello(_) | Frame::Activations(_)) => {}
+                        }
+                    }
+                }
+            }
+            self.advance_group(&mut group);
+            loop {
+                let Some(s) = &mut self.starter else { break };
+                match s.launch(&mut self.worker) {
+                    Some(Ok(act)) => self.advance(act),
+                    Some(Err(done)) => self.release(done),
+                    None => break,
+                }
+            }
+            let memory = (
+                self.worker.kv_bytes() as u64,
+                self.worker.sequences() as u32,
+            );
+            if memory != last_memory {
+                last_memory = memory;
+                let _ = self.notes.send(Note::Memory {
+                    kv_bytes: memory.0,
+                    sequences: memory.1,
+                });
+            }
+        }
+    }
+
+    /// Merges the waiting micro-batches (all bound for one chunk) and advances them.
+    fn advance_group(&mut self, group: &mut Vec<Activations>) {
+        let mut parts = group.drain(..);
+        let Some(mut act) = parts.next() else { return };
+        for other in parts {
+            act.merge(other);
+        }
+        self.advance(act);
+    }
+
+    /// Runs every chunk held here that the micro-batch reaches next, then hands it
+    /// on: to the next stage, or at the end of the model to the starter's sampler.
+    fn advance(&mut self, mut act: Activations) {
+        let chunks = self.worker.chunk_count() as u32;
+        while act.chunk < chunks && self.worker.owns(act.chunk) {
+            if let Err(e) = self.worker.run_chunk(&mut act) {
+                let seqs: Vec<u64> = act.seqs.iter().map(|s| s.id).collect();
+                tracing::error!(batch = act.batch, chunk = act.chunk, error = %e, "micro-batch failed");
+                self.worker.release(&seqs);
+                let message = format!("chunk {} failed: {e}", act.chunk);
+                match &mut self.starter {
+                    Some(s) => {
+                        let done = s.failed(&seqs, act.merged, &message);
+                        self.release(done);
+                    }
+                    None => self.send(Frame::Failed {
+                        seqs,
+                        merged: act.merged,
+                        message,
+                    }),
+                }
+                return;
+            }
+        }
+        if act.chunk == chunks {
+            if let Some(s) = &mut self.starter {
+                let done = s.returned(act, &mut self.worker);
+                self.release(done);
+                return;
+            }
+        }
+        self.send(Frame::Activations(act));
+    }
+
+    /// Frees finished sequences here and, through the ring, everywhere else.
+    fn release(&mut self, seqs: Vec<u64>) {
+        if seqs.is_empty() {
+            return;
+        }
+        self.worker.release(&seqs);
+        self.send(Frame::Release { seqs });
+    }
+
+    fn send(&self, frame: Frame) {
+        if let Some(next) = &self.next {
+            if next.send(frame).is_err() {
+                tracing::error!("the link to the next stage is gone");
+            }
+        }
+    }
+}
