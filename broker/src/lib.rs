@@ -1,4 +1,66 @@
-//! lime-broker: the control plane (embedded MQTT broker, stage membership, planner).
-//!
-//! Not built yet: the end-to-end issue adds the embedded broker and the planner
-//! issue adds planning. Until then this crate exposes nothing.
+//! lime-broker: the control plane. An embedded rumqttd serves MQTT 3.1.1 and 5 so
+//! that a field box needs no other broker, and the broker follows stage membership
+//! from the retained status topics. (The planner joins it in a later issue.)
+
+pub mod config;
+pub mod membership;
+
+use anyhow::Context;
+use config::BrokerConfig;
+use membership::{Change, Membership};
+
+/// Starts the broker and the membership tracker; returns when the broker's
+/// servers stop (normally never: the process ends on a signal).
+pub fn run(cfg: &BrokerConfig) -> anyhow::Result<()> {
+    let mut broker = rumqttd::Broker::new(cfg.to_rumqttd());
+    let (mut link_tx, mut link_rx) = broker
+        .link("lime-broker-membership")
+        .context("linking the membership tracker")?;
+    link_tx
+        .subscribe(lime_schemas::topics::STATUS_ALL)
+        .context("subscribing to stage status")?;
+    std::thread::Builder::new()
+        .name("membership".into())
+        .spawn(move || {
+            let mut members = Membership::default();
+            loop {
+                match link_rx.recv() {
+                    Ok(Some(rumqttd::Notification::Forward(f))) => {
+                        let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
+                        log_change(members.apply(&topic, &f.publish.payload), &members);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "membership tracker stopped");
+                        return;
+                    }
+                }
+            }
+        })?;
+    tracing::info!(v4 = %cfg.v4_listen, v5 = %cfg.v5_listen, auth = cfg.users.is_some(), "MQTT broker starting");
+    broker.start().context("running the MQTT broker")?;
+    Ok(())
+}
+
+fn log_change(change: Option<Change>, members: &Membership) {
+    let online = members.online().count();
+    match change {
+        Some(Change::Joined(s)) => tracing::info!(
+            stage = %s.stage, state = ?s.state, role = ?s.role, online, "stage joined"
+        ),
+        Some(Change::Updated(s)) => tracing::info!(
+            stage = %s.stage,
+            state = ?s.state,
+            role = ?s.role,
+            epoch = ?s.epoch,
+            chunks = ?s.chunks.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            online,
+            "stage updated"
+        ),
+        Some(Change::Left(stage)) => tracing::warn!(%stage, online, "stage left"),
+        Some(Change::Invalid { topic, reason }) => {
+            tracing::warn!(%topic, %reason, "ignoring a bad status document")
+        }
+        None => {}
+    }
+}

@@ -1,0 +1,120 @@
+//! The broker's settings: a TOML file, then `LIME_BROKER_…` environment variables
+//! over it (`LIME_BROKER_V5_LISTEN=0.0.0.0:1884`, `LIME_BROKER_USERS__ROBOT=secret`).
+
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// MQTT 3.1.1 listener; empty to disable.
+    pub v4_listen: String,
+    /// MQTT 5 listener (lime's own processes use it); empty to disable.
+    pub v5_listen: String,
+    /// Largest publish accepted. Big enough for a request the starter will refuse
+    /// with a clear error, and for final messages that carry logits.
+    pub max_payload_bytes: usize,
+    /// Unacknowledged QoS 1 messages per connection.
+    pub max_inflight: usize,
+    /// How long a new connection may take to send CONNECT.
+    pub connection_timeout_ms: u16,
+    pub max_connections: usize,
+    /// Username → password. When set, every client must log in.
+    pub users: Option<HashMap<String, String>>,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            v4_listen: "0.0.0.0:1883".into(),
+            v5_listen: "0.0.0.0:1884".into(),
+            max_payload_bytes: 4 << 20,
+            max_inflight: 256,
+            connection_timeout_ms: 10_000,
+            max_connections: 1024,
+            users: None,
+        }
+    }
+}
+
+impl BrokerConfig {
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        }
+        let cfg: Self = builder
+            .add_source(
+                config::Environment::with_prefix("LIME_BROKER")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()?
+            .try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !(self.v4_listen.is_empty() && self.v5_listen.is_empty()),
+            "both listeners are disabled"
+        );
+        for addr in [&self.v4_listen, &self.v5_listen] {
+            if !addr.is_empty() {
+                addr.parse::<SocketAddr>()
+                    .map_err(|e| anyhow::anyhow!("listen address {addr:?}: {e}"))?;
+            }
+        }
+        anyhow::ensure!(
+            (1024..=256 << 20).contains(&self.max_payload_bytes),
+            "max_payload_bytes must be between 1 KiB and 256 MiB"
+        );
+        anyhow::ensure!(self.max_inflight > 0, "max_inflight must be positive");
+        if let Some(users) = &self.users {
+            anyhow::ensure!(!users.is_empty(), "`users` is set but empty");
+        }
+        Ok(())
+    }
+
+    /// rumqttd's configuration for these settings.
+    pub fn to_rumqttd(&self) -> rumqttd::Config {
+        let connections = rumqttd::ConnectionSettings {
+            connection_timeout_ms: self.connection_timeout_ms,
+            max_payload_size: self.max_payload_bytes,
+            max_inflight_count: self.max_inflight,
+            auth: self.users.clone(),
+            external_auth: None,
+            dynamic_filters: true,
+        };
+        let server =
+            |name: &str, listen: &str| -> Option<HashMap<String, rumqttd::ServerSettings>> {
+                let listen = listen.parse().ok()?;
+                let settings = rumqttd::ServerSettings {
+                    name: name.to_owned(),
+                    listen,
+                    tls: None,
+                    next_connection_delay_ms: 1,
+                    connections: connections.clone(),
+                };
+                Some(HashMap::from([("1".to_owned(), settings)]))
+            };
+        rumqttd::Config {
+            id: 0,
+            router: rumqttd::RouterConfig {
+                max_connections: self.max_connections,
+                max_outgoing_packet_count: 1024,
+                // A segment must hold at least one publish of the largest size.
+                max_segment_size: (self.max_payload_bytes * 2).max(16 << 20),
+                max_segment_count: 4,
+                ..Default::default()
+            },
+            v4: server("v4", &self.v4_listen),
+            v5: server("v5", &self.v5_listen),
+            ..Default::default()
+        }
+    }
+}
