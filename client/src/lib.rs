@@ -1,7 +1,13 @@
 //! lime's command line, as a library so that tests drive the same code the binary
-//! runs: synthesise checkpoints, generate in one process, and benchmark.
+//! runs: synthesise checkpoints, generate in one process, start and query a
+//! cluster, and benchmark.
 
+pub mod ask;
 pub mod bench;
+pub mod cluster;
 pub mod generate;
+pub mod mqtt;
 pub mod progress;
+pub mod status;
 pub mod synth;
+pub mod up;

@@ -35,6 +35,16 @@ enum Command {
     },
     /// Generate from a checkpoint in this one process (the reference output).
     Generate(GenerateCli),
+    /// Start a local cluster: lime-broker and N lime-stage processes on loopback.
+    Up(UpCli),
+    /// Send a prompt to a cluster and stream the answer.
+    Ask(AskCli),
+    /// Show the stages of a cluster, from their retained status.
+    Status {
+        /// MQTT 5 listener of the cluster's broker.
+        #[arg(long, default_value = "127.0.0.1:1884")]
+        broker: String,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -56,6 +66,77 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args)]
+struct UpCli {
+    /// Checkpoint directory; the preset is synthesised there if it is empty.
+    #[arg(long, default_value = "models/small")]
+    model: PathBuf,
+    /// Preset to synthesise when the model is missing.
+    #[arg(long, default_value = "small")]
+    preset: Preset,
+    /// Stage processes.
+    #[arg(long, default_value_t = 4)]
+    stages: usize,
+    /// Chunks per stage (interleave degree).
+    #[arg(long, default_value_t = 1)]
+    interleave: usize,
+    /// Cut the layers at these indices instead of evenly (e.g. 3,7,9).
+    #[arg(long, value_delimiter = ',')]
+    cuts: Option<Vec<usize>>,
+    /// lime-broker's MQTT 3.1.1 and MQTT 5 ports.
+    #[arg(long, default_value_t = 1883)]
+    mqtt_port: u16,
+    #[arg(long, default_value_t = 1884)]
+    mqtt5_port: u16,
+    /// Use this MQTT 5 broker (host:port) instead of starting lime-broker.
+    #[arg(long)]
+    external_broker: Option<String>,
+    /// First data-plane port (stage i listens on port + i).
+    #[arg(long, default_value_t = 7100)]
+    data_port: u16,
+    /// Give stages the plan through the retained lime/control/plan topic.
+    #[arg(long)]
+    plan_over_mqtt: bool,
+    /// Micro-batches in flight (0: one per stage).
+    #[arg(long, default_value_t = 0)]
+    max_inflight: usize,
+    /// Configs, plan and logs (default: a directory under the system's temp dir).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Ask these prompts once the cluster is up, print the answers and stop.
+    #[arg(long)]
+    ask: Vec<String>,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: u32,
+}
+
+#[derive(Args)]
+struct AskCli {
+    prompt: String,
+    /// MQTT 5 listener of the cluster's broker.
+    #[arg(long, default_value = "127.0.0.1:1884")]
+    broker: String,
+    /// Send the prompt as a one-message chat (rendered with the model's template).
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: u32,
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop strings.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Seconds to wait for the whole answer.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
 }
 
 #[derive(Args)]
@@ -108,6 +189,13 @@ fn main() {
     }
 }
 
+fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Synth {
@@ -132,6 +220,66 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print_ids: g.print_ids,
             logits_out: g.logits_out,
         }),
+        Command::Up(u) => {
+            let dir = u.dir.unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("lime-up-{}", std::process::id()))
+            });
+            let mut spec = lime::cluster::ClusterSpec::new(u.model, u.stages, dir);
+            spec.interleave = u.interleave;
+            spec.cuts = u.cuts;
+            spec.mqtt_ports = (u.mqtt_port, u.mqtt5_port);
+            spec.external_broker = u
+                .external_broker
+                .as_deref()
+                .map(lime::mqtt::BrokerAddr::parse)
+                .transpose()?;
+            spec.data_port = u.data_port;
+            spec.plan_over_mqtt = u.plan_over_mqtt;
+            spec.max_inflight = u.max_inflight;
+            block_on(lime::up::run(lime::up::UpArgs {
+                spec,
+                preset: u.preset,
+                asks: u.ask,
+                max_tokens: u.max_tokens,
+            }))
+        }
+        Command::Ask(a) => {
+            let broker = lime::mqtt::BrokerAddr::parse(&a.broker)?;
+            let mut request = lime_schemas::Request {
+                max_tokens: Some(a.max_tokens),
+                temperature: a.temperature,
+                top_p: a.top_p,
+                top_k: a.top_k,
+                seed: a.seed,
+                stop: (!a.stop.is_empty()).then(|| lime_schemas::request::Stop::Many(a.stop)),
+                ..Default::default()
+            };
+            if a.chat {
+                request.messages = Some(vec![lime_schemas::ChatMessage {
+                    role: "user".into(),
+                    content: a.prompt,
+                }]);
+            } else {
+                request.prompt = Some(a.prompt);
+            }
+            let timeout = std::time::Duration::from_secs(a.timeout);
+            let done = block_on(lime::ask::ask_one(&broker, request, timeout))?;
+            eprintln!("{}", lime::ask::summary(&done));
+            Ok(())
+        }
+        Command::Status { broker } => {
+            let broker = lime::mqtt::BrokerAddr::parse(&broker)?;
+            let stages = block_on(lime::status::collect(
+                &broker,
+                std::time::Duration::from_millis(500),
+            ))?;
+            if stages.is_empty() {
+                println!("no stages have reported to {}:{}", broker.host, broker.port);
+            } else {
+                print!("{}", lime::status::table(&stages));
+            }
+            Ok(())
+        }
         Command::Bench { what } => match what {
             BenchCommand::Kernels { model, steps, json } => {
                 lime::synth::ensure(Preset::Bench, &model)?;

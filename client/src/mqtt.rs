@@ -1,0 +1,45 @@
+//! Connecting the command line to a lime cluster's broker (MQTT 5).
+
+use rumqttc::v5::{AsyncClient, EventLoop, MqttOptions};
+use std::time::Duration;
+
+/// Where the broker is and how to log in.
+#[derive(Debug, Clone)]
+pub struct BrokerAddr {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl BrokerAddr {
+    /// `host:port` of an MQTT 5 listener.
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| anyhow::anyhow!("broker address {s:?} is not host:port"))?;
+        Ok(Self {
+            host: host.to_owned(),
+            port: port
+                .parse()
+                .map_err(|e| anyhow::anyhow!("broker port in {s:?}: {e}"))?,
+            username: None,
+            password: None,
+        })
+    }
+
+    /// A client with a unique id (`prefix-<pid>-<n>`).
+    pub fn connect(&self, prefix: &str) -> (AsyncClient, EventLoop, String) {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{prefix}-{}-{n}", std::process::id());
+        let mut o = MqttOptions::new(id.clone(), self.host.clone(), self.port);
+        o.set_keep_alive(Duration::from_secs(10));
+        o.set_max_packet_size(Some(16 << 20));
+        if let (Some(u), Some(p)) = (&self.username, &self.password) {
+            o.set_credentials(u.clone(), p.clone());
+        }
+        let (client, eventloop) = AsyncClient::new(o, 1024);
+        (client, eventloop, id)
+    }
+}

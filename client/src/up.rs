@@ -1,0 +1,94 @@
+//! `lime up`: a local cluster (broker + N stages on loopback) on the synthetic model,
+//! created if missing. Stays up until Ctrl-C, or answers `--ask` prompts and stops.
+
+use crate::ask;
+use crate::cluster::{Cluster, ClusterSpec};
+use lime_kernels::synth::Preset;
+use lime_schemas::Request;
+use std::time::{Duration, Instant};
+
+pub struct UpArgs {
+    pub spec: ClusterSpec,
+    /// Synthesise this preset into `spec.model` when it holds no checkpoint.
+    pub preset: Preset,
+    pub asks: Vec<String>,
+    pub max_tokens: u32,
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    crate::synth::ensure(args.preset, &args.spec.model)?;
+    let started = Instant::now();
+    eprintln!(
+        "starting {} stages on {} (logs in {})",
+        args.spec.stages,
+        args.spec.model.display(),
+        args.spec.dir.display()
+    );
+    let mut cluster = Cluster::start(&args.spec).await?;
+    cluster.wait_online(Duration::from_secs(300)).await?;
+    let statuses = crate::status::collect(&cluster.broker, Duration::from_millis(300)).await?;
+    eprint!("{}", crate::status::table(&statuses));
+    eprintln!(
+        "cluster up in {:.1}s: MQTT 5 on {}:{}{}",
+        started.elapsed().as_secs_f64(),
+        cluster.broker.host,
+        cluster.broker.port,
+        cluster
+            .v4_port
+            .map(|p| format!(", MQTT 3.1.1 on 127.0.0.1:{p}"))
+            .unwrap_or_default()
+    );
+    if args.asks.is_empty() {
+        let v4 = cluster.v4_port.unwrap_or(cluster.broker.port);
+        eprintln!(
+            "ask with:  lime ask --broker {}:{} \"Hello\"",
+            cluster.broker.host, cluster.broker.port
+        );
+        eprintln!(
+            "or:        mosquitto_sub -p {v4} -t 'lime/response/demo' & mosquitto_pub -p {v4} -t lime/request -q 1 -m '{{\"id\":\"demo\",\"prompt\":\"Hello\"}}'"
+        );
+        eprintln!("Ctrl-C stops the cluster");
+        wait_for_ctrl_c(&mut cluster).await?;
+    } else {
+        let requests: Vec<Request> = args
+            .asks
+            .iter()
+            .map(|p| Request {
+                prompt: Some(p.clone()),
+                max_tokens: Some(args.max_tokens),
+                ..Default::default()
+            })
+            .collect();
+        let answers = ask::ask_all(
+            &cluster.broker,
+            &requests,
+            Duration::from_secs(600),
+            |_, _| {},
+        )
+        .await?;
+        for (prompt, answer) in args.asks.iter().zip(&answers) {
+            println!("> {prompt}");
+            match &answer.outcome {
+                Ok(f) => {
+                    println!("{}", answer.text);
+                    eprintln!("  [{}]", ask::summary(f));
+                }
+                Err(e) => println!("error {:?}: {}", e.error.code, e.error.message),
+            }
+        }
+    }
+    eprintln!("stopping the cluster");
+    cluster.stop();
+    Ok(())
+}
+
+async fn wait_for_ctrl_c(cluster: &mut Cluster) -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = term.recv() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => cluster.check_alive()?,
+        }
+    }
+}
