@@ -33,6 +33,10 @@ pub struct ClusterSpec {
     pub dir: PathBuf,
     /// `RUST_LOG` for the processes.
     pub log: String,
+    /// Extra environment for lime-broker (`LIME_BROKER_…` settings).
+    pub broker_env: Vec<(String, String)>,
+    /// Extra environment for every stage (`LIME_STAGE_…` settings).
+    pub stage_env: Vec<(String, String)>,
 }
 
 impl ClusterSpec {
@@ -49,6 +53,8 @@ impl ClusterSpec {
             max_inflight: 0,
             dir: dir.into(),
             log: "info".into(),
+            broker_env: Vec::new(),
+            stage_env: Vec::new(),
         }
     }
 }
@@ -141,7 +147,8 @@ impl Cluster {
                 };
                 let mut cmd = Command::new(sibling_binary("lime-broker")?);
                 cmd.env("LIME_BROKER_V4_LISTEN", format!("127.0.0.1:{v4}"))
-                    .env("LIME_BROKER_V5_LISTEN", format!("127.0.0.1:{v5}"));
+                    .env("LIME_BROKER_V5_LISTEN", format!("127.0.0.1:{v5}"))
+                    .envs(spec.broker_env.iter().cloned());
                 cluster.spawn("broker", cmd, &spec.log)?;
                 cluster.v4_port = Some(v4);
                 BrokerAddr::parse(&format!("127.0.0.1:{v5}"))?
@@ -178,7 +185,9 @@ impl Cluster {
             ));
             std::fs::write(&config, toml)?;
             let mut cmd = Command::new(sibling_binary("lime-stage")?);
-            cmd.arg("--config").arg(&config);
+            cmd.arg("--config")
+                .arg(&config)
+                .envs(spec.stage_env.iter().cloned());
             cluster.spawn(&stage.name, cmd, &spec.log)?;
         }
         Ok(cluster)

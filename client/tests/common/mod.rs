@@ -1,0 +1,156 @@
+//! Shared pieces of the cluster tests: a tiny synthetic model, the single-process
+//! reference answers, and clusters of real lime processes on loopback.
+#![allow(dead_code)]
+
+use lime::cluster::{Cluster, ClusterSpec};
+use lime_kernels::synth::{self, Preset, StoredDtype, SynthSpec};
+use lime_kernels::{Checkpoint, Device, GenerateRequest, Model, TextTokenizer};
+use lime_schemas::{Final, Request};
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::time::Duration;
+use tempfile::TempDir;
+
+/// The tiny preset in a temporary directory, with its single-process model.
+pub struct Reference {
+    pub dir: TempDir,
+    pub model: Model,
+    pub tokenizer: TextTokenizer,
+    pub eos: Vec<u32>,
+}
+
+impl Reference {
+    pub fn tiny() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        synth::synthesize(
+            &SynthSpec::preset(Preset::Tiny, StoredDtype::F32, 11),
+            dir.path(),
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        let model = Model::load(&ckpt, &Device::Cpu, |_, _| {}).unwrap();
+        let tokenizer = TextTokenizer::from_path(dir.path()).unwrap();
+        let eos = ckpt.eos_token_ids().unwrap();
+        Self {
+            dir,
+            model,
+            tokenizer,
+            eos,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// What `lime generate` produces for a prompt request: tokens and the logits of
+    /// the last step.
+    pub fn answer(&self, r: &Request) -> (Vec<u32>, Vec<f32>) {
+        let prompt = self
+            .tokenizer
+            .encode(r.prompt.as_deref().unwrap(), true)
+            .unwrap();
+        let req = GenerateRequest {
+            prompt: &prompt,
+            max_tokens: r.max_tokens.unwrap() as usize,
+            sampling: r.sampling().unwrap(),
+            stop_tokens: if r.ignore_eos {
+                Vec::new()
+            } else {
+                self.eos.clone()
+            },
+        };
+        let mut last = Vec::new();
+        let g = lime_kernels::generate(&self.model, &req, |_, logits| {
+            last = logits.to_vec();
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        (g.tokens, last)
+    }
+}
+
+/// Sixteen requests of different prompt lengths, `max_tokens`, sampling and EOS
+/// handling, all asking for token ids and final logits.
+pub fn varied_requests(n: usize) -> Vec<Request> {
+    let words = [
+        "Robot", "arm", "stop", "obstacle", "ahead", "turn", "left", "battery", "low", "Où", "est",
+        "la", "sortie", "?", "Hafen", "Straße", "速度", "減速", "grip",
+    ];
+    (0..n)
+        .map(|i| {
+            let len = 1 + (i * 7) % 23;
+            let prompt: Vec<&str> = (0..len)
+                .map(|j| words[(i * 5 + j * 3) % words.len()])
+                .collect();
+            Request {
+                id: Some(format!("req-{i}")),
+                prompt: Some(prompt.join(" ")),
+                max_tokens: Some(1 + ((i * 11) % 37) as u32),
+                temperature: (i % 4 == 3).then_some(0.8),
+                top_p: (i % 8 == 7).then_some(0.9),
+                seed: Some(i as u64),
+                ignore_eos: i % 2 == 0,
+                return_token_ids: true,
+                return_logits: true,
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
+/// Checks an answer's tokens and last logits bit for bit against the reference.
+pub fn assert_identical(reference: &Reference, r: &Request, f: &Final, what: &str) {
+    let (tokens, logits) = reference.answer(r);
+    assert_eq!(
+        f.token_ids.as_deref(),
+        Some(tokens.as_slice()),
+        "{what}: tokens of {:?} differ",
+        r.id
+    );
+    let got = f.logits.as_deref().expect("logits were asked for");
+    assert_eq!(got.len(), logits.len(), "{what}: vocabulary");
+    let differ = got
+        .iter()
+        .zip(&logits)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    assert_eq!(
+        differ, 0,
+        "{what}: {differ} final logits of {:?} differ",
+        r.id
+    );
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Starts a cluster and waits until it serves.
+pub async fn up(spec: &ClusterSpec) -> Cluster {
+    let mut cluster = Cluster::start(spec).await.unwrap();
+    if let Err(e) = cluster.wait_online(Duration::from_secs(60)).await {
+        panic!("cluster did not come up: {e:#}");
+    }
+    cluster
+}
+
+/// Whether a program is on PATH (the MQTT clients, mosquitto).
+pub fn have(program: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Panics with an installation hint when a required program is missing.
+pub fn require(program: &str) {
+    assert!(
+        have(program),
+        "{program} is needed: apt-get install mosquitto mosquitto-clients (field-tests/test.sh does this when run as root)"
+    );
+}
