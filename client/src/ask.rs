@@ -27,6 +27,20 @@ pub async fn ask_all(
     broker: &BrokerAddr,
     requests: &[Request],
     timeout: Duration,
+    on_reply: impl FnMut(usize, &Reply),
+) -> anyhow::Result<Vec<Answer>> {
+    let payloads = requests
+        .iter()
+        .map(serde_json::to_vec)
+        .collect::<Result<Vec<_>, _>>()?;
+    ask_raw(broker, &payloads, timeout, on_reply).await
+}
+
+/// As [`ask_all`] with payloads sent as given, valid requests or not.
+pub async fn ask_raw(
+    broker: &BrokerAddr,
+    requests: &[Vec<u8>],
+    timeout: Duration,
     mut on_reply: impl FnMut(usize, &Reply),
 ) -> anyhow::Result<Vec<Answer>> {
     let (client, mut eventloop, client_id) = broker.connect("lime-ask");
@@ -61,13 +75,7 @@ pub async fn ask_all(
         };
         sent[i] = Instant::now();
         client
-            .publish_with_properties(
-                topics::REQUEST,
-                QoS::AtLeastOnce,
-                false,
-                serde_json::to_vec(r)?,
-                props,
-            )
+            .publish_with_properties(topics::REQUEST, QoS::AtLeastOnce, false, r.clone(), props)
             .await?;
     }
     let mut left = requests.len();

@@ -110,14 +110,29 @@ impl Request {
     pub fn parse(payload: &[u8]) -> Result<Self, Invalid> {
         let text = std::str::from_utf8(payload)
             .map_err(|e| Invalid::new(crate::ErrorCode::BadJson, format!("not UTF-8: {e}")))?;
-        serde_json::from_str(text).map_err(|e| {
-            let code = if e.is_data() {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let request = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let code = if inner.is_data() {
                 crate::ErrorCode::InvalidRequest
             } else {
                 crate::ErrorCode::BadJson
             };
-            Invalid::new(code, format!("request is not valid: {e}"))
-        })
+            let at = if path == "." || code == crate::ErrorCode::BadJson {
+                String::new()
+            } else {
+                format!(" (at `{path}`)")
+            };
+            Invalid::new(code, format!("request is not valid: {inner}{at}"))
+        })?;
+        de.end().map_err(|e| {
+            Invalid::new(
+                crate::ErrorCode::BadJson,
+                format!("request is not valid: {e}"),
+            )
+        })?;
+        Ok(request)
     }
 
     /// The prompt or the chat; exactly one must be given.

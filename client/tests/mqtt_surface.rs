@@ -1,0 +1,488 @@
+//! The MQTT surface as robots use it: plain `mosquitto_pub`/`mosquitto_sub` with
+//! MQTT 3.1.1 and 5, an external mosquitto broker, authentication, and bad requests
+//! that get clear errors while good ones run on.
+
+mod common;
+
+use common::{assert_identical, require, runtime, up, varied_requests, Reference};
+use lime::ask::{ask_all, ask_raw};
+use lime::cluster::ClusterSpec;
+use lime_schemas::{ErrorCode, Final, Reply, Request};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A running `mosquitto_sub`, subscribed (its SUBACK seen) before this returns.
+struct Sub {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Sub {
+    fn start(args: &[&str]) -> Self {
+        require("mosquitto_sub");
+        // stdbuf: mosquitto_sub block-buffers its debug lines on a pipe.
+        let mut child = Command::new("stdbuf")
+            .args(["-oL", "mosquitto_sub"])
+            .args(args)
+            .arg("-d")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let sub = Self { child, lines: rx };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let line = sub
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("mosquitto_sub did not subscribe");
+            if line.contains("SUBACK") {
+                return sub;
+            }
+        }
+    }
+
+    /// Message lines (debug output skipped) until one holds a final or an error.
+    fn until_done(&self) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut got = Vec::new();
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("no final message; got {got:?}"));
+            if !line.contains("{\"") {
+                continue;
+            }
+            let last = line.contains("\"done\":true") || line.contains("\"error\"");
+            got.push(line);
+            if last {
+                return got;
+            }
+        }
+    }
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn publish(args: &[&str]) -> std::process::Output {
+    require("mosquitto_pub");
+    Command::new("mosquitto_pub").args(args).output().unwrap()
+}
+
+/// Reads text pieces then the final message from JSON lines.
+fn read_stream(lines: &[String]) -> (String, Final) {
+    let mut text = String::new();
+    for (i, line) in lines.iter().enumerate() {
+        match Reply::parse(line.as_bytes()).unwrap_or_else(|e| panic!("{e}: {line}")) {
+            Reply::Text(p) => {
+                assert_eq!(p.seq as usize, i, "pieces in order");
+                text.push_str(&p.text);
+            }
+            Reply::Final(f) => return (text, f),
+            Reply::Error(e) => panic!("error reply: {e:?}"),
+        }
+    }
+    panic!("no final message in {lines:?}")
+}
+
+#[test]
+fn mosquitto_clients_with_mqtt_311_and_5() {
+    let reference = Reference::tiny();
+    let work = tempfile::tempdir().unwrap();
+    let spec = ClusterSpec::new(reference.path(), 2, work.path());
+    runtime().block_on(async {
+        let cluster = up(&spec).await;
+        let v4 = cluster.v4_port.unwrap().to_string();
+        let v5 = cluster.broker.port.to_string();
+        let request = Request {
+            id: Some("robot-7".into()),
+            prompt: Some("Robot arm, stop at the obstacle".into()),
+            max_tokens: Some(12),
+            ignore_eos: true,
+            return_token_ids: true,
+            return_logits: true,
+            ..Default::default()
+        };
+        let body = serde_json::to_string(&request).unwrap();
+
+        // MQTT 3.1.1, default reply topic lime/response/<id>.
+        let sub = Sub::start(&["-V", "mqttv311", "-p", &v4, "-t", "lime/response/robot-7"]);
+        let out = publish(&[
+            "-V",
+            "mqttv311",
+            "-p",
+            &v4,
+            "-t",
+            "lime/request",
+            "-q",
+            "1",
+            "-m",
+            &body,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (text, f) = read_stream(&sub.until_done());
+        assert_identical(&reference, &request, &f, "mosquitto v3.1.1");
+        assert_eq!(
+            text,
+            reference
+                .tokenizer
+                .decode(f.token_ids.as_ref().unwrap())
+                .unwrap()
+        );
+
+        // MQTT 3.1.1 with reply_to.
+        let mut with_reply_to = request.clone();
+        with_reply_to.reply_to = Some("robots/7/answers".into());
+        let sub = Sub::start(&["-V", "mqttv311", "-p", &v4, "-t", "robots/7/answers"]);
+        let body2 = serde_json::to_string(&with_reply_to).unwrap();
+        publish(&[
+            "-V",
+            "mqttv311",
+            "-p",
+            &v4,
+            "-t",
+            "lime/request",
+            "-q",
+            "1",
+            "-m",
+            &body2,
+        ]);
+        let (_, f) = read_stream(&sub.until_done());
+        assert_identical(&reference, &request, &f, "mosquitto reply_to");
+
+        // MQTT 5: the response topic wins over reply_to, correlation data is echoed.
+        let sub = Sub::start(&[
+            "-V",
+            "mqttv5",
+            "-p",
+            &v5,
+            "-t",
+            "robots/7/v5",
+            "-F",
+            "%D %p",
+        ]);
+        let out = publish(&[
+            "-V",
+            "mqttv5",
+            "-p",
+            &v5,
+            "-t",
+            "lime/request",
+            "-q",
+            "1",
+            "-D",
+            "publish",
+            "response-topic",
+            "robots/7/v5",
+            "-D",
+            "publish",
+            "correlation-data",
+            "c0ffee",
+            "-m",
+            &body2,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines = sub.until_done();
+        let payloads: Vec<String> = lines
+            .iter()
+            .map(|l| {
+                let (corr, payload) = l.split_once(' ').expect("correlation data and payload");
+                assert_eq!(corr, "c0ffee", "correlation data echoed on every reply");
+                payload.to_owned()
+            })
+            .collect();
+        let (_, f) = read_stream(&payloads);
+        assert_identical(&reference, &request, &f, "mosquitto v5");
+
+        // A request that names no reply topic and cannot be parsed: lime/error.
+        let sub = Sub::start(&["-p", &v4, "-t", "lime/error"]);
+        publish(&[
+            "-p",
+            &v4,
+            "-t",
+            "lime/request",
+            "-q",
+            "1",
+            "-m",
+            "{\"prompt\": oops",
+        ]);
+        let lines = sub.until_done();
+        let reply = Reply::parse(lines[0].as_bytes()).unwrap();
+        let Reply::Error(e) = reply else {
+            panic!("{lines:?}")
+        };
+        assert_eq!(e.error.code, ErrorCode::BadJson);
+    });
+}
+
+#[test]
+fn bad_requests_get_clear_errors_while_good_ones_complete() {
+    let reference = Reference::tiny();
+    let work = tempfile::tempdir().unwrap();
+    let spec = ClusterSpec::new(reference.path(), 3, work.path());
+    let good = varied_requests(8);
+    let long_prompt = format!(
+        "{{\"prompt\":{:?},\"max_tokens\":8}}",
+        "robot arm ".repeat(3000)
+    );
+    let huge = format!("{{\"prompt\":\"{}\"}}", "a".repeat(1 << 20));
+    let bad: Vec<(Vec<u8>, ErrorCode, &str)> = vec![
+        (
+            b"this is not json".to_vec(),
+            ErrorCode::BadJson,
+            "not valid",
+        ),
+        (
+            br#"{"max_tokens":5}"#.to_vec(),
+            ErrorCode::InvalidRequest,
+            "prompt",
+        ),
+        (
+            br#"{"prompt":"hi","max_tokens":-4}"#.to_vec(),
+            ErrorCode::InvalidRequest,
+            "-4",
+        ),
+        (
+            br#"{"prompt":"hi","max_tokens":99999999}"#.to_vec(),
+            ErrorCode::InvalidRequest,
+            "max_tokens",
+        ),
+        (
+            br#"{"prompt":"hi","max_tokens":100000}"#.to_vec(),
+            ErrorCode::ContextLengthExceeded,
+            "context",
+        ),
+        (
+            long_prompt.into_bytes(),
+            ErrorCode::ContextLengthExceeded,
+            "context",
+        ),
+        (
+            br#"{"prompt":"hi","colour":"red"}"#.to_vec(),
+            ErrorCode::InvalidRequest,
+            "colour",
+        ),
+        (
+            br#"{"prompt":"hi","temperature":"hot"}"#.to_vec(),
+            ErrorCode::InvalidRequest,
+            "temperature",
+        ),
+        (
+            br#"{"messages":[{"role":"user"}]}"#.to_vec(),
+            ErrorCode::InvalidRequest,
+            "content",
+        ),
+        (
+            br#"{"prompt":"hi","stop":[""]}"#.to_vec(),
+            ErrorCode::InvalidRequest,
+            "stop",
+        ),
+        (huge.into_bytes(), ErrorCode::PayloadTooLarge, "larger than"),
+        (Vec::new(), ErrorCode::BadJson, "not valid"),
+    ];
+    // Interleave: good, bad, good, bad, ...
+    let mut payloads = Vec::new();
+    let mut expect: Vec<Result<&Request, (ErrorCode, &str)>> = Vec::new();
+    for i in 0..good.len().max(bad.len()) {
+        if let Some(g) = good.get(i) {
+            payloads.push(serde_json::to_vec(g).unwrap());
+            expect.push(Ok(g));
+        }
+        if let Some((b, code, needle)) = bad.get(i) {
+            payloads.push(b.clone());
+            expect.push(Err((*code, needle)));
+        }
+    }
+    runtime().block_on(async {
+        let mut cluster = up(&spec).await;
+        let answers = ask_raw(
+            &cluster.broker,
+            &payloads,
+            Duration::from_secs(120),
+            |_, _| {},
+        )
+        .await
+        .unwrap();
+        for (want, got) in expect.iter().zip(&answers) {
+            match (want, &got.outcome) {
+                (Ok(r), Ok(f)) => assert_identical(&reference, r, f, "beside bad requests"),
+                (Err((code, needle)), Err(e)) => {
+                    assert_eq!(e.error.code, *code, "{}", e.error.message);
+                    assert!(
+                        e.error.message.contains(needle),
+                        "{:?} should mention {needle:?}",
+                        e.error.message
+                    );
+                }
+                (want, got) => panic!("expected {want:?}, got {got:?}"),
+            }
+        }
+        cluster.check_alive().unwrap();
+        // A chat works when well formed.
+        let chat = Request {
+            messages: Some(vec![lime_schemas::ChatMessage {
+                role: "user".into(),
+                content: "Where is the exit?".into(),
+            }]),
+            max_tokens: Some(6),
+            ..Default::default()
+        };
+        let a = ask_all(&cluster.broker, &[chat], Duration::from_secs(60), |_, _| {})
+            .await
+            .unwrap();
+        let f = a[0].outcome.as_ref().expect("chat answered");
+        assert!(f.usage.prompt_tokens > 5, "the template added its headers");
+    });
+}
+
+#[test]
+fn an_external_mosquitto_broker_works_the_same() {
+    require("mosquitto");
+    let reference = Reference::tiny();
+    let work = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = work.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_packet_size 4194304\n"),
+    )
+    .unwrap();
+    let mut broker = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(&mut broker);
+    let mut spec = ClusterSpec::new(reference.path(), 3, work.path().join("cluster"));
+    spec.external_broker =
+        Some(lime::mqtt::BrokerAddr::parse(&format!("127.0.0.1:{port}")).unwrap());
+    spec.plan_over_mqtt = true;
+    spec.interleave = 2;
+    let requests = varied_requests(16);
+    runtime().block_on(async {
+        let cluster = up(&spec).await;
+        let answers = ask_all(
+            &cluster.broker,
+            &requests,
+            Duration::from_secs(120),
+            |_, _| {},
+        )
+        .await
+        .unwrap();
+        for (r, a) in requests.iter().zip(&answers) {
+            assert_identical(&reference, r, a.outcome.as_ref().unwrap(), "via mosquitto");
+        }
+        let p = port.to_string();
+        let sub = Sub::start(&["-V", "mqttv311", "-p", &p, "-t", "lime/response/m1"]);
+        let body = r#"{"id":"m1","prompt":"Hafen Straße","max_tokens":5,"ignore_eos":true}"#;
+        publish(&[
+            "-V",
+            "mqttv311",
+            "-p",
+            &p,
+            "-t",
+            "lime/request",
+            "-q",
+            "1",
+            "-m",
+            body,
+        ]);
+        let (_, f) = read_stream(&sub.until_done());
+        assert_eq!(f.usage.completion_tokens, 5);
+    });
+}
+
+#[test]
+fn the_broker_can_require_a_password() {
+    let reference = Reference::tiny();
+    let work = tempfile::tempdir().unwrap();
+    let mut spec = ClusterSpec::new(reference.path(), 2, work.path());
+    spec.broker_env = vec![("LIME_BROKER_USERS__FLEET".into(), "s3cret".into())];
+    runtime().block_on(async {
+        // Stages without credentials cannot join: the cluster never comes online.
+        {
+            let mut cluster = lime::cluster::Cluster::start(&spec).await.unwrap();
+            assert!(cluster.wait_online(Duration::from_secs(3)).await.is_err());
+        }
+        let mut spec = spec.clone();
+        spec.dir = work.path().join("with-login");
+        spec.stage_env = vec![
+            ("LIME_STAGE_BROKER__USERNAME".into(), "fleet".into()),
+            ("LIME_STAGE_BROKER__PASSWORD".into(), "s3cret".into()),
+        ];
+        let mut cluster = lime::cluster::Cluster::start(&spec).await.unwrap();
+        cluster.broker.username = Some("fleet".into());
+        cluster.broker.password = Some("s3cret".into());
+        cluster.wait_online(Duration::from_secs(60)).await.unwrap();
+        let v4 = cluster.v4_port.unwrap().to_string();
+        let denied = publish(&["-p", &v4, "-t", "lime/request", "-m", "{}"]);
+        assert!(!denied.status.success(), "anonymous publish was accepted");
+        let sub = Sub::start(&[
+            "-p",
+            &v4,
+            "-u",
+            "fleet",
+            "-P",
+            "s3cret",
+            "-t",
+            "lime/response/a1",
+        ]);
+        let body = r#"{"id":"a1","prompt":"grip","max_tokens":3,"ignore_eos":true}"#;
+        let ok = publish(&[
+            "-p",
+            &v4,
+            "-u",
+            "fleet",
+            "-P",
+            "s3cret",
+            "-t",
+            "lime/request",
+            "-q",
+            "1",
+            "-m",
+            body,
+        ]);
+        assert!(ok.status.success());
+        let (_, f) = read_stream(&sub.until_done());
+        assert_eq!(f.usage.completion_tokens, 3);
+    });
+}
