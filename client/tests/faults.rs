@@ -1,0 +1,161 @@
+//! Faults a field cluster meets: garbage on a data port, a stage that dies, a stage
+//! that is stopped. The ring keeps serving and the control plane tells the truth.
+
+mod common;
+
+use common::{assert_identical, runtime, up, varied_requests, Reference};
+use lime::ask::ask_all;
+use lime::cluster::ClusterSpec;
+use lime_schemas::frame::{Frame, Hello};
+use lime_schemas::StageState;
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+/// Ways to speak garbage to a data port.
+fn garbage(addr: &str, epoch: u64) {
+    let send = |bytes: &[u8]| {
+        if let Ok(mut s) = TcpStream::connect(addr) {
+            let _ = s.write_all(bytes);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    send(b"GET / HTTP/1.1\r\nHost: lime\r\n\r\n");
+    // A plausible length, then bytes that are not a frame.
+    let mut bogus = 64u32.to_le_bytes().to_vec();
+    bogus.extend((0..64u8).map(|i| i.wrapping_mul(37)));
+    send(&bogus);
+    // A frame that is not a hello.
+    send(&Frame::Ping { nonce: 1 }.encode().unwrap());
+    // Hellos from the wrong stage, and from the right stage on another plan.
+    send(
+        &Frame::Hello(Hello::new(epoch, "intruder"))
+            .encode()
+            .unwrap(),
+    );
+    send(&Frame::Hello(Hello::new(epoch + 1, "s0")).encode().unwrap());
+    // A length far beyond the limit.
+    send(&u32::MAX.to_le_bytes());
+}
+
+#[test]
+fn garbage_on_a_data_port_is_dropped_and_the_ring_keeps_serving() {
+    let reference = Reference::tiny();
+    let work = tempfile::tempdir().unwrap();
+    let spec = ClusterSpec::new(reference.path(), 3, work.path());
+    let requests = varied_requests(16);
+    runtime().block_on(async {
+        let mut cluster = up(&spec).await;
+        let target = cluster.plan.stages[1].data_addr.clone();
+        let epoch = cluster.plan.epoch;
+        let attacker = std::thread::spawn(move || {
+            for _ in 0..5 {
+                garbage(&target, epoch);
+            }
+        });
+        let answers = ask_all(
+            &cluster.broker,
+            &requests,
+            Duration::from_secs(120),
+            |_, _| {},
+        )
+        .await
+        .unwrap();
+        attacker.join().unwrap();
+        for (r, a) in requests.iter().zip(&answers) {
+            assert_identical(&reference, r, a.outcome.as_ref().unwrap(), "under garbage");
+        }
+        // And after it.
+        let again = ask_all(
+            &cluster.broker,
+            &requests[..4],
+            Duration::from_secs(60),
+            |_, _| {},
+        )
+        .await
+        .unwrap();
+        for (r, a) in requests.iter().zip(&again) {
+            assert_identical(&reference, r, a.outcome.as_ref().unwrap(), "after garbage");
+        }
+        cluster.check_alive().unwrap();
+        let log = std::fs::read_to_string(work.path().join("s1.log")).unwrap();
+        let dropped = log.matches("dropped data-plane peer").count();
+        assert!(dropped >= 25, "{dropped} drops logged:\n{log}");
+        for reason in [
+            "larger than the",
+            "undecodable",
+            "not a hello",
+            "previous stage is",
+            "epoch",
+        ] {
+            assert!(
+                log.lines()
+                    .any(|l| l.contains("dropped data-plane peer") && l.contains(reason)),
+                "no drop logged for {reason:?}:\n{log}"
+            );
+        }
+    });
+}
+
+#[test]
+fn a_killed_stage_goes_offline_by_its_last_will_and_a_stopped_one_says_so() {
+    let reference = Reference::tiny();
+    let work = tempfile::tempdir().unwrap();
+    let spec = ClusterSpec::new(reference.path(), 3, work.path());
+    runtime().block_on(async {
+        let mut cluster = up(&spec).await;
+        let state = |statuses: &[lime_schemas::StageStatus], name: &str| {
+            statuses.iter().find(|s| s.stage == name).map(|s| s.state)
+        };
+        // SIGKILL: no chance to say goodbye; the broker publishes the will.
+        let pid = cluster.pid("s2").unwrap();
+        std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let statuses = lime::status::collect(&cluster.broker, Duration::from_millis(200))
+                .await
+                .unwrap();
+            if state(&statuses, "s2") == Some(StageState::Offline) {
+                assert_eq!(state(&statuses, "s1"), Some(StageState::Online));
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "s2 still reported {:?}",
+                state(&statuses, "s2")
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // SIGTERM: a clean exit that publishes offline itself.
+        let pid = cluster.pid("s1").unwrap();
+        let started = Instant::now();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        let statuses = loop {
+            let statuses = lime::status::collect(&cluster.broker, Duration::from_millis(200))
+                .await
+                .unwrap();
+            if state(&statuses, "s1") == Some(StageState::Offline) {
+                break statuses;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "s1 did not go offline"
+            );
+        };
+        assert_eq!(state(&statuses, "s0"), Some(StageState::Online));
+        let err = cluster.check_alive().unwrap_err().to_string();
+        assert!(
+            err.contains("s1 exited (exit status: 0)") || err.contains("s2"),
+            "{err}"
+        );
+        let broker_log = std::fs::read_to_string(work.path().join("broker.log")).unwrap();
+        assert!(broker_log.contains("stage left"), "{broker_log}");
+        assert!(broker_log.contains("stage joined"), "{broker_log}");
+    });
+}
