@@ -251,7 +251,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 top_p: a.top_p,
                 top_k: a.top_k,
                 seed: a.seed,
-                stop: (!a.stop.is_empty()).then(|| lime_schemas::request::Stop::Many(a.stop)),
+                stop: (!a.stop.is_empty()).then_some(lime_schemas::request::Stop::Many(a.stop)),
                 ..Default::default()
             };
             if a.chat {

@@ -161,7 +161,7 @@ impl Plan {
                 ));
             }
         }
-        if self.chunks.is_empty() || self.chunks.len() % self.stages.len() != 0 {
+        if self.chunks.is_empty() || !self.chunks.len().is_multiple_of(self.stages.len()) {
             return fail(format!(
                 "{} chunks cannot be dealt evenly over {} stages",
                 self.chunks.len(),

@@ -133,8 +133,7 @@ impl Pipeline<'_> {
                 }
             }
             self.advance_group(&mut group);
-            loop {
-                let Some(s) = &mut self.starter else { break };
+            while let Some(s) = &mut self.starter {
                 match s.launch(&mut self.worker) {
                     Some(Ok(act)) => self.advance(act),
                     Some(Err(done)) => self.release(done),
