@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod generate;
 pub mod mqtt;
 pub mod progress;
+pub mod serving;
 pub mod status;
 pub mod synth;
 pub mod up;

@@ -54,6 +54,29 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// A cluster of N stages against one process serving the same model, sporadic
+    /// and bursty requests, through the whole MQTT path.
+    Serving {
+        /// Checkpoint directory; the `bench` preset is synthesised there if empty.
+        #[arg(long, default_value = "models/bench")]
+        model: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        stages: usize,
+        /// Sporadic requests, sent one at a time.
+        #[arg(long, default_value_t = 8)]
+        sporadic: usize,
+        /// Bursty requests, sent at once.
+        #[arg(long, default_value_t = 32)]
+        burst: usize,
+        #[arg(long, default_value_t = 32)]
+        max_tokens: u32,
+        /// Starter's micro-batches in flight (0: one per stage).
+        #[arg(long, default_value_t = 0)]
+        max_inflight: usize,
+        /// Also print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Single-process decode and prefill throughput against the memory roofline.
     Kernels {
         /// Checkpoint directory; the `bench` preset is synthesised there if empty.
@@ -281,6 +304,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench { what } => match what {
+            BenchCommand::Serving {
+                model,
+                stages,
+                sporadic,
+                burst,
+                max_tokens,
+                max_inflight,
+                json,
+            } => {
+                lime::synth::ensure(Preset::Bench, &model)?;
+                let dir = std::env::temp_dir().join(format!("lime-bench-{}", std::process::id()));
+                let bench = lime::serving::ServingBench {
+                    model,
+                    stages,
+                    sporadic,
+                    burst,
+                    max_tokens,
+                    max_inflight,
+                    dir,
+                };
+                let report = block_on(lime::serving::run(&bench))?;
+                println!("{report}");
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                }
+                Ok(())
+            }
             BenchCommand::Kernels { model, steps, json } => {
                 lime::synth::ensure(Preset::Bench, &model)?;
                 let report = lime::bench::kernels(&model, steps)?;
