@@ -12,6 +12,14 @@ use membership::{Change, Membership};
 /// Starts the broker and the membership tracker; returns when the broker's
 /// servers stop (normally never: the process ends on a signal).
 pub fn run(cfg: &BrokerConfig) -> anyhow::Result<()> {
+    // rumqttd only logs a listener that cannot bind and serves on without it; a
+    // broker missing a listener is a failed start, so try each first.
+    for addr in [&cfg.v4_listen, &cfg.v5_listen] {
+        if !addr.is_empty() {
+            std::net::TcpListener::bind(addr.as_str())
+                .with_context(|| format!("cannot listen on {addr}"))?;
+        }
+    }
     let mut broker = rumqttd::Broker::new(cfg.to_rumqttd());
     let (mut link_tx, mut link_rx) = broker
         .link("lime-broker-membership")

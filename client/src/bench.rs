@@ -45,7 +45,7 @@ pub fn kernels(dir: &Path, steps: usize) -> anyhow::Result<KernelReport> {
     let roofline = bandwidth / per_token as f64;
 
     let mut rows = Vec::new();
-    for batch in [1usize, 4, 16] {
+    for batch in [1usize, 4, 16, 32] {
         eprintln!("decode at batch {batch}…");
         let tps = decode_tokens_per_s(&model, batch, steps.max(2))
             .with_context(|| format!("decode at batch {batch}"))?;

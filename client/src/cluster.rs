@@ -31,7 +31,7 @@ pub struct ClusterSpec {
     pub max_inflight: usize,
     /// Configs, the plan and logs go here.
     pub dir: PathBuf,
-    /// `RUST_LOG` for the processes.
+    /// `RUST_LOG` for the processes (`LIME_CLUSTER_LOG`, else `info`).
     pub log: String,
     /// Extra environment for lime-broker (`LIME_BROKER_…` settings).
     pub broker_env: Vec<(String, String)>,
@@ -52,7 +52,7 @@ impl ClusterSpec {
             plan_over_mqtt: false,
             max_inflight: 0,
             dir: dir.into(),
-            log: "info".into(),
+            log: std::env::var("LIME_CLUSTER_LOG").unwrap_or_else(|_| "info".into()),
             broker_env: Vec::new(),
             stage_env: Vec::new(),
         }

@@ -158,6 +158,14 @@ async fn measure(
 
 /// Runs both setups and compares them.
 pub async fn run(bench: &ServingBench) -> anyhow::Result<ServingReport> {
+    anyhow::ensure!(
+        bench.stages >= 2,
+        "compare at least 2 stages with the single process"
+    );
+    anyhow::ensure!(
+        bench.sporadic > 0 && bench.burst > 0,
+        "both workloads need requests"
+    );
     let mut rows = measure(bench, 1, &bench.dir.join("single")).await?;
     rows.extend(measure(bench, bench.stages, &bench.dir.join("distributed")).await?);
     let find = |setup_single: bool, workload: &str| {

@@ -169,6 +169,7 @@ impl<'t> Scheduler<'t> {
             }
         }
         let mut done = Vec::new();
+        let started = Instant::now();
         if !rows.is_empty() {
             let logits = worker
                 .logits(&act, &rows)
@@ -186,6 +187,12 @@ impl<'t> Scheduler<'t> {
                 Err(e) => done.extend(self.fail(&sampled, &format!("LM head failed: {e}"))),
             }
         }
+        tracing::debug!(
+            batch = act.batch,
+            sampled = rows.len(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "head and sampling"
+        );
         self.admit();
         done
     }

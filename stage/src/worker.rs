@@ -164,6 +164,7 @@ impl Worker {
             .collect();
         let batch = MicroBatch::new(&self.config, &self.rope, &spans, &self.device)?;
         let x = self.hidden(act)?;
+        let started = std::time::Instant::now();
         let mut caches = self.take_caches(&act.seqs)?;
         let result = {
             let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
@@ -174,6 +175,7 @@ impl Worker {
         }
         act.data = to_bytes(&result?)?;
         act.chunk += 1;
+        tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "chunk computed");
         Ok(())
     }
 
