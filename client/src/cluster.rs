@@ -68,6 +68,8 @@ pub struct Cluster {
     pub v4_port: Option<u16>,
     pub plan: Plan,
     pub dir: PathBuf,
+    stage_env: Vec<(String, String)>,
+    log: String,
 }
 
 /// A lime binary next to this one (`target/<profile>/` for tests and `cargo run`).
@@ -131,6 +133,8 @@ impl Cluster {
             v4_port: None,
             plan: plan.clone(),
             dir: spec.dir.clone(),
+            stage_env: spec.stage_env.clone(),
+            log: spec.log.clone(),
         };
         cluster.broker = match &spec.external_broker {
             Some(b) => b.clone(),
@@ -257,6 +261,29 @@ impl Cluster {
         Ok(())
     }
 
+    /// Stops a stage (SIGTERM) and starts it again with the same settings; its
+    /// neighbours reconnect to it on their own.
+    pub fn restart_stage(&mut self, name: &str) -> anyhow::Result<()> {
+        let i = self
+            .children
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or_else(|| anyhow::anyhow!("no process {name}"))?;
+        let (_, mut child) = self.children.remove(i);
+        terminate(&mut child);
+        let old_log = self.dir.join(format!("{name}.log"));
+        let _ = std::fs::rename(
+            &old_log,
+            self.dir.join(format!("{name}.before-restart.log")),
+        );
+        let mut cmd = Command::new(sibling_binary("lime-stage")?);
+        cmd.arg("--config")
+            .arg(self.dir.join(format!("{name}.toml")))
+            .envs(self.stage_env.iter().cloned());
+        let log = self.log.clone();
+        self.spawn(name, cmd, &log)
+    }
+
     /// Process id of a stage or of the broker, for fault injection.
     pub fn pid(&self, name: &str) -> Option<u32> {
         self.children
@@ -269,22 +296,27 @@ impl Cluster {
     pub fn stop(&mut self) {
         // Stages first so their offline status reaches the broker.
         for (_, child) in self.children.iter_mut().rev() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .stderr(Stdio::null())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if matches!(child.try_wait(), Ok(Some(_))) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            terminate(child);
         }
         self.children.clear();
     }
+}
+
+/// SIGTERM, then SIGKILL if the process is still there after 5 s.
+fn terminate(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .stderr(Stdio::null())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 impl Drop for Cluster {

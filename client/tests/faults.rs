@@ -159,3 +159,92 @@ fn a_killed_stage_goes_offline_by_its_last_will_and_a_stopped_one_says_so() {
         assert!(broker_log.contains("stage joined"), "{broker_log}");
     });
 }
+
+#[test]
+fn a_restarted_stage_rejoins_the_ring() {
+    let reference = Reference::tiny();
+    let work = tempfile::tempdir().unwrap();
+    let spec = ClusterSpec::new(reference.path(), 3, work.path());
+    let requests = varied_requests(6);
+    runtime().block_on(async {
+        let mut cluster = up(&spec).await;
+        let before = ask_all(
+            &cluster.broker,
+            &requests,
+            Duration::from_secs(60),
+            |_, _| {},
+        )
+        .await
+        .unwrap();
+        for (r, a) in requests.iter().zip(&before) {
+            assert_identical(&reference, r, a.outcome.as_ref().unwrap(), "before restart");
+        }
+        cluster.restart_stage("s1").unwrap();
+        cluster.wait_online(Duration::from_secs(60)).await.unwrap();
+        // The starter's link to s1 notices the old connection is gone on its next
+        // write and reconnects with backoff; the frame is sent again.
+        let after = ask_all(
+            &cluster.broker,
+            &requests,
+            Duration::from_secs(60),
+            |_, _| {},
+        )
+        .await
+        .unwrap();
+        for (r, a) in requests.iter().zip(&after) {
+            assert_identical(&reference, r, a.outcome.as_ref().unwrap(), "after restart");
+        }
+        let s0 = std::fs::read_to_string(work.path().join("s0.log")).unwrap();
+        assert!(
+            s0.matches("connected to the next stage").count() >= 2,
+            "{s0}"
+        );
+    });
+}
+
+#[test]
+fn requests_caught_in_a_crash_fail_with_an_error_and_others_then_succeed() {
+    let reference = Reference::tiny();
+    let work = tempfile::tempdir().unwrap();
+    let mut spec = ClusterSpec::new(reference.path(), 3, work.path());
+    spec.stage_env = vec![("LIME_STAGE_STARTER__STALL_TIMEOUT_MS".into(), "1500".into())];
+    let long = lime_schemas::Request {
+        prompt: Some("Robot".into()),
+        max_tokens: Some(2000),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    runtime().block_on(async {
+        let mut cluster = up(&spec).await;
+        let broker = cluster.broker.clone();
+        let asking = tokio::spawn(async move {
+            ask_all(&broker, &[long], Duration::from_secs(60), |_, _| {}).await
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let pid = cluster.pid("s1").unwrap();
+        std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap();
+        let answer = asking.await.unwrap().unwrap();
+        let err = answer[0]
+            .outcome
+            .as_ref()
+            .expect_err("the request cannot finish");
+        assert_eq!(err.error.code, lime_schemas::ErrorCode::Internal, "{err:?}");
+        cluster.restart_stage("s1").unwrap();
+        cluster.wait_online(Duration::from_secs(60)).await.unwrap();
+        let requests = varied_requests(4);
+        let after = ask_all(
+            &cluster.broker,
+            &requests,
+            Duration::from_secs(60),
+            |_, _| {},
+        )
+        .await
+        .unwrap();
+        for (r, a) in requests.iter().zip(&after) {
+            assert_identical(&reference, r, a.outcome.as_ref().unwrap(), "after a crash");
+        }
+    });
+}

@@ -23,11 +23,11 @@ pub enum Frame {
     Release {
         seqs: Vec<u64>,
     },
-    /// A stage could not run a micro-batch (`merged` as in [`Activations`]); the
+    /// A stage could not run a micro-batch (`batches` as in [`Activations`]); the
     /// starter fails its sequences' requests.
     Failed {
         seqs: Vec<u64>,
-        merged: u32,
+        batches: Vec<u64>,
         message: String,
     },
     /// Goes round the ring once; its return tells the starter the ring is closed.
@@ -60,14 +60,13 @@ impl Hello {
 /// A micro-batch between chunks: every sequence's hidden states, stacked.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Activations {
-    /// Starter-assigned number, for tracing a micro-batch round the ring.
-    pub batch: u64,
+    /// The starter's numbers of the micro-batches merged into this one (stages batch
+    /// what is waiting); the starter tracks what it has in flight by them, and the
+    /// first names the micro-batch in traces.
+    pub batches: Vec<u64>,
     /// Index (in the plan) of the next chunk to run; the chunk count means "done,
     /// back to the starter's head".
     pub chunk: u32,
-    /// How many micro-batches the starter sent are merged into this one: stages
-    /// batch what is waiting, and the starter counts what it has in flight.
-    pub merged: u32,
     pub seqs: Vec<SeqSlot>,
     pub dtype: ActivationDtype,
     /// Row-major `[tokens, hidden]`, little-endian.
@@ -155,7 +154,12 @@ impl Activations {
     pub fn merge(&mut self, other: Activations) {
         self.seqs.extend(other.seqs);
         self.data.extend(other.data);
-        self.merged += other.merged;
+        self.batches.extend(other.batches);
+    }
+
+    /// The micro-batch's name in traces.
+    pub fn batch(&self) -> u64 {
+        self.batches.first().copied().unwrap_or_default()
     }
 
     pub fn tokens(&self) -> usize {
@@ -199,9 +203,8 @@ mod tests {
 
     fn sample() -> Frame {
         Frame::Activations(Activations {
-            batch: 7,
+            batches: vec![7],
             chunk: 1,
-            merged: 1,
             seqs: vec![SeqSlot {
                 id: 3,
                 pos: 5,

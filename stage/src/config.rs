@@ -84,6 +84,8 @@ pub struct StarterConfig {
     pub max_batch_tokens: usize,
     /// Micro-batches travelling the ring at once; 0 means one per stage.
     pub max_inflight: usize,
+    /// A micro-batch not back after this long is given up, its requests failed.
+    pub stall_timeout_ms: u64,
 }
 
 impl Default for StarterConfig {
@@ -94,6 +96,7 @@ impl Default for StarterConfig {
             max_queued: 1024,
             max_batch_tokens: 512,
             max_inflight: 0,
+            stall_timeout_ms: 60_000,
         }
     }
 }

@@ -111,18 +111,18 @@ impl Pipeline<'_> {
                             }
                             Event::Frame(Frame::Failed {
                                 seqs,
-                                merged,
+                                batches,
                                 message,
                             }) => {
                                 self.worker.release(&seqs);
                                 match &mut self.starter {
                                     Some(s) => {
-                                        let done = s.failed(&seqs, merged, &message);
+                                        let done = s.failed(&seqs, &batches, &message);
                                         self.release(done);
                                     }
                                     None => self.send(Frame::Failed {
                                         seqs,
-                                        merged,
+                                        batches,
                                         message,
                                     }),
                                 }
@@ -139,6 +139,10 @@ impl Pipeline<'_> {
                     Some(Err(done)) => self.release(done),
                     None => break,
                 }
+            }
+            if let Some(s) = &mut self.starter {
+                let lost = s.expire_stalled();
+                self.release(lost);
             }
             let memory = (
                 self.worker.kv_bytes() as u64,
@@ -171,17 +175,17 @@ impl Pipeline<'_> {
         while act.chunk < chunks && self.worker.owns(act.chunk) {
             if let Err(e) = self.worker.run_chunk(&mut act) {
                 let seqs: Vec<u64> = act.seqs.iter().map(|s| s.id).collect();
-                tracing::error!(batch = act.batch, chunk = act.chunk, error = %e, "micro-batch failed");
+                tracing::error!(batch = act.batch(), chunk = act.chunk, error = %e, "micro-batch failed");
                 self.worker.release(&seqs);
                 let message = format!("chunk {} failed: {e}", act.chunk);
                 match &mut self.starter {
                     Some(s) => {
-                        let done = s.failed(&seqs, act.merged, &message);
+                        let done = s.failed(&seqs, &act.batches, &message);
                         self.release(done);
                     }
                     None => self.send(Frame::Failed {
                         seqs,
-                        merged: act.merged,
+                        batches: act.batches,
                         message,
                     }),
                 }

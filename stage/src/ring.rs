@@ -12,6 +12,7 @@ use lime_schemas::Hello;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -124,7 +125,8 @@ fn check_hello(h: &Hello, epoch: u64, from: &str) -> Result<(), String> {
 
 /// Keeps one connection to the next stage (`to` at `addr`) and writes the frames
 /// the pipeline hands it, reconnecting with exponential backoff. A frame whose
-/// write failed is sent again on the new connection.
+/// write failed is sent again on the new connection; one written into a socket the
+/// peer had just lost is gone, and the starter's stall timeout fails its requests.
 pub async fn connect(
     addr: String,
     to: String,
@@ -134,6 +136,7 @@ pub async fn connect(
 ) {
     let mut unsent: Option<Vec<u8>> = None;
     let mut wait = backoff.0;
+    let mut probe = [0u8; 1];
     loop {
         let mut stream = match handshake(&addr, &to, &id).await {
             Ok(s) => {
@@ -151,15 +154,24 @@ pub async fn connect(
         loop {
             let bytes = match unsent.take() {
                 Some(b) => b,
-                None => match frames.recv().await {
-                    Some(f) => match f.encode() {
-                        Ok(b) => b,
-                        Err(e) => {
-                            tracing::error!(error = %e, "frame not sent");
-                            continue;
-                        }
+                // Watch the connection while idle: the next stage never writes
+                // after its hello, so a readable socket means it closed (or broke
+                // the protocol), and reconnecting now loses no frame.
+                None => tokio::select! {
+                    f = frames.recv() => match f {
+                        Some(f) => match f.encode() {
+                            Ok(b) => b,
+                            Err(e) => {
+                                tracing::error!(error = %e, "frame not sent");
+                                continue;
+                            }
+                        },
+                        None => return,
                     },
-                    None => return,
+                    _ = stream.read(&mut probe) => {
+                        tracing::warn!(%to, "the next stage closed the link; reconnecting");
+                        break;
+                    }
                 },
             };
             if let Err(e) = write_bytes(&mut stream, &bytes).await {

@@ -29,8 +29,8 @@ pub struct Scheduler<'t> {
     ready: VecDeque<u64>,
     /// Accepted requests not yet generating.
     waiting: VecDeque<Job>,
-    /// Micro-batches on the ring.
-    inflight: u32,
+    /// Micro-batches on the ring: when each left and which sequences it carries.
+    launched: HashMap<u64, (Instant, Vec<u64>)>,
     next_seq: u64,
     next_batch: u64,
     outbox: UnboundedSender<Outgoing>,
@@ -62,7 +62,7 @@ impl<'t> Scheduler<'t> {
             sequences: HashMap::new(),
             ready: VecDeque::new(),
             waiting: VecDeque::new(),
-            inflight: 0,
+            launched: HashMap::new(),
             next_seq: base,
             next_batch: 0,
             outbox,
@@ -90,7 +90,7 @@ impl<'t> Scheduler<'t> {
 
     /// Whether a micro-batch can be launched now.
     pub fn can_launch(&self) -> bool {
-        !self.ready.is_empty() && self.inflight < self.max_inflight
+        !self.ready.is_empty() && (self.launched.len() as u32) < self.max_inflight
     }
 
     /// Builds and embeds the next micro-batch from the ready sequences: an equal
@@ -136,7 +136,8 @@ impl<'t> Scheduler<'t> {
         );
         match worker.embed(batch, slots.clone(), &ids) {
             Ok(act) => {
-                self.inflight += 1;
+                let seqs = slots.iter().map(|s| s.id).collect();
+                self.launched.insert(batch, (Instant::now(), seqs));
                 Some(Ok(act))
             }
             Err(e) => {
@@ -149,7 +150,9 @@ impl<'t> Scheduler<'t> {
     /// A micro-batch came back round the ring: sample, stream, and requeue or
     /// finish its sequences. Returns the finished ones, to release.
     pub fn returned(&mut self, act: Activations, worker: &mut Worker) -> Vec<u64> {
-        self.inflight = self.inflight.saturating_sub(act.merged);
+        for b in &act.batches {
+            self.launched.remove(b);
+        }
         let mut rows = Vec::new();
         let mut sampled = Vec::new();
         let mut row = 0u32;
@@ -188,7 +191,7 @@ impl<'t> Scheduler<'t> {
             }
         }
         tracing::debug!(
-            batch = act.batch,
+            batch = act.batch(),
             sampled = rows.len(),
             ms = started.elapsed().as_secs_f64() * 1e3,
             "head and sampling"
@@ -198,10 +201,41 @@ impl<'t> Scheduler<'t> {
     }
 
     /// A stage failed a micro-batch: its requests get an error.
-    pub fn failed(&mut self, seqs: &[u64], merged: u32, message: &str) -> Vec<u64> {
-        self.inflight = self.inflight.saturating_sub(merged);
+    pub fn failed(&mut self, seqs: &[u64], batches: &[u64], message: &str) -> Vec<u64> {
+        for b in batches {
+            self.launched.remove(b);
+        }
         let done = self.fail(seqs, message);
         self.admit();
+        done
+    }
+
+    /// Fails the sequences of micro-batches that have not come back within the
+    /// stall timeout: a stage restarted (losing their caches) or a link dropped
+    /// them. Their requests get an error instead of waiting for ever. Returns the
+    /// sequences to release.
+    pub fn expire_stalled(&mut self) -> Vec<u64> {
+        let timeout = std::time::Duration::from_millis(self.limits.stall_timeout_ms);
+        let stalled: Vec<u64> = self
+            .launched
+            .iter()
+            .filter(|(_, (at, _))| at.elapsed() > timeout)
+            .map(|(b, _)| *b)
+            .collect();
+        let mut done = Vec::new();
+        for b in stalled {
+            if let Some((_, seqs)) = self.launched.remove(&b) {
+                tracing::error!(batch = b, seqs = seqs.len(), "micro-batch lost on the ring");
+                let message = format!(
+                    "lost on the ring: no answer from the stages within {} ms (a stage restarted or a link broke)",
+                    self.limits.stall_timeout_ms
+                );
+                done.extend(self.fail(&seqs, &message));
+            }
+        }
+        if !done.is_empty() {
+            self.admit();
+        }
         done
     }
 

@@ -123,9 +123,8 @@ impl Worker {
         let ends = self.ends()?;
         let hidden = ends.embedding.forward(ids)?;
         Ok(Activations {
-            batch,
+            batches: vec![batch],
             chunk: 0,
-            merged: 1,
             seqs,
             dtype: ActivationDtype::F32,
             data: to_bytes(&hidden)?,
@@ -148,7 +147,7 @@ impl Worker {
             .map_err(|e| lime_kernels::Error::Input(e.to_string()))?;
         let _span = tracing::debug_span!(
             "chunk",
-            batch = act.batch,
+            batch = act.batch(),
             chunk = act.chunk,
             seqs = act.seqs.len(),
             tokens = act.tokens()
