@@ -229,9 +229,18 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
 
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
+    // Memory in the retained status is refreshed at most every 2 s.
+    let mut refresh = tokio::time::interval(Duration::from_secs(2));
+    let mut memory_changed = false;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = refresh.tick() => {
+                if memory_changed && status.state == StageState::Online {
+                    control::publish_status(&client, &inbox, status.clone()).await;
+                    memory_changed = false;
+                }
+            }
             note = notes_rx.recv() => match note {
                 Some(Note::RingClosed) => {
                     status.state = StageState::Online;
@@ -243,8 +252,7 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
                         m.kv_bytes = kv_bytes;
                         m.sequences = sequences;
                     }
-                    // Status is for membership; memory in it is refreshed only
-                    // with state changes to keep the retained topic quiet.
+                    memory_changed = true;
                 }
                 None => break,
             },
