@@ -87,6 +87,31 @@ fn chunked_prefill_and_small_micro_batches_change_no_bits() {
             let f = a.outcome.as_ref().expect("answer");
             assert_identical(&reference, r, f, "budget 5 tokens, 5 sequences");
         }
+        // Finished sequences free their caches on every stage (status refreshes
+        // memory at most every 2 s).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let statuses = lime::status::collect(&cluster.broker, Duration::from_millis(200))
+                .await
+                .unwrap();
+            let held: Vec<(String, u64, u32)> = statuses
+                .iter()
+                .filter_map(|s| {
+                    s.memory
+                        .as_ref()
+                        .map(|m| (s.stage.clone(), m.kv_bytes, m.sequences))
+                })
+                .filter(|(_, kv, n)| *kv > 0 || *n > 0)
+                .collect();
+            if held.is_empty() && statuses.len() == 3 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "caches still held: {held:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
     });
 }
 
