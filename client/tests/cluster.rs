@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_identical, runtime, up, varied_requests, Reference};
+use common::{assert_answers, assert_identical, runtime, up, varied_requests, Reference};
 use lime::ask::ask_all;
 use lime::cluster::ClusterSpec;
 use std::time::Duration;
@@ -47,15 +47,7 @@ fn every_partition_answers_bit_identically() {
             let answers = ask_all(&cluster.broker, &requests, timeout, |_, _| {})
                 .await
                 .unwrap();
-            assert_eq!(answers.len(), requests.len());
-            for (r, a) in requests.iter().zip(&answers) {
-                let f = a
-                    .outcome
-                    .as_ref()
-                    .unwrap_or_else(|e| panic!("{what}: {e:?}"));
-                assert_eq!(a.gaps, 0, "{what}: pieces arrived out of order");
-                assert_identical(&reference, r, f, &what);
-            }
+            assert_answers(&reference, &requests, &answers, &what);
         });
     }
 }
@@ -83,10 +75,12 @@ fn chunked_prefill_and_small_micro_batches_change_no_bits() {
         )
         .await
         .unwrap();
-        for (r, a) in requests.iter().zip(&answers) {
-            let f = a.outcome.as_ref().expect("answer");
-            assert_identical(&reference, r, f, "budget 5 tokens, 5 sequences");
-        }
+        assert_answers(
+            &reference,
+            &requests,
+            &answers,
+            "budget 5 tokens, 5 sequences",
+        );
         // Finished sequences free their caches on every stage (status refreshes
         // memory at most every 2 s).
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

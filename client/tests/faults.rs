@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_identical, runtime, up, varied_requests, Reference};
+use common::{assert_answers, runtime, up, varied_requests, Reference};
 use lime::ask::ask_all;
 use lime::cluster::ClusterSpec;
 use lime_schemas::frame::{Frame, Hello};
@@ -62,9 +62,7 @@ fn garbage_on_a_data_port_is_dropped_and_the_ring_keeps_serving() {
         .await
         .unwrap();
         attacker.join().unwrap();
-        for (r, a) in requests.iter().zip(&answers) {
-            assert_identical(&reference, r, a.outcome.as_ref().unwrap(), "under garbage");
-        }
+        assert_answers(&reference, &requests, &answers, "under garbage");
         // And after it.
         let again = ask_all(
             &cluster.broker,
@@ -74,9 +72,7 @@ fn garbage_on_a_data_port_is_dropped_and_the_ring_keeps_serving() {
         )
         .await
         .unwrap();
-        for (r, a) in requests.iter().zip(&again) {
-            assert_identical(&reference, r, a.outcome.as_ref().unwrap(), "after garbage");
-        }
+        assert_answers(&reference, &requests[..4], &again, "after garbage");
         cluster.check_alive().unwrap();
         let log = std::fs::read_to_string(work.path().join("s1.log")).unwrap();
         let dropped = log.matches("dropped data-plane peer").count();
@@ -176,9 +172,7 @@ fn a_restarted_stage_rejoins_the_ring() {
         )
         .await
         .unwrap();
-        for (r, a) in requests.iter().zip(&before) {
-            assert_identical(&reference, r, a.outcome.as_ref().unwrap(), "before restart");
-        }
+        assert_answers(&reference, &requests, &before, "before restart");
         cluster.restart_stage("s1").unwrap();
         cluster.wait_online(Duration::from_secs(60)).await.unwrap();
         // The starter's link to s1 notices the old connection is gone on its next
@@ -191,9 +185,7 @@ fn a_restarted_stage_rejoins_the_ring() {
         )
         .await
         .unwrap();
-        for (r, a) in requests.iter().zip(&after) {
-            assert_identical(&reference, r, a.outcome.as_ref().unwrap(), "after restart");
-        }
+        assert_answers(&reference, &requests, &after, "after restart");
         let s0 = std::fs::read_to_string(work.path().join("s0.log")).unwrap();
         assert!(
             s0.matches("connected to the next stage").count() >= 2,
@@ -243,8 +235,6 @@ fn requests_caught_in_a_crash_fail_with_an_error_and_others_then_succeed() {
         )
         .await
         .unwrap();
-        for (r, a) in requests.iter().zip(&after) {
-            assert_identical(&reference, r, a.outcome.as_ref().unwrap(), "after a crash");
-        }
+        assert_answers(&reference, &requests, &after, "after a crash");
     });
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_identical, require, runtime, up, varied_requests, Reference};
+use common::{assert_answers, assert_identical, require, runtime, up, varied_requests, Reference};
 use lime::ask::{ask_all, ask_raw};
 use lime::cluster::ClusterSpec;
 use lime_schemas::{ErrorCode, Final, Reply, Request};
@@ -408,9 +408,7 @@ fn an_external_mosquitto_broker_works_the_same() {
         )
         .await
         .unwrap();
-        for (r, a) in requests.iter().zip(&answers) {
-            assert_identical(&reference, r, a.outcome.as_ref().unwrap(), "via mosquitto");
-        }
+        assert_answers(&reference, &requests, &answers, "via mosquitto");
         let p = port.to_string();
         let sub = Sub::start(&["-V", "mqttv311", "-p", &p, "-t", "lime/response/m1"]);
         let body = r#"{"id":"m1","prompt":"Hafen Straße","max_tokens":5,"ignore_eos":true}"#;

@@ -154,3 +154,21 @@ pub fn require(program: &str) {
         "{program} is needed: apt-get install mosquitto mosquitto-clients (field-tests/test.sh does this when run as root)"
     );
 }
+
+/// Checks every answer against the reference, in order, with no missing pieces.
+pub fn assert_answers(
+    reference: &Reference,
+    requests: &[Request],
+    answers: &[lime::ask::Answer],
+    what: &str,
+) {
+    assert_eq!(answers.len(), requests.len(), "{what}: answers");
+    for (r, a) in requests.iter().zip(answers) {
+        let f = a
+            .outcome
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{what}: {:?} failed: {e:?}", r.id));
+        assert_eq!(a.gaps, 0, "{what}: pieces arrived out of order");
+        assert_identical(reference, r, f, what);
+    }
+}
