@@ -193,8 +193,9 @@ impl Plan {
         Ok(())
     }
 
-    pub fn starter(&self) -> &PlanStage {
-        &self.stages[0]
+    /// The stage that owns the ends of the model (none only in an invalid plan).
+    pub fn starter(&self) -> Option<&PlanStage> {
+        self.stages.first()
     }
 
     /// Where `stage` sits in the ring.

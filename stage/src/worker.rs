@@ -58,7 +58,7 @@ impl Worker {
             layers.extend(range.range());
             chunks.push((index, stack));
         }
-        let ends = if plan.starter().name == stage {
+        let ends = if plan.starter().is_some_and(|s| s.name == stage) {
             let embedding = Embedding::load(ckpt, device)?;
             let head = Head::load(ckpt, device, Some(&embedding))?;
             Some(Ends { embedding, head })
