@@ -59,6 +59,7 @@ impl Pipeline<'_> {
                 self.send(Frame::Ping { nonce: 0 });
                 last_ping = Some(Instant::now());
             }
+            // With a micro-batch ready to launch, take only what has already arrived.
             let busy = self.starter.as_ref().is_some_and(Scheduler::can_launch);
             let first = if busy {
                 match events.try_recv() {
@@ -73,76 +74,20 @@ impl Pipeline<'_> {
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
             };
-            let mut pending: Vec<Event> = first.into_iter().collect();
-            pending.extend(events.try_iter());
-            let mut group: Vec<Activations> = Vec::new();
-            for event in pending {
-                match event {
-                    Event::Frame(Frame::Activations(a)) => {
-                        if group.last().is_some_and(|g| g.chunk != a.chunk) {
-                            self.advance_group(&mut group);
-                        }
-                        group.push(a);
-                    }
-                    other => {
-                        self.advance_group(&mut group);
-                        match other {
-                            Event::Stop => return,
-                            Event::Job(job) => match &mut self.starter {
-                                Some(s) => s.submit(*job),
-                                None => tracing::error!("a request reached a secondary stage"),
-                            },
-                            Event::Frame(Frame::Ping { nonce }) => {
-                                if self.starter.is_some() {
-                                    if !ring_closed {
-                                        tracing::info!("ring closed: every hop is connected");
-                                        let _ = self.notes.send(Note::RingClosed);
-                                    }
-                                    ring_closed = true;
-                                } else {
-                                    self.send(Frame::Ping { nonce });
-                                }
-                            }
-                            Event::Frame(Frame::Release { seqs }) => {
-                                self.worker.release(&seqs);
-                                if self.starter.is_none() {
-                                    self.send(Frame::Release { seqs });
-                                }
-                            }
-                            Event::Frame(Frame::Failed {
-                                seqs,
-                                batches,
-                                message,
-                            }) => {
-                                self.worker.release(&seqs);
-                                match &mut self.starter {
-                                    Some(s) => {
-                                        let done = s.failed(&seqs, &batches, &message);
-                                        self.release(done);
-                                    }
-                                    None => self.send(Frame::Failed {
-                                        seqs,
-                                        batches,
-                                        message,
-                                    }),
-                                }
-                            }
-                            Event::Frame(Frame::Hello(_) | Frame::Activations(_)) => {}
-                        }
-                    }
-                }
+            let pending = first.into_iter().chain(events.try_iter());
+            if !self.handle_all(pending, &mut ring_closed) {
+                return;
             }
-            self.advance_group(&mut group);
+            if let Some(s) = &mut self.starter {
+                let lost = s.expire_stalled();
+                self.release(lost);
+            }
             while let Some(s) = &mut self.starter {
                 match s.launch(&mut self.worker) {
                     Some(Ok(act)) => self.advance(act),
                     Some(Err(done)) => self.release(done),
                     None => break,
                 }
-            }
-            if let Some(s) = &mut self.starter {
-                let lost = s.expire_stalled();
-                self.release(lost);
             }
             let memory = (
                 self.worker.kv_bytes() as u64,
@@ -155,6 +100,76 @@ impl Pipeline<'_> {
                     sequences: memory.1,
                 });
             }
+        }
+    }
+
+    /// Handles what arrived, in order, merging consecutive activations bound for
+    /// the same chunk. False when told to stop.
+    fn handle_all(&mut self, events: impl Iterator<Item = Event>, ring_closed: &mut bool) -> bool {
+        let mut group: Vec<Activations> = Vec::new();
+        for event in events {
+            match event {
+                Event::Frame(Frame::Activations(a)) => {
+                    if group.last().is_some_and(|g| g.chunk != a.chunk) {
+                        self.advance_group(&mut group);
+                    }
+                    group.push(a);
+                }
+                Event::Stop => return false,
+                other => {
+                    self.advance_group(&mut group);
+                    self.handle(other, ring_closed);
+                }
+            }
+        }
+        self.advance_group(&mut group);
+        true
+    }
+
+    fn handle(&mut self, event: Event, ring_closed: &mut bool) {
+        match event {
+            Event::Job(job) => match &mut self.starter {
+                Some(s) => s.submit(*job),
+                None => tracing::error!("a request reached a secondary stage"),
+            },
+            Event::Frame(Frame::Ping { nonce }) => {
+                if self.starter.is_none() {
+                    self.send(Frame::Ping { nonce });
+                } else if !*ring_closed {
+                    *ring_closed = true;
+                    tracing::info!("ring closed: every hop is connected");
+                    let _ = self.notes.send(Note::RingClosed);
+                }
+            }
+            Event::Frame(Frame::Release { seqs }) => {
+                self.worker.release(&seqs);
+                if self.starter.is_none() {
+                    self.send(Frame::Release { seqs });
+                }
+            }
+            Event::Frame(Frame::Failed {
+                seqs,
+                batches,
+                message,
+            }) => self.fail(seqs, batches, message),
+            Event::Frame(Frame::Hello(_) | Frame::Activations(_)) | Event::Stop => {}
+        }
+    }
+
+    /// A micro-batch could not be run: free its caches here and tell the starter
+    /// (through the ring, unless this is the starter).
+    fn fail(&mut self, seqs: Vec<u64>, batches: Vec<u64>, message: String) {
+        self.worker.release(&seqs);
+        match &mut self.starter {
+            Some(s) => {
+                let done = s.failed(&seqs, &batches, &message);
+                self.release(done);
+            }
+            None => self.send(Frame::Failed {
+                seqs,
+                batches,
+                message,
+            }),
         }
     }
 
@@ -174,21 +189,10 @@ impl Pipeline<'_> {
         let chunks = self.worker.chunk_count() as u32;
         while act.chunk < chunks && self.worker.owns(act.chunk) {
             if let Err(e) = self.worker.run_chunk(&mut act) {
-                let seqs: Vec<u64> = act.seqs.iter().map(|s| s.id).collect();
                 tracing::error!(batch = act.batch(), chunk = act.chunk, error = %e, "micro-batch failed");
-                self.worker.release(&seqs);
+                let seqs = act.seqs.iter().map(|s| s.id).collect();
                 let message = format!("chunk {} failed: {e}", act.chunk);
-                match &mut self.starter {
-                    Some(s) => {
-                        let done = s.failed(&seqs, &act.batches, &message);
-                        self.release(done);
-                    }
-                    None => self.send(Frame::Failed {
-                        seqs,
-                        batches: act.batches,
-                        message,
-                    }),
-                }
+                self.fail(seqs, act.batches, message);
                 return;
             }
         }

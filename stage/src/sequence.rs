@@ -84,7 +84,6 @@ impl<'t> Sequence<'t> {
         if self.job.return_logits {
             self.last_logits = Some(logits.to_vec());
         }
-        let generated = self.generated().len();
         if !self.job.ignore_eos && eos.contains(&token) {
             return Ok((token, Step::Done(self.flush_text()?, FinishReason::Stop)));
         }
@@ -92,21 +91,18 @@ impl<'t> Sequence<'t> {
             Some(stream) => stream.step(token)?,
             None => None,
         };
-        if let Some(text) = piece {
-            let (emit, stopped) = self.stops.push(&text);
-            if stopped {
-                return Ok((token, Step::Done(emit, FinishReason::Stop)));
-            }
-            if generated >= self.job.max_tokens {
-                let rest = self.flush_text()?;
-                return Ok((token, Step::Done(join(emit, rest), FinishReason::Length)));
-            }
-            return Ok((token, Step::Continue(emit)));
-        }
-        if generated >= self.job.max_tokens {
-            return Ok((token, Step::Done(self.flush_text()?, FinishReason::Length)));
-        }
-        Ok((token, Step::Continue(None)))
+        let (emit, stopped) = match piece {
+            Some(text) => self.stops.push(&text),
+            None => (None, false),
+        };
+        let step = if stopped {
+            Step::Done(emit, FinishReason::Stop)
+        } else if self.generated().len() >= self.job.max_tokens {
+            Step::Done(join(emit, self.flush_text()?), FinishReason::Length)
+        } else {
+            Step::Continue(emit)
+        };
+        Ok((token, step))
     }
 
     fn flush_text(&mut self) -> lime_kernels::Result<Option<String>> {
