@@ -3,8 +3,7 @@
 
 mod common;
 
-use common::{assert_answers, assert_identical, runtime, up, varied_requests, Reference};
-use lime::ask::ask_all;
+use common::{ask, assert_answers, assert_identical, runtime, up, varied_requests, Reference};
 use lime::cluster::ClusterSpec;
 use std::time::Duration;
 
@@ -37,16 +36,11 @@ fn every_partition_answers_bit_identically() {
         spec.plan_over_mqtt = i % 2 == 1;
         rt.block_on(async {
             let cluster = up(&spec).await;
-            let timeout = Duration::from_secs(120);
             // One alone, then sixteen at once.
-            let one = ask_all(&cluster.broker, &requests[3..4], timeout, |_, _| {})
-                .await
-                .unwrap();
+            let one = ask(&cluster.broker, &requests[3..4]).await;
             let f = one[0].outcome.as_ref().expect("answer");
             assert_identical(&reference, &requests[3], f, &what);
-            let answers = ask_all(&cluster.broker, &requests, timeout, |_, _| {})
-                .await
-                .unwrap();
+            let answers = ask(&cluster.broker, &requests).await;
             assert_answers(&reference, &requests, &answers, &what);
         });
     }
@@ -67,14 +61,7 @@ fn chunked_prefill_and_small_micro_batches_change_no_bits() {
     ];
     runtime().block_on(async {
         let cluster = up(&spec).await;
-        let answers = ask_all(
-            &cluster.broker,
-            &requests,
-            Duration::from_secs(120),
-            |_, _| {},
-        )
-        .await
-        .unwrap();
+        let answers = ask(&cluster.broker, &requests).await;
         assert_answers(
             &reference,
             &requests,
@@ -156,14 +143,7 @@ fn answers_match_the_lime_generate_command() {
     };
     runtime().block_on(async {
         let cluster = up(&spec).await;
-        let a = ask_all(
-            &cluster.broker,
-            &[request],
-            Duration::from_secs(60),
-            |_, _| {},
-        )
-        .await
-        .unwrap();
+        let a = ask(&cluster.broker, &[request]).await;
         let f = a[0].outcome.as_ref().unwrap();
         assert_eq!(f.token_ids.as_ref().unwrap(), &ids);
         let got: Vec<u32> = f

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_answers, runtime, up, varied_requests, Reference};
+use common::{ask, assert_answers, runtime, up, varied_requests, Reference};
 use lime::ask::ask_all;
 use lime::cluster::ClusterSpec;
 use lime_schemas::frame::{Frame, Hello};
@@ -53,25 +53,11 @@ fn garbage_on_a_data_port_is_dropped_and_the_ring_keeps_serving() {
                 garbage(&target, epoch);
             }
         });
-        let answers = ask_all(
-            &cluster.broker,
-            &requests,
-            Duration::from_secs(120),
-            |_, _| {},
-        )
-        .await
-        .unwrap();
+        let answers = ask(&cluster.broker, &requests).await;
         attacker.join().unwrap();
         assert_answers(&reference, &requests, &answers, "under garbage");
         // And after it.
-        let again = ask_all(
-            &cluster.broker,
-            &requests[..4],
-            Duration::from_secs(60),
-            |_, _| {},
-        )
-        .await
-        .unwrap();
+        let again = ask(&cluster.broker, &requests[..4]).await;
         assert_answers(&reference, &requests[..4], &again, "after garbage");
         cluster.check_alive().unwrap();
         let log = std::fs::read_to_string(work.path().join("s1.log")).unwrap();
@@ -164,27 +150,13 @@ fn a_restarted_stage_rejoins_the_ring() {
     let requests = varied_requests(6);
     runtime().block_on(async {
         let mut cluster = up(&spec).await;
-        let before = ask_all(
-            &cluster.broker,
-            &requests,
-            Duration::from_secs(60),
-            |_, _| {},
-        )
-        .await
-        .unwrap();
+        let before = ask(&cluster.broker, &requests).await;
         assert_answers(&reference, &requests, &before, "before restart");
         cluster.restart_stage("s1").unwrap();
         cluster.wait_online(Duration::from_secs(60)).await.unwrap();
         // The starter's link to s1 notices the old connection is gone on its next
         // write and reconnects with backoff; the frame is sent again.
-        let after = ask_all(
-            &cluster.broker,
-            &requests,
-            Duration::from_secs(60),
-            |_, _| {},
-        )
-        .await
-        .unwrap();
+        let after = ask(&cluster.broker, &requests).await;
         assert_answers(&reference, &requests, &after, "after restart");
         let s0 = std::fs::read_to_string(work.path().join("s0.log")).unwrap();
         assert!(
@@ -227,14 +199,7 @@ fn requests_caught_in_a_crash_fail_with_an_error_and_others_then_succeed() {
         cluster.restart_stage("s1").unwrap();
         cluster.wait_online(Duration::from_secs(60)).await.unwrap();
         let requests = varied_requests(4);
-        let after = ask_all(
-            &cluster.broker,
-            &requests,
-            Duration::from_secs(60),
-            |_, _| {},
-        )
-        .await
-        .unwrap();
+        let after = ask(&cluster.broker, &requests).await;
         assert_answers(&reference, &requests, &after, "after a crash");
     });
 }

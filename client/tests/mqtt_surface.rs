@@ -4,8 +4,10 @@
 
 mod common;
 
-use common::{assert_answers, assert_identical, require, runtime, up, varied_requests, Reference};
-use lime::ask::{ask_all, ask_raw};
+use common::{
+    ask, assert_answers, assert_identical, require, runtime, up, varied_requests, Reference,
+};
+use lime::ask::ask_raw;
 use lime::cluster::ClusterSpec;
 use lime_schemas::{ErrorCode, Final, Reply, Request};
 use std::io::{BufRead, BufReader};
@@ -353,9 +355,7 @@ fn bad_requests_get_clear_errors_while_good_ones_complete() {
             max_tokens: Some(6),
             ..Default::default()
         };
-        let a = ask_all(&cluster.broker, &[chat], Duration::from_secs(60), |_, _| {})
-            .await
-            .unwrap();
+        let a = ask(&cluster.broker, &[chat]).await;
         let f = a[0].outcome.as_ref().expect("chat answered");
         assert!(f.usage.prompt_tokens > 5, "the template added its headers");
     });
@@ -400,14 +400,7 @@ fn an_external_mosquitto_broker_works_the_same() {
     let requests = varied_requests(16);
     runtime().block_on(async {
         let cluster = up(&spec).await;
-        let answers = ask_all(
-            &cluster.broker,
-            &requests,
-            Duration::from_secs(120),
-            |_, _| {},
-        )
-        .await
-        .unwrap();
+        let answers = ask(&cluster.broker, &requests).await;
         assert_answers(&reference, &requests, &answers, "via mosquitto");
         let p = port.to_string();
         let sub = Sub::start(&["-V", "mqttv311", "-p", &p, "-t", "lime/response/m1"]);

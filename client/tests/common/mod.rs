@@ -172,3 +172,10 @@ pub fn assert_answers(
         assert_identical(reference, r, f, what);
     }
 }
+
+/// Sends `requests` at once to a cluster and waits (up to 2 minutes) for every answer.
+pub async fn ask(broker: &lime::mqtt::BrokerAddr, requests: &[Request]) -> Vec<lime::ask::Answer> {
+    lime::ask::ask_all(broker, requests, Duration::from_secs(120), |_, _| {})
+        .await
+        .unwrap()
+}
