@@ -5,12 +5,16 @@
 //! `model.safetensors.index.json`). Each tensor is then read on demand with a
 //! positioned read of exactly its bytes. We read rather than mmap: candle's CPU
 //! tensors own their storage, so a mapping would save no copy, and explicit reads
-//! let the stage account every byte it pulls from storage (and later bypass the page
-//! cache or throttle to emulate a Jetson's NVMe).
+//! let the stage account every byte it pulls from storage, bypass the page cache or
+//! pace reads to emulate a Jetson's NVMe ([`crate::storage`]). A tensor can also be
+//! read again into memory it already has ([`Checkpoint::fill`]): that is how a
+//! stage streams offloaded layers through preallocated slots.
 
+use crate::storage::{self, ReadOptions, StagingBuffer, Throttle};
 use crate::{Config, Error, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
 use safetensors::Dtype;
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -47,6 +51,9 @@ impl TensorEntry {
 struct Shard {
     path: PathBuf,
     file: File,
+    /// The same file opened with `O_DIRECT`, when direct reads were asked for and
+    /// the filesystem allows them.
+    direct: Option<File>,
 }
 
 /// One positioned read, recorded when read logging is on.
@@ -70,6 +77,7 @@ pub struct Checkpoint {
     shards: Vec<Shard>,
     tensors: HashMap<String, TensorEntry>,
     log: Arc<ReadLog>,
+    throttle: Option<Throttle>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -85,6 +93,11 @@ impl std::fmt::Debug for Checkpoint {
 impl Checkpoint {
     /// Opens the checkpoint in `dir`, reading its config and shard headers only.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(dir, &ReadOptions::default())
+    }
+
+    /// Opens the checkpoint in `dir`; every later read follows `options`.
+    pub fn open_with(dir: impl AsRef<Path>, options: &ReadOptions) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         let config = Config::from_file(&dir.join(CONFIG_FILE))?;
         let index_path = dir.join(INDEX_FILE);
@@ -126,7 +139,16 @@ impl Checkpoint {
                     });
                 }
             }
-            shards.push(Shard { path, file });
+            let direct = if options.direct {
+                let direct = storage::open_direct(&path);
+                if direct.is_none() {
+                    tracing::warn!(path = %path.display(), "the filesystem refuses direct I/O; reading through the page cache");
+                }
+                direct
+            } else {
+                None
+            };
+            shards.push(Shard { path, file, direct });
         }
         tracing::debug!(dir = %dir.display(), shards = shards.len(), tensors = tensors.len(), "checkpoint opened");
         Ok(Self {
@@ -135,7 +157,14 @@ impl Checkpoint {
             shards,
             tensors,
             log: Arc::default(),
+            throttle: options.bytes_per_s.map(Throttle::new),
         })
+    }
+
+    /// Whether reads bypass the page cache: direct I/O was asked for and every
+    /// shard's filesystem accepted it.
+    pub fn direct_io(&self) -> bool {
+        self.shards.iter().all(|s| s.direct.is_some())
     }
 
     pub fn config(&self) -> &Config {
@@ -206,6 +235,71 @@ impl Checkpoint {
     /// Reads tensor `name`, checks that its shape is `shape`, and places it on
     /// `device` in the dtype the forward pass computes in there.
     pub fn tensor(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let (entry, compute) = self.checked_entry(name, shape, device)?;
+        if device.is_cpu() {
+            // Zeroed pages cost nothing until the read writes them.
+            let tensor = Tensor::zeros(shape, compute, device)?;
+            self.fill(name, &tensor, &mut StagingBuffer::default())?;
+            return Ok(tensor);
+        }
+        let mut staging = StagingBuffer::default();
+        let bytes = self.read(entry, &mut staging)?;
+        Ok(Tensor::from_raw_buffer(
+            bytes,
+            candle_dtype(entry.dtype),
+            shape,
+            device,
+        )?)
+    }
+
+    /// Reads tensor `name` again into `dst`, a CPU tensor of its shape that
+    /// [`Checkpoint::tensor`] made (or a zeroed one), overwriting it in place.
+    /// `staging` is needed only for direct reads and narrower stored dtypes.
+    pub fn fill(&self, name: &str, dst: &Tensor, staging: &mut StagingBuffer) -> Result<()> {
+        let (entry, compute) = self.checked_entry(name, dst.dims(), dst.device())?;
+        let shard = &self.shards[entry.shard];
+        if !dst.device().is_cpu() || dst.dtype() != compute {
+            return Err(Error::Input(format!(
+                "tensor `{name}` can be refilled only into a CPU {compute:?} tensor, not {:?} on {:?}",
+                dst.dtype(),
+                dst.device()
+            )));
+        }
+        // f32 on a little-endian host is stored as it is computed: read straight
+        // into the tensor. Anything else lands in the staging buffer first.
+        let in_place =
+            entry.dtype == Dtype::F32 && shard.direct.is_none() && cfg!(target_endian = "little");
+        let failure: Mutex<Option<Error>> = Mutex::new(None);
+        let mut fill = |out: &mut [f32]| {
+            let result = if in_place {
+                self.read_into(entry, bytemuck::cast_slice_mut(out))
+            } else {
+                self.read(entry, staging)
+                    .map(|bytes| widen_into(bytes, entry.dtype, out))
+            };
+            if let Err(e) = result {
+                *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            }
+        };
+        let op = FillOp {
+            fill: RefCell::new(&mut fill),
+        };
+        let done = dst.inplace_op1(&op);
+        if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+        done?;
+        Ok(())
+    }
+
+    /// The entry of tensor `name`, checked against the shape the caller expects, and
+    /// the dtype it computes in on `device`.
+    fn checked_entry(
+        &self,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<(&TensorEntry, DType)> {
         let entry = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
             dir: self.dir.clone(),
             tensor: name.to_string(),
@@ -226,25 +320,51 @@ impl Checkpoint {
                 found: format!("{:?}", entry.dtype),
                 reason: "lime computes in F32, F16 or BF16",
             })?;
-        let bytes = self.read(entry)?;
-        let tensor = if device.is_cpu() {
-            Tensor::from_vec(widen_to_f32(&bytes, entry.dtype), shape, device)?
-        } else {
-            Tensor::from_raw_buffer(&bytes, candle_dtype(entry.dtype), shape, device)?
-        };
-        debug_assert_eq!(tensor.dtype(), compute);
-        Ok(tensor)
+        Ok((entry, compute))
     }
 
-    fn read(&self, entry: &TensorEntry) -> Result<Vec<u8>> {
+    /// The stored bytes of `entry`, through `staging`.
+    fn read<'b>(&self, entry: &TensorEntry, staging: &'b mut StagingBuffer) -> Result<&'b [u8]> {
         let shard = &self.shards[entry.shard];
         let len = usize::try_from(entry.byte_len())
             .map_err(|_| Error::Input(format!("tensor of {} bytes", entry.byte_len())))?;
-        let mut buf = vec![0u8; len];
-        shard
-            .file
-            .read_exact_at(&mut buf, entry.start)
+        let bytes = match &shard.direct {
+            Some(file) => storage::read_direct(
+                file,
+                entry.start,
+                entry.end,
+                staging,
+                self.throttle.as_ref(),
+            )
+            .map_err(|e| Error::io(&shard.path, e))?,
+            None => {
+                let out = staging.window(len);
+                storage::read_exact_at(&shard.file, out, entry.start, self.throttle.as_ref())
+                    .map_err(|e| Error::io(&shard.path, e))?;
+                &*out
+            }
+        };
+        self.logged(entry);
+        Ok(bytes)
+    }
+
+    /// Reads the stored bytes of `entry` into `out`, which has exactly their length.
+    fn read_into(&self, entry: &TensorEntry, out: &mut [u8]) -> Result<()> {
+        let shard = &self.shards[entry.shard];
+        if out.len() as u64 != entry.byte_len() {
+            return Err(Error::Input(format!(
+                "{} bytes of room for a tensor of {}",
+                out.len(),
+                entry.byte_len()
+            )));
+        }
+        storage::read_exact_at(&shard.file, out, entry.start, self.throttle.as_ref())
             .map_err(|e| Error::io(&shard.path, e))?;
+        self.logged(entry);
+        Ok(())
+    }
+
+    fn logged(&self, entry: &TensorEntry) {
         self.log
             .bytes
             .fetch_add(entry.byte_len(), Ordering::Relaxed);
@@ -256,12 +376,34 @@ impl Checkpoint {
             .as_mut()
         {
             records.push(ReadRecord {
-                path: shard.path.clone(),
+                path: self.shards[entry.shard].path.clone(),
                 start: entry.start,
                 end: entry.end,
             });
         }
-        Ok(buf)
+    }
+}
+
+/// Writes a CPU f32 tensor's storage in place through a callback; candle's in-place
+/// custom op is the one safe door to a tensor's memory.
+struct FillOp<'f> {
+    fill: RefCell<&'f mut dyn FnMut(&mut [f32])>,
+}
+
+impl InplaceOp1 for FillOp<'_> {
+    fn name(&self) -> &'static str {
+        "fill-from-checkpoint"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(values) = storage else {
+            candle_core::bail!("only f32 tensors are refilled on the CPU");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("only contiguous tensors are refilled");
+        };
+        (self.fill.borrow_mut())(&mut values[start..end]);
+        Ok(())
     }
 }
 
@@ -293,21 +435,24 @@ fn candle_dtype(d: Dtype) -> DType {
     }
 }
 
-/// Converts little-endian f32, f16 or bf16 bytes to f32; every value is exact.
-fn widen_to_f32(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
+/// Converts little-endian f32, f16 or bf16 bytes into `out`; every value is exact.
+fn widen_into(bytes: &[u8], dtype: Dtype, out: &mut [f32]) {
     match dtype {
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        _ => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
+        Dtype::F16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        Dtype::BF16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        _ => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
     }
 }
 

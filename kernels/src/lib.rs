@@ -18,6 +18,7 @@ pub mod model;
 pub mod rope;
 mod rowwise;
 pub mod sampling;
+pub mod storage;
 pub mod synth;
 pub mod text;
 
@@ -31,6 +32,7 @@ pub use llama::{DecoderLayer, Embedding, Head};
 pub use model::{LayerStack, Model};
 pub use rope::Rope;
 pub use sampling::Sampler;
+pub use storage::{ReadOptions, StagingBuffer};
 pub use text::{TextStream, TextTokenizer};
 
 pub use candle_core::{DType, Device, Tensor};

@@ -6,7 +6,7 @@
 use crate::batch::MicroBatch;
 use crate::causal_attention::CausalAttention;
 use crate::kv_cache::KvCache;
-use crate::{rope, Checkpoint, Config, Error, Result};
+use crate::{rope, Checkpoint, Config, Error, Result, StagingBuffer};
 use candle_core::{DType, Device, Tensor, D};
 
 /// A dense projection `y = x Wᵀ (+ b)` with `W` stored `[out, in]` as in PyTorch.
@@ -32,6 +32,26 @@ impl Linear {
             None
         };
         Ok(Self { weight, bias })
+    }
+
+    /// Zeroed weights of the shape `load` would read, to be filled later.
+    fn zeros(dims: (usize, usize), bias: bool, dev: &Device) -> Result<Self> {
+        Ok(Self {
+            weight: Tensor::zeros(dims, DType::F32, dev)?,
+            bias: if bias {
+                Some(Tensor::zeros(dims.0, DType::F32, dev)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn fill(&self, ckpt: &Checkpoint, prefix: &str, staging: &mut StagingBuffer) -> Result<()> {
+        ckpt.fill(&format!("{prefix}.weight"), &self.weight, staging)?;
+        if let Some(b) = &self.bias {
+            ckpt.fill(&format!("{prefix}.bias"), b, staging)?;
+        }
+        Ok(())
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -60,6 +80,17 @@ impl RmsNorm {
             weight: ckpt.tensor(name, &[cfg.hidden_size], dev)?,
             eps: cfg.rms_norm_eps,
         })
+    }
+
+    fn zeros(cfg: &Config, dev: &Device) -> Result<Self> {
+        Ok(Self {
+            weight: Tensor::zeros(cfg.hidden_size, DType::F32, dev)?,
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    fn fill(&self, ckpt: &Checkpoint, name: &str, staging: &mut StagingBuffer) -> Result<()> {
+        ckpt.fill(name, &self.weight, staging)
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -113,6 +144,35 @@ impl Attention {
             kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
         })
+    }
+
+    fn zeros(cfg: &Config, dev: &Device) -> Result<Self> {
+        let (h, q, kv) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.num_key_value_heads * cfg.head_dim,
+        );
+        Ok(Self {
+            q_proj: Linear::zeros((q, h), cfg.qkv_bias, dev)?,
+            k_proj: Linear::zeros((kv, h), cfg.qkv_bias, dev)?,
+            v_proj: Linear::zeros((kv, h), cfg.qkv_bias, dev)?,
+            o_proj: Linear::zeros((h, q), cfg.o_bias, dev)?,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+        })
+    }
+
+    fn fill(&self, ckpt: &Checkpoint, prefix: &str, staging: &mut StagingBuffer) -> Result<()> {
+        for (proj, name) in [
+            (&self.q_proj, "q_proj"),
+            (&self.k_proj, "k_proj"),
+            (&self.v_proj, "v_proj"),
+            (&self.o_proj, "o_proj"),
+        ] {
+            proj.fill(ckpt, &format!("{prefix}.{name}"), staging)?;
+        }
+        Ok(())
     }
 
     fn forward(
@@ -254,6 +314,26 @@ impl Mlp {
         })
     }
 
+    fn zeros(cfg: &Config, dev: &Device) -> Result<Self> {
+        let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate_proj: Linear::zeros((i, h), b, dev)?,
+            up_proj: Linear::zeros((i, h), b, dev)?,
+            down_proj: Linear::zeros((h, i), b, dev)?,
+        })
+    }
+
+    fn fill(&self, ckpt: &Checkpoint, prefix: &str, staging: &mut StagingBuffer) -> Result<()> {
+        for (proj, name) in [
+            (&self.gate_proj, "gate_proj"),
+            (&self.up_proj, "up_proj"),
+            (&self.down_proj, "down_proj"),
+        ] {
+            proj.fill(ckpt, &format!("{prefix}.{name}"), staging)?;
+        }
+        Ok(())
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gated = (self.gate_proj.forward(x)?.silu()? * self.up_proj.forward(x)?)?;
         self.down_proj.forward(&gated)
@@ -306,8 +386,59 @@ impl DecoderLayer {
         })
     }
 
-    pub fn index(&self) -> usize {
-        self.index
+    /// A layer's worth of zeroed weights on the CPU, not yet any layer: a slot that
+    /// [`DecoderLayer::reload`] fills with one offloaded layer after another.
+    pub fn empty(cfg: &Config, device: &Device) -> Result<Self> {
+        if !device.is_cpu() {
+            return Err(Error::Input(
+                "layer slots are refilled in place on the CPU only".into(),
+            ));
+        }
+        Ok(Self {
+            index: usize::MAX,
+            input_layernorm: RmsNorm::zeros(cfg, device)?,
+            self_attn: Attention::zeros(cfg, device)?,
+            post_attention_layernorm: RmsNorm::zeros(cfg, device)?,
+            mlp: Mlp::zeros(cfg, device)?,
+        })
+    }
+
+    /// Reads layer `index` into this layer's memory, allocating nothing (beyond
+    /// `staging`, for direct reads and narrow stored dtypes). On error the slot
+    /// holds no valid layer until the next successful reload.
+    pub fn reload(
+        &mut self,
+        ckpt: &Checkpoint,
+        index: usize,
+        staging: &mut StagingBuffer,
+    ) -> Result<()> {
+        let cfg = ckpt.config();
+        if index >= cfg.num_hidden_layers {
+            return Err(Error::Input(format!(
+                "layer {index} does not exist in a {}-layer model",
+                cfg.num_hidden_layers
+            )));
+        }
+        let _span = tracing::debug_span!("reload_layer", layer = index).entered();
+        self.index = usize::MAX;
+        let p = format!("model.layers.{index}");
+        self.input_layernorm
+            .fill(ckpt, &format!("{p}.input_layernorm.weight"), staging)?;
+        self.self_attn
+            .fill(ckpt, &format!("{p}.self_attn"), staging)?;
+        self.post_attention_layernorm.fill(
+            ckpt,
+            &format!("{p}.post_attention_layernorm.weight"),
+            staging,
+        )?;
+        self.mlp.fill(ckpt, &format!("{p}.mlp"), staging)?;
+        self.index = index;
+        Ok(())
+    }
+
+    /// The model layer held, or `None` for a slot not (successfully) filled yet.
+    pub fn index(&self) -> Option<usize> {
+        (self.index != usize::MAX).then_some(self.index)
     }
 
     /// Bytes of weights this layer holds in memory.
@@ -332,6 +463,9 @@ impl DecoderLayer {
                 caches.len(),
                 batch.spans().len()
             )));
+        }
+        if self.index().is_none() {
+            return Err(Error::Input("this layer slot holds no layer".into()));
         }
         let _span =
             tracing::trace_span!("layer", layer = self.index, tokens = batch.tokens()).entered();
