@@ -113,6 +113,7 @@ impl Cluster {
                 Ok(PlanStage {
                     name: format!("s{i}"),
                     data_addr: format!("127.0.0.1:{port}"),
+                    offloaded: None,
                 })
             })
             .collect::<anyhow::Result<_>>()?;

@@ -203,6 +203,20 @@ impl Checkpoint {
         self.tensors.get(name)
     }
 
+    /// The read buffer [`Checkpoint::fill`] needs to refill every tensor whose name
+    /// starts with `prefix`: none when each reads straight into its tensor (f32,
+    /// buffered), else room for the largest.
+    pub fn staging_needed(&self, prefix: &str) -> usize {
+        let direct = self.direct_io();
+        let largest = self
+            .tensors
+            .iter()
+            .filter(|(n, e)| n.starts_with(prefix) && (direct || e.dtype != Dtype::F32))
+            .map(|(_, e)| e.byte_len())
+            .max();
+        largest.map_or(0, |b| StagingBuffer::footprint(b as usize))
+    }
+
     /// Bytes on disk of every tensor whose name starts with `prefix`.
     pub fn bytes_with_prefix(&self, prefix: &str) -> u64 {
         self.tensors

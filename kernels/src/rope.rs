@@ -39,6 +39,11 @@ impl Rope {
         self.max_positions
     }
 
+    /// Bytes the tables hold.
+    pub fn bytes(&self) -> usize {
+        2 * self.cos.elem_count() * self.cos.dtype().size_in_bytes()
+    }
+
     /// The tables' rows for `positions` (u32), each `[tokens, head_dim / 2]`.
     pub fn tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((

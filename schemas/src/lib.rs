@@ -10,6 +10,7 @@ pub mod reply;
 pub mod request;
 mod sampling;
 pub mod status;
+pub mod telemetry;
 pub mod topics;
 
 pub use frame::{Activations, Frame, FrameError, Hello, SeqSlot};
@@ -18,3 +19,4 @@ pub use reply::{ErrorCode, ErrorReply, Final, FinishReason, Reply, TextPiece, Ti
 pub use request::{ChatMessage, Invalid, Request};
 pub use sampling::{SamplingError, SamplingParams};
 pub use status::{MemoryUse, Role, StageState, StageStatus};
+pub use telemetry::{LoadReport, MemoryReport, ResidencyReport, StageTime, Telemetry};

@@ -61,6 +61,10 @@ pub struct PlanStage {
     pub name: String,
     /// `host:port` of its data-plane listener.
     pub data_addr: String,
+    /// The layers this stage streams from storage instead of keeping resident;
+    /// absent, the stage chooses them to fit its memory budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offloaded: Option<Vec<usize>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,6 +194,17 @@ impl Plan {
                 "chunks end at layer {next}, the model has {num_layers}"
             ));
         }
+        for s in &self.stages {
+            let owned = self.chunks_of(&s.name);
+            for &layer in s.offloaded.iter().flatten() {
+                if !owned.iter().any(|(_, r)| r.range().contains(&layer)) {
+                    return fail(format!(
+                        "stage {} offloads layer {layer}, which none of its chunks holds",
+                        s.name
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -241,6 +256,7 @@ mod tests {
             .map(|i| PlanStage {
                 name: format!("s{i}"),
                 data_addr: format!("127.0.0.1:{}", 7000 + i),
+                offloaded: None,
             })
             .collect()
     }

@@ -21,6 +21,61 @@ pub struct StageConfig {
     /// Used only when this stage is the plan's starter.
     #[serde(default)]
     pub starter: StarterConfig,
+    #[serde(default)]
+    pub memory: MemoryConfig,
+    /// How often the stage publishes `lime/telemetry/<name>`.
+    #[serde(default = "default_telemetry_ms")]
+    pub telemetry_ms: u64,
+}
+
+fn default_telemetry_ms() -> u64 {
+    2_000
+}
+
+/// The memory budget and how offloaded layers are streamed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// Bytes for resident weights, layer slots, KV caches and the activation
+    /// workspace; absent, every layer stays resident and nothing is limited.
+    pub budget_bytes: Option<u64>,
+    /// Most streamed layers in memory at once; each slot comes out of the budget.
+    pub max_slots: usize,
+    /// Read the next offloaded layer before a micro-batch needs it. Off, layers
+    /// are read on demand (the `naive` and `mdi` baselines).
+    pub prefetch: bool,
+    /// Read offloaded layers with `O_DIRECT`, bypassing the page cache.
+    pub direct_io: bool,
+    /// Emulated storage bandwidth in MB/s (10^6 bytes), for benchmarks on machines
+    /// whose page cache is far faster than a Jetson's eMMC or NVMe.
+    pub read_mb_per_s: Option<f64>,
+    /// Largest micro-batch in tokens the stage computes at once; its activation
+    /// workspace is reserved in the budget. The starter batches no more than this.
+    pub activation_tokens: usize,
+    /// KV room kept for one sequence of this many tokens when the budget is split;
+    /// absent, the model's whole context.
+    pub kv_reserve_tokens: Option<usize>,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            budget_bytes: None,
+            max_slots: 2,
+            prefetch: true,
+            direct_io: false,
+            read_mb_per_s: None,
+            activation_tokens: 512,
+            kv_reserve_tokens: None,
+        }
+    }
+}
+
+impl MemoryConfig {
+    /// The emulated read bandwidth in bytes per second.
+    pub fn read_bytes_per_s(&self) -> Option<u64> {
+        self.read_mb_per_s.map(|mb| (mb * 1e6) as u64)
+    }
 }
 
 /// How to reach the MQTT broker (lime-broker's v5 listener or any MQTT 5 broker).
@@ -136,6 +191,16 @@ impl StageConfig {
             s.max_batch_tokens > 0,
             "starter.max_batch_tokens must be positive"
         );
+        let m = &self.memory;
+        anyhow::ensure!(
+            m.activation_tokens > 0,
+            "memory.activation_tokens must be positive"
+        );
+        anyhow::ensure!(
+            m.read_mb_per_s.is_none_or(|r| r.is_finite() && r > 0.0),
+            "memory.read_mb_per_s must be a positive number of MB/s"
+        );
+        anyhow::ensure!(self.telemetry_ms >= 50, "telemetry_ms must be at least 50");
         anyhow::ensure!(
             self.data.backoff_min_ms > 0 && self.data.backoff_min_ms <= self.data.backoff_max_ms,
             "data.backoff_min_ms must be positive and at most data.backoff_max_ms"

@@ -89,6 +89,17 @@ pub async fn publish_status(client: &AsyncClient, inbox: &Inbox, status: StageSt
     }
 }
 
+/// Publishes a telemetry report, retained so that a reader arriving later (`lime
+/// status`, the planner) sees the latest at once. At most once: a lost report is
+/// replaced by the next.
+pub async fn publish_telemetry(client: &AsyncClient, telemetry: &lime_schemas::Telemetry) {
+    let payload = serde_json::to_vec(telemetry).unwrap_or_default();
+    let topic = topics::telemetry(&telemetry.stage);
+    if let Err(e) = client.publish(topic, QoS::AtMostOnce, true, payload).await {
+        tracing::warn!(error = %e, "telemetry not published");
+    }
+}
+
 /// Drives the MQTT connection for the life of the stage.
 pub async fn drive(mut eventloop: EventLoop, client: AsyncClient, inbox: Arc<Inbox>) {
     let mut connected = false;

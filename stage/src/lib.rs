@@ -11,7 +11,9 @@ pub mod config;
 pub mod connection;
 pub mod control;
 pub mod intake;
+pub mod memory;
 pub mod pipeline;
+pub mod residency;
 pub mod ring;
 pub mod sequence;
 pub mod starter;
@@ -20,7 +22,7 @@ pub mod worker;
 use anyhow::Context;
 use config::StageConfig;
 use control::{Inbox, RequestSink};
-use lime_kernels::{Checkpoint, Device, TextTokenizer};
+use lime_kernels::{Checkpoint, ReadOptions, TextTokenizer};
 use lime_schemas::{LayerRange, MemoryUse, Plan, Role, StageState, StageStatus};
 use pipeline::{Event, Note, Pipeline};
 use std::sync::Arc;
@@ -76,7 +78,11 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
         }
         (None, None) => anyhow::bail!("no plan file and no plan subscription"),
     };
-    let ckpt = Checkpoint::open(&cfg.model)?;
+    let read_options = ReadOptions {
+        direct: cfg.memory.direct_io,
+        bytes_per_s: cfg.memory.read_bytes_per_s(),
+    };
+    let ckpt = Arc::new(Checkpoint::open_with(&cfg.model, &read_options)?);
     plan.validate(ckpt.config().num_hidden_layers)?;
     let Some(position) = plan.position(&cfg.name) else {
         anyhow::bail!(
@@ -152,21 +158,24 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
     }
 
     let worker = {
-        let (plan, name, device) = (plan.clone(), cfg.name.clone(), Device::Cpu);
+        let (plan, name, memory, ckpt) = (
+            plan.clone(),
+            cfg.name.clone(),
+            cfg.memory.clone(),
+            ckpt.clone(),
+        );
         tokio::task::spawn_blocking(move || {
             let mut last = std::time::Instant::now();
-            worker::Worker::load(&ckpt, &plan, &name, &device, |done, total| {
+            worker::Worker::load(ckpt, &plan, &name, &memory, |done, total| {
                 if done == total || last.elapsed() > Duration::from_secs(1) {
                     last = std::time::Instant::now();
-                    tracing::info!(done, total, "loading layers");
+                    tracing::info!(done, total, "loading resident layers");
                 }
             })
-            .map(|w| (w, ckpt))
         })
         .await??
     };
-    let (worker, ckpt) = worker;
-    let weights = worker.weights_bytes() as u64;
+    let weights = worker.weights_bytes();
     tracing::info!(weights_mb = weights >> 20, "weights loaded");
     status.memory = Some(MemoryUse {
         weights_bytes: weights,
@@ -174,6 +183,8 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
     });
 
     let (notes_tx, mut notes_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (stage, epoch) = (cfg.name.clone(), plan.epoch);
+    let telemetry_every = Duration::from_millis(cfg.telemetry_ms);
     let engine = if starter {
         let tokenizer = Arc::new(TextTokenizer::from_path(&cfg.model)?);
         let template = chat::ChatTemplate::from_dir(&cfg.model)?;
@@ -186,7 +197,15 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
         ));
         let (outbox_tx, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(control::publish_replies(client.clone(), outbox_rx));
-        let limits = cfg.starter.clone();
+        let mut limits = cfg.starter.clone();
+        if limits.max_batch_tokens > cfg.memory.activation_tokens {
+            tracing::warn!(
+                max_batch_tokens = limits.max_batch_tokens,
+                activation_tokens = cfg.memory.activation_tokens,
+                "micro-batches are capped at the activation workspace"
+            );
+            limits.max_batch_tokens = cfg.memory.activation_tokens;
+        }
         let stages = plan.stages.len();
         let outbox = outbox_tx.clone();
         let engine = std::thread::Builder::new()
@@ -198,6 +217,9 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
                     next: next_tx,
                     starter: Some(scheduler),
                     notes: notes_tx,
+                    stage,
+                    epoch,
+                    telemetry_every,
                 }
                 .run(events_rx)
             })?;
@@ -217,6 +239,9 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
                     next: next_tx,
                     starter: None,
                     notes: notes_tx,
+                    stage,
+                    epoch,
+                    telemetry_every,
                 }
                 .run(events_rx)
             })?
@@ -247,12 +272,17 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
                     control::publish_status(&client, &inbox, status.clone()).await;
                     tracing::info!("starter online: taking requests");
                 }
-                Some(Note::Memory { kv_bytes, sequences }) => {
-                    if let Some(m) = status.memory.as_mut() {
-                        m.kv_bytes = kv_bytes;
-                        m.sequences = sequences;
+                Some(Note::Telemetry(t)) => {
+                    let use_now = MemoryUse {
+                        weights_bytes: t.memory.weights_bytes,
+                        kv_bytes: t.memory.kv_bytes,
+                        sequences: t.memory.sequences,
+                    };
+                    if status.memory.as_ref() != Some(&use_now) {
+                        status.memory = Some(use_now);
+                        memory_changed = true;
                     }
-                    memory_changed = true;
+                    control::publish_telemetry(&client, &t).await;
                 }
                 None => break,
             },

@@ -5,9 +5,15 @@
 //!
 //! It runs on its own thread because the model math blocks; the network and MQTT
 //! live on tokio and talk to it through channels, so sends overlap compute.
+//!
+//! Everything waiting for the same chunk is merged into one micro-batch (up to the
+//! activation workspace), so that a streamed layer read once serves all of it. The
+//! loop also keeps the stage's clock: computing, waiting for weights, waiting for
+//! the ring, idle.
 
 use crate::starter::Scheduler;
 use crate::worker::Worker;
+use lime_schemas::telemetry::{LoadReport, StageTime, Telemetry};
 use lime_schemas::{Activations, Frame};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -28,8 +34,8 @@ pub enum Event {
 pub enum Note {
     /// The starter's ping came back: every hop is connected.
     RingClosed,
-    /// Memory in use changed.
-    Memory { kv_bytes: u64, sequences: u32 },
+    /// A periodic report of memory, residency and time.
+    Telemetry(Box<Telemetry>),
 }
 
 pub struct Pipeline<'t> {
@@ -38,6 +44,10 @@ pub struct Pipeline<'t> {
     pub next: Option<UnboundedSender<Frame>>,
     pub starter: Option<Scheduler<'t>>,
     pub notes: UnboundedSender<Note>,
+    /// Who this is, for telemetry.
+    pub stage: String,
+    pub epoch: u64,
+    pub telemetry_every: Duration,
 }
 
 /// How often the loop wakes with nothing to do (ring probes, memory notes).
@@ -50,7 +60,9 @@ impl Pipeline<'_> {
             let _ = self.notes.send(Note::RingClosed);
         }
         let mut last_ping: Option<Instant> = None;
-        let mut last_memory = (u64::MAX, u32::MAX);
+        let mut clock = StageTime::default();
+        let mut reports = 0;
+        let mut last_report = Instant::now();
         loop {
             if self.starter.is_some()
                 && !ring_closed
@@ -61,6 +73,8 @@ impl Pipeline<'_> {
             }
             // With a micro-batch ready to launch, take only what has already arrived.
             let busy = self.starter.as_ref().is_some_and(Scheduler::can_launch);
+            let in_flight = self.worker.sequences() > 0;
+            let waiting = Instant::now();
             let first = if busy {
                 match events.try_recv() {
                     Ok(e) => Some(e),
@@ -68,12 +82,21 @@ impl Pipeline<'_> {
                     Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
                 }
             } else {
-                match events.recv_timeout(TICK) {
+                let wait = TICK.min(self.telemetry_every.saturating_sub(last_report.elapsed()));
+                match events.recv_timeout(wait) {
                     Ok(e) => Some(e),
                     Err(RecvTimeoutError::Timeout) => None,
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
             };
+            let working = Instant::now();
+            let waited = working.duration_since(waiting).as_secs_f64();
+            if in_flight {
+                clock.network_wait_s += waited;
+            } else {
+                clock.idle_s += waited;
+            }
+            let load_wait_before = self.worker.load_wait();
             let pending = first.into_iter().chain(events.try_iter());
             if !self.handle_all(pending, &mut ring_closed) {
                 return;
@@ -89,40 +112,61 @@ impl Pipeline<'_> {
                     None => break,
                 }
             }
-            let memory = (
-                self.worker.kv_bytes() as u64,
-                self.worker.sequences() as u32,
-            );
-            if memory != last_memory {
-                last_memory = memory;
-                let _ = self.notes.send(Note::Memory {
-                    kv_bytes: memory.0,
-                    sequences: memory.1,
-                });
+            let load_wait = (self.worker.load_wait() - load_wait_before).as_secs_f64();
+            clock.load_wait_s += load_wait;
+            clock.compute_s += (working.elapsed().as_secs_f64() - load_wait).max(0.0);
+            if last_report.elapsed() >= self.telemetry_every {
+                last_report = Instant::now();
+                reports += 1;
+                let _ = self
+                    .notes
+                    .send(Note::Telemetry(Box::new(self.telemetry(reports, clock))));
             }
         }
     }
 
-    /// Handles what arrived, in order, merging consecutive activations bound for
-    /// the same chunk. False when told to stop.
+    fn telemetry(&self, report: u64, time: StageTime) -> Telemetry {
+        let loads = self.worker.load_stats();
+        Telemetry {
+            stage: self.stage.clone(),
+            epoch: self.epoch,
+            report,
+            memory: self.worker.memory_report(),
+            residency: self.worker.residency_report(),
+            time,
+            loads: LoadReport {
+                layers_read: loads.layers,
+                bytes_read: self.worker.bytes_read(),
+                read_busy_s: loads.busy.as_secs_f64(),
+                streamed_bytes: loads.bytes,
+            },
+        }
+    }
+
+    /// Handles what arrived: control frames in order, then the activations,
+    /// merged per chunk (in order of first arrival) up to the activation workspace.
+    /// False when told to stop.
     fn handle_all(&mut self, events: impl Iterator<Item = Event>, ring_closed: &mut bool) -> bool {
-        let mut group: Vec<Activations> = Vec::new();
+        let cap = self.worker.activation_tokens();
+        let mut groups: Vec<Activations> = Vec::new();
         for event in events {
             match event {
                 Event::Frame(Frame::Activations(a)) => {
-                    if group.last().is_some_and(|g| g.chunk != a.chunk) {
-                        self.advance_group(&mut group);
+                    let fits = groups
+                        .iter_mut()
+                        .find(|g| g.chunk == a.chunk && g.tokens() + a.tokens() <= cap);
+                    match fits {
+                        Some(g) => g.merge(a),
+                        None => groups.push(a),
                     }
-                    group.push(a);
                 }
                 Event::Stop => return false,
-                other => {
-                    self.advance_group(&mut group);
-                    self.handle(other, ring_closed);
-                }
+                other => self.handle(other, ring_closed),
             }
         }
-        self.advance_group(&mut group);
+        for act in groups {
+            self.advance(act);
+        }
         true
     }
 
@@ -171,16 +215,6 @@ impl Pipeline<'_> {
                 message,
             }),
         }
-    }
-
-    /// Merges the waiting micro-batches (all bound for one chunk) and advances them.
-    fn advance_group(&mut self, group: &mut Vec<Activations>) {
-        let mut parts = group.drain(..);
-        let Some(mut act) = parts.next() else { return };
-        for other in parts {
-            act.merge(other);
-        }
-        self.advance(act);
     }
 
     /// Runs every chunk held here that the micro-batch reaches next, then hands it

@@ -1,16 +1,25 @@
 //! The model pieces one stage holds (its chunks and, at the starter, the ends of
-//! the model) and every sequence's KV cache for its layers.
+//! the model), every sequence's KV cache for its layers, and the memory budget all
+//! of them are accounted against.
 //!
-//! Chunks are a list, not one range, so that interleaved plans (`v > 1`) and, later,
-//! offloaded layers slot in without touching the pipeline loop.
+//! Layers come from the [`Residency`] manager, resident or streamed, so the
+//! pipeline loop never knows which are which.
 
+use crate::config::MemoryConfig;
+use crate::memory::{self, Budget, Costs, Held, Split};
+use crate::residency::{LoadStats, Residency};
+use anyhow::Context;
 use lime_kernels::{
-    Checkpoint, Config, DType, Device, Embedding, Head, KvCache, LayerStack, MicroBatch, Rope,
+    Checkpoint, Config, DType, DecoderLayer, Device, Embedding, Head, KvCache, MicroBatch, Rope,
     SeqSpan, Tensor,
 };
 use lime_schemas::frame::ActivationDtype;
+use lime_schemas::telemetry::{MemoryReport, ResidencyReport};
 use lime_schemas::{Activations, Plan};
 use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Embedding and head: what only the starter holds.
 pub struct Ends {
@@ -23,7 +32,7 @@ pub struct Worker {
     device: Device,
     rope: Rope,
     /// `(plan chunk index, layers)`, in ring order.
-    chunks: Vec<(usize, LayerStack)>,
+    chunks: Vec<(usize, Range<usize>)>,
     /// Every layer of every chunk held, for allocating caches.
     layers: Vec<usize>,
     chunk_count: usize,
@@ -32,47 +41,113 @@ pub struct Worker {
     /// What layers compute in (f32 on the CPU); the wire always carries f32, which
     /// holds every narrower float exactly.
     dtype: DType,
+    residency: Residency,
+    budget: Budget,
+    /// Largest micro-batch, in tokens, the activation workspace was reserved for.
+    activation_tokens: usize,
+    /// Time spent waiting for streamed layers since start.
+    load_wait: Duration,
+    ckpt: Arc<Checkpoint>,
+    read_limit: Option<u64>,
 }
 
 impl Worker {
-    /// Loads `stage`'s chunks of `plan` (and the ends when it is the starter),
-    /// reporting `(layers loaded, layers to load)`.
+    /// Splits the memory budget, then loads `stage`'s resident layers of `plan`
+    /// (and the ends when it is the starter) and starts streaming the rest,
+    /// reporting `(layers loaded, layers to load)`. A budget too small to run the
+    /// stage at all is refused before any layer is read.
     pub fn load(
-        ckpt: &Checkpoint,
+        ckpt: Arc<Checkpoint>,
         plan: &Plan,
         stage: &str,
-        device: &Device,
-        mut progress: impl FnMut(usize, usize),
-    ) -> lime_kernels::Result<Self> {
+        memory: &MemoryConfig,
+        progress: impl FnMut(usize, usize),
+    ) -> anyhow::Result<Self> {
+        let device = Device::Cpu;
         let config = ckpt.config().clone();
-        let mine = plan.chunks_of(stage);
-        let total: usize = mine.iter().map(|(_, r)| r.len()).sum();
-        let mut done = 0;
-        let mut chunks = Vec::with_capacity(mine.len());
-        let mut layers = Vec::with_capacity(total);
-        for (index, range) in mine {
-            let stack = LayerStack::load(ckpt, range.range(), device, |_| {
-                done += 1;
-                progress(done, total);
-            })?;
-            layers.extend(range.range());
-            chunks.push((index, stack));
-        }
+        let chunks: Vec<(usize, Range<usize>)> = plan
+            .chunks_of(stage)
+            .into_iter()
+            .map(|(i, r)| (i, r.range()))
+            .collect();
+        let layers: Vec<usize> = chunks.iter().flat_map(|(_, r)| r.clone()).collect();
         let ends = if plan.starter().is_some_and(|s| s.name == stage) {
-            let embedding = Embedding::load(ckpt, device)?;
-            let head = Head::load(ckpt, device, Some(&embedding))?;
+            let embedding = Embedding::load(&ckpt, &device)?;
+            let head = Head::load(&ckpt, &device, Some(&embedding))?;
             Some(Ends { embedding, head })
         } else {
             None
         };
-        let rope = Rope::new(&config, config.max_context(), device)?;
+        let rope = Rope::new(&config, config.max_context(), &device)?;
         let dtype = ckpt
             .entry("model.embed_tokens.weight")
-            .and_then(|e| lime_kernels::checkpoint::compute_dtype(e.dtype, device))
+            .and_then(|e| lime_kernels::checkpoint::compute_dtype(e.dtype, &device))
             .unwrap_or(DType::F32);
+        let ends_bytes = ends
+            .as_ref()
+            .map_or(0, |e| e.embedding.bytes() + e.head.bytes());
+        let kv_reserve_tokens = memory
+            .kv_reserve_tokens
+            .unwrap_or(config.max_context())
+            .min(config.max_context());
+        let costs = Costs {
+            layer: DecoderLayer::empty(&config, &device)?.bytes() as u64,
+            read_buffer: ckpt.staging_needed("model.layers.") as u64,
+            fixed_weights: (ends_bytes + rope.bytes()) as u64,
+            activations: memory::activation_bytes(&config, memory.activation_tokens),
+            kv_reserve: memory::kv_bytes(
+                &config,
+                layers.len(),
+                kv_reserve_tokens,
+                dtype.size_in_bytes(),
+            ),
+            kv_reserve_tokens,
+        };
+        let offloaded = plan
+            .stages
+            .iter()
+            .find(|s| s.name == stage)
+            .and_then(|s| s.offloaded.as_deref());
+        let max_slots = if memory.budget_bytes.is_some() || offloaded.is_some() {
+            memory.max_slots
+        } else {
+            0
+        };
+        let split = Split::choose(memory.budget_bytes, &layers, offloaded, max_slots, &costs)
+            .with_context(|| format!("stage {stage} cannot run in its memory budget"))?;
+        tracing::info!(
+            budget_mb = memory.budget_bytes.map(|b| b >> 20),
+            resident = ?split.resident,
+            offloaded = ?split.offloaded,
+            slots = split.slots,
+            prefetch = memory.prefetch,
+            "memory split"
+        );
+        let residency = Residency::start(
+            ckpt.clone(),
+            &split.resident,
+            &split.offloaded,
+            split.slots,
+            memory.prefetch,
+            progress,
+        )?;
+        let staging = if split.offloaded.is_empty() {
+            0
+        } else {
+            residency.slots() as u64 * costs.layer + costs.read_buffer
+        };
+        let budget = Budget::new(
+            memory.budget_bytes,
+            Held {
+                weights: residency.resident_bytes() + costs.fixed_weights,
+                staging,
+                kv: 0,
+                activations: costs.activations,
+            },
+        );
         Ok(Self {
             config,
-            device: device.clone(),
+            device,
             rope,
             chunks,
             layers,
@@ -80,6 +155,12 @@ impl Worker {
             caches: HashMap::new(),
             ends,
             dtype,
+            residency,
+            budget,
+            activation_tokens: memory.activation_tokens,
+            load_wait: Duration::ZERO,
+            ckpt,
+            read_limit: memory.read_bytes_per_s(),
         })
     }
 
@@ -97,16 +178,61 @@ impl Worker {
         self.chunks.iter().any(|(i, _)| *i == index as usize)
     }
 
-    pub fn weights_bytes(&self) -> usize {
-        let ends = self
-            .ends
-            .as_ref()
-            .map_or(0, |e| e.embedding.bytes() + e.head.bytes());
-        self.chunks.iter().map(|(_, s)| s.bytes()).sum::<usize>() + ends
+    /// Resident weights, ends and rotary tables.
+    pub fn weights_bytes(&self) -> u64 {
+        self.budget.held().weights
     }
 
-    pub fn kv_bytes(&self) -> usize {
-        self.caches.values().map(KvCache::bytes).sum()
+    pub fn kv_bytes(&self) -> u64 {
+        self.budget.held().kv
+    }
+
+    /// Largest micro-batch, in tokens, this stage computes at once.
+    pub fn activation_tokens(&self) -> usize {
+        self.activation_tokens
+    }
+
+    /// Time spent waiting for streamed layers since start.
+    pub fn load_wait(&self) -> Duration {
+        self.load_wait
+    }
+
+    pub fn load_stats(&self) -> LoadStats {
+        self.residency.stats()
+    }
+
+    /// Every byte read from the checkpoint since it was opened.
+    pub fn bytes_read(&self) -> u64 {
+        self.ckpt.bytes_read()
+    }
+
+    /// The budget and what is accounted against it now.
+    pub fn memory_report(&self) -> MemoryReport {
+        let held = self.budget.held();
+        let (rss, peak_rss) = memory::rss().unzip();
+        MemoryReport {
+            budget_bytes: self.budget.limit(),
+            weights_bytes: held.weights,
+            staging_bytes: held.staging,
+            kv_bytes: held.kv,
+            activation_bytes: held.activations,
+            accounted_bytes: held.total(),
+            peak_accounted_bytes: self.budget.peak(),
+            rss_bytes: rss,
+            peak_rss_bytes: peak_rss,
+            sequences: self.caches.len() as u32,
+        }
+    }
+
+    pub fn residency_report(&self) -> ResidencyReport {
+        ResidencyReport {
+            resident: self.residency.resident(),
+            offloaded: self.residency.offloaded().to_vec(),
+            slots: self.residency.slots(),
+            prefetch: self.residency.prefetch(),
+            direct_io: self.ckpt.direct_io(),
+            read_limit_bytes_per_s: self.read_limit,
+        }
     }
 
     pub fn sequences(&self) -> usize {
@@ -133,10 +259,11 @@ impl Worker {
 
     /// Runs chunk `act.chunk` over the micro-batch in place and moves it on.
     pub fn run_chunk(&mut self, act: &mut Activations) -> lime_kernels::Result<()> {
-        let Some(pos) = self
+        let Some(range) = self
             .chunks
             .iter()
-            .position(|(i, _)| *i == act.chunk as usize)
+            .find(|(i, _)| *i == act.chunk as usize)
+            .map(|(_, r)| r.clone())
         else {
             return Err(lime_kernels::Error::Input(format!(
                 "this stage does not run chunk {}",
@@ -145,6 +272,13 @@ impl Worker {
         };
         act.check(self.config.hidden_size, self.config.max_context())
             .map_err(|e| lime_kernels::Error::Input(e.to_string()))?;
+        if act.tokens() > self.activation_tokens {
+            return Err(lime_kernels::Error::Input(format!(
+                "a micro-batch of {} tokens exceeds this stage's activation workspace of {} (memory.activation_tokens)",
+                act.tokens(),
+                self.activation_tokens
+            )));
+        }
         let _span = tracing::debug_span!(
             "chunk",
             batch = act.batch(),
@@ -163,18 +297,32 @@ impl Worker {
             .collect();
         let batch = MicroBatch::new(&self.config, &self.rope, &spans, &self.device)?;
         let x = self.hidden(act)?;
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let mut caches = self.take_caches(&act.seqs)?;
+        let mut waited = Duration::ZERO;
         let result = {
             let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-            self.chunks[pos].1.forward(&x, &batch, &mut refs)
+            let mut x = Ok(x);
+            for index in range {
+                x = x.and_then(|x| {
+                    let (layer, wait) = self.residency.layer(index)?;
+                    waited += wait;
+                    layer.forward(&x, &batch, &mut refs)
+                });
+            }
+            x
         };
+        self.load_wait += waited;
         for (slot, cache) in act.seqs.iter().zip(caches) {
             self.caches.insert(slot.id, cache);
         }
         act.data = to_bytes(&result?)?;
         act.chunk += 1;
-        tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "chunk computed");
+        tracing::debug!(
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            load_wait_ms = waited.as_secs_f64() * 1e3,
+            "chunk computed"
+        );
         Ok(())
     }
 
@@ -189,7 +337,9 @@ impl Worker {
     /// Frees finished sequences' caches.
     pub fn release(&mut self, seqs: &[u64]) {
         for id in seqs {
-            self.caches.remove(id);
+            if let Some(cache) = self.caches.remove(id) {
+                self.budget.free_kv(cache.bytes() as u64);
+            }
         }
     }
 
@@ -228,21 +378,19 @@ impl Worker {
         for s in seqs {
             let cache = match self.caches.remove(&s.id) {
                 Some(c) if c.capacity() >= (s.pos + s.len) as usize => c,
-                None if s.pos == 0 => KvCache::new(
-                    &self.config,
-                    self.layers.iter().copied(),
-                    s.capacity as usize,
-                    self.dtype,
-                    &self.device,
-                )?,
+                None if s.pos == 0 => match self.new_cache(s.capacity as usize) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.restore(seqs, out);
+                        return Err(e);
+                    }
+                },
                 other => {
                     // Put back what was taken so a refused batch changes nothing.
                     if let Some(c) = other {
                         self.caches.insert(s.id, c);
                     }
-                    for (slot, c) in seqs.iter().zip(out) {
-                        self.caches.insert(slot.id, c);
-                    }
+                    self.restore(seqs, out);
                     return Err(lime_kernels::Error::Input(format!(
                         "sequence {} at position {} has no cache here (or it is too small)",
                         s.id, s.pos
@@ -252,6 +400,50 @@ impl Worker {
             out.push(cache);
         }
         Ok(out)
+    }
+}
+
+impl Worker {
+    /// A cache for a new sequence, if the budget has room for it.
+    fn new_cache(&mut self, capacity: usize) -> lime_kernels::Result<KvCache> {
+        let bytes = memory::kv_bytes(
+            &self.config,
+            self.layers.len(),
+            capacity,
+            self.dtype.size_in_bytes(),
+        );
+        self.budget
+            .take_kv(bytes)
+            .map_err(|e| lime_kernels::Error::Input(e.to_string()))?;
+        let cache = KvCache::new(
+            &self.config,
+            self.layers.iter().copied(),
+            capacity,
+            self.dtype,
+            &self.device,
+        );
+        match cache {
+            Ok(c) if c.bytes() as u64 == bytes => Ok(c),
+            Ok(c) => {
+                self.budget.free_kv(bytes);
+                Err(lime_kernels::Error::Input(format!(
+                    "a cache of {} bytes was accounted as {bytes}",
+                    c.bytes()
+                )))
+            }
+            Err(e) => {
+                self.budget.free_kv(bytes);
+                Err(e)
+            }
+        }
+    }
+
+    /// Puts back the caches taken for a micro-batch that is refused, so that the
+    /// failure path frees them (and their budget) like any other.
+    fn restore(&mut self, seqs: &[lime_schemas::SeqSlot], taken: Vec<KvCache>) {
+        for (slot, c) in seqs.iter().zip(taken) {
+            self.caches.insert(slot.id, c);
+        }
     }
 }
 

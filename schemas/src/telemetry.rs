@@ -1,0 +1,100 @@
+//! `lime/telemetry/<stage>`: what a stage measures about itself, published
+//! periodically (retained) for the planner, `lime status` and `lime bench`.
+//!
+//! Times and byte counts are cumulative since the stage started, so a reader takes
+//! the difference of two reports to measure an interval.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Telemetry {
+    pub stage: String,
+    pub epoch: u64,
+    /// Increments with every report, so readers can wait for a fresh one.
+    pub report: u64,
+    pub memory: MemoryReport,
+    pub residency: ResidencyReport,
+    pub time: StageTime,
+    pub loads: LoadReport,
+}
+
+/// The memory budget and everything accounted against it, in bytes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemoryReport {
+    /// `None`: no budget, every layer resident.
+    pub budget_bytes: Option<u64>,
+    /// Resident layers, plus the embedding and head at the starter and the rotary
+    /// tables.
+    pub weights_bytes: u64,
+    /// Layer slots for streamed layers and the raw read buffer.
+    pub staging_bytes: u64,
+    pub kv_bytes: u64,
+    /// The workspace reserved for the largest micro-batch the stage computes.
+    pub activation_bytes: u64,
+    /// The sum of the above.
+    pub accounted_bytes: u64,
+    /// The largest sum seen since start.
+    pub peak_accounted_bytes: u64,
+    /// Resident set size of the process and its high-water mark (Linux).
+    pub rss_bytes: Option<u64>,
+    pub peak_rss_bytes: Option<u64>,
+    /// Sequences holding KV caches here.
+    pub sequences: u32,
+}
+
+/// Which layers stay in memory and how the rest are streamed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResidencyReport {
+    pub resident: Vec<usize>,
+    /// In the order the stage visits them; the offload depth is its length.
+    pub offloaded: Vec<usize>,
+    /// Streamed layers that may be in memory at once.
+    pub slots: usize,
+    /// Whether the next offloaded layer is read ahead of need.
+    pub prefetch: bool,
+    pub direct_io: bool,
+    /// Emulated storage bandwidth, when reads are paced.
+    pub read_limit_bytes_per_s: Option<u64>,
+}
+
+/// Where the stage's wall-clock time went, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageTime {
+    /// Running layers, the embedding, the head and sampling.
+    pub compute_s: f64,
+    /// Waiting for a streamed layer's weights: the loading bubble.
+    pub load_wait_s: f64,
+    /// Waiting for activations while sequences are in flight (the network and the
+    /// other stages' work).
+    pub network_wait_s: f64,
+    /// Nothing in flight.
+    pub idle_s: f64,
+}
+
+impl StageTime {
+    pub fn total_s(&self) -> f64 {
+        self.compute_s + self.load_wait_s + self.network_wait_s + self.idle_s
+    }
+
+    /// The change from `earlier` to `self`.
+    pub fn since(&self, earlier: &StageTime) -> StageTime {
+        StageTime {
+            compute_s: self.compute_s - earlier.compute_s,
+            load_wait_s: self.load_wait_s - earlier.load_wait_s,
+            network_wait_s: self.network_wait_s - earlier.network_wait_s,
+            idle_s: self.idle_s - earlier.idle_s,
+        }
+    }
+}
+
+/// Reads of streamed layers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub layers_read: u64,
+    /// Every byte read from the checkpoint since start, the initial load included.
+    pub bytes_read: u64,
+    /// Seconds the loader spent reading streamed layers.
+    pub read_busy_s: f64,
+    /// Bytes of streamed layers read.
+    pub streamed_bytes: u64,
+}

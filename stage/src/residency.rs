@@ -1,0 +1,336 @@
+//! The residency manager: which of a stage's layers stay in memory and how the
+//! others come back when a micro-batch needs them.
+//!
+//! Resident layers are loaded once. Offloaded layers live in storage and pass
+//! through a fixed pool of preallocated slots: a loader thread refills a free slot
+//! in place with the next offloaded layer in visit order (prefetch), so that the
+//! read overlaps this stage's other layers, the network and the other stages. The
+//! pipeline takes a filled slot when a micro-batch reaches its layer, runs every
+//! micro-batch waiting there through it, and gives the slot back. Without prefetch
+//! (the `naive` and `mdi` baselines) the loader reads a layer only when asked.
+//!
+//! Prediction is "the next offloaded layer in visit order". When micro-batches
+//! arrive out of that order the pipeline asks for another layer: loaded slots that
+//! were not wanted are given back and the loader restarts from the wanted layer.
+
+use lime_kernels::{Checkpoint, DecoderLayer, Device, StagingBuffer};
+use std::collections::{HashMap, VecDeque};
+use std::ops::Deref;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Counters of the loader, cumulative since start.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadStats {
+    pub layers: u64,
+    pub bytes: u64,
+    pub busy: Duration,
+}
+
+struct State {
+    free: Vec<DecoderLayer>,
+    /// Filled slots, in the order they were read.
+    ready: VecDeque<DecoderLayer>,
+    /// The layer being read now.
+    loading: Option<usize>,
+    /// With prefetch: the position in the visit order of the next layer to read.
+    cursor: usize,
+    /// Without prefetch: the layer asked for.
+    wanted: Option<usize>,
+    /// The last read that failed, until the pipeline collects it.
+    failed: Option<(usize, String)>,
+    stats: LoadStats,
+    stop: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.changed.wait(guard).unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A filled slot lent to the pipeline; it goes back to the pool when dropped.
+pub struct Slot {
+    layer: Option<DecoderLayer>,
+    shared: Arc<Shared>,
+}
+
+impl Deref for Slot {
+    type Target = DecoderLayer;
+    fn deref(&self) -> &DecoderLayer {
+        self.layer
+            .as_ref()
+            .expect("a lent slot holds its layer until dropped")
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(layer) = self.layer.take() {
+            self.shared.lock().free.push(layer);
+            self.shared.changed.notify_all();
+        }
+    }
+}
+
+/// A layer ready to run: resident, or streamed into a slot.
+pub enum LayerRef<'a> {
+    Resident(&'a DecoderLayer),
+    Streamed(Slot),
+}
+
+impl Deref for LayerRef<'_> {
+    type Target = DecoderLayer;
+    fn deref(&self) -> &DecoderLayer {
+        match self {
+            LayerRef::Resident(l) => l,
+            LayerRef::Streamed(s) => s,
+        }
+    }
+}
+
+/// The loader thread and the slot pool it fills.
+struct Streamer {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    prefetch: bool,
+}
+
+impl Drop for Streamer {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.changed.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The stage's layers: resident ones, and the streamer for the offloaded rest.
+pub struct Residency {
+    resident: HashMap<usize, DecoderLayer>,
+    /// Offloaded layers in visit order.
+    offloaded: Vec<usize>,
+    slots: usize,
+    streamer: Option<Streamer>,
+    resident_bytes: u64,
+}
+
+impl Residency {
+    /// Loads the resident layers, allocates `slots` slots and starts the loader
+    /// (which, with `prefetch`, begins reading the first offloaded layers at once).
+    /// `progress(done, total)` counts resident layers loaded.
+    pub fn start(
+        ckpt: Arc<Checkpoint>,
+        resident: &[usize],
+        offloaded: &[usize],
+        slots: usize,
+        prefetch: bool,
+        mut progress: impl FnMut(usize, usize),
+    ) -> lime_kernels::Result<Self> {
+        let device = Device::Cpu;
+        let mut layers = HashMap::new();
+        let mut resident_bytes = 0;
+        for (i, &l) in resident.iter().enumerate() {
+            let layer = DecoderLayer::load(&ckpt, l, &device)?;
+            resident_bytes += layer.bytes() as u64;
+            layers.insert(l, layer);
+            progress(i + 1, resident.len());
+        }
+        let streamer = if offloaded.is_empty() {
+            None
+        } else {
+            let slots = slots.clamp(1, offloaded.len());
+            let free = (0..slots)
+                .map(|_| DecoderLayer::empty(ckpt.config(), &device))
+                .collect::<lime_kernels::Result<Vec<_>>>()?;
+            let shared = Arc::new(Shared {
+                state: Mutex::new(State {
+                    free,
+                    ready: VecDeque::new(),
+                    loading: None,
+                    cursor: 0,
+                    wanted: None,
+                    failed: None,
+                    stats: LoadStats::default(),
+                    stop: false,
+                }),
+                changed: Condvar::new(),
+            });
+            let staging = StagingBuffer::with_capacity(ckpt.staging_needed("model.layers."));
+            let (order, loader_shared) = (offloaded.to_vec(), shared.clone());
+            let thread = std::thread::Builder::new()
+                .name("lime-loader".into())
+                .spawn(move || load_loop(&loader_shared, &ckpt, &order, prefetch, staging))
+                .map_err(|e| lime_kernels::Error::Input(format!("starting the loader: {e}")))?;
+            Some(Streamer {
+                shared,
+                thread: Some(thread),
+                prefetch,
+            })
+        };
+        Ok(Self {
+            resident: layers,
+            offloaded: offloaded.to_vec(),
+            slots: if offloaded.is_empty() {
+                0
+            } else {
+                slots.clamp(1, offloaded.len())
+            },
+            streamer,
+            resident_bytes,
+        })
+    }
+
+    /// Layer `index`, waiting for its read if it is streamed; also returns how long
+    /// it waited (the loading bubble).
+    pub fn layer(&self, index: usize) -> lime_kernels::Result<(LayerRef<'_>, Duration)> {
+        if let Some(l) = self.resident.get(&index) {
+            return Ok((LayerRef::Resident(l), Duration::ZERO));
+        }
+        let (Some(streamer), Some(position)) = (
+            &self.streamer,
+            self.offloaded.iter().position(|&l| l == index),
+        ) else {
+            return Err(lime_kernels::Error::Input(format!(
+                "layer {index} is not held by this stage"
+            )));
+        };
+        let started = Instant::now();
+        let shared = &streamer.shared;
+        let mut st = shared.lock();
+        loop {
+            if let Some(p) = st.ready.iter().position(|l| l.index() == Some(index)) {
+                let skipped: Vec<DecoderLayer> = st.ready.drain(..p).collect();
+                st.free.extend(skipped);
+                let layer = st.ready.pop_front();
+                drop(st);
+                shared.changed.notify_all();
+                let slot = Slot {
+                    layer,
+                    shared: shared.clone(),
+                };
+                return Ok((LayerRef::Streamed(slot), started.elapsed()));
+            }
+            if st.failed.as_ref().is_some_and(|(l, _)| *l == index) {
+                let (_, message) = st.failed.take().unwrap_or_default();
+                return Err(lime_kernels::Error::Input(format!(
+                    "reading offloaded layer {index}: {message}"
+                )));
+            }
+            if st.loading != Some(index) {
+                // Not coming next: free what was read ahead and point the loader here.
+                let unwanted: Vec<DecoderLayer> = st.ready.drain(..).collect();
+                st.free.extend(unwanted);
+                if streamer.prefetch {
+                    st.cursor = position;
+                } else {
+                    st.wanted = Some(index);
+                }
+                shared.changed.notify_all();
+            }
+            st = shared.wait(st);
+        }
+    }
+
+    pub fn resident(&self) -> Vec<usize> {
+        let mut r: Vec<usize> = self.resident.keys().copied().collect();
+        r.sort_unstable();
+        r
+    }
+
+    pub fn offloaded(&self) -> &[usize] {
+        &self.offloaded
+    }
+
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    pub fn prefetch(&self) -> bool {
+        self.streamer.as_ref().is_some_and(|s| s.prefetch)
+    }
+
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident_bytes
+    }
+
+    pub fn stats(&self) -> LoadStats {
+        self.streamer
+            .as_ref()
+            .map(|s| s.shared.lock().stats)
+            .unwrap_or_default()
+    }
+}
+
+/// The loader thread: refill a free slot with the next layer to read, hand it over,
+/// repeat until stopped.
+fn load_loop(
+    shared: &Shared,
+    ckpt: &Checkpoint,
+    order: &[usize],
+    prefetch: bool,
+    mut staging: StagingBuffer,
+) {
+    loop {
+        let (index, mut slot) = {
+            let mut st = shared.lock();
+            loop {
+                if st.stop {
+                    return;
+                }
+                if !st.free.is_empty() {
+                    let next = match st.wanted.take() {
+                        Some(w) => Some(w),
+                        None if prefetch => Some(order[st.cursor % order.len()]),
+                        None => None,
+                    };
+                    if let (Some(index), Some(slot)) = (next, st.free.pop()) {
+                        st.loading = Some(index);
+                        if let Some(p) = order.iter().position(|&l| l == index) {
+                            st.cursor = (p + 1) % order.len();
+                        }
+                        break (index, slot);
+                    }
+                }
+                st = shared.wait(st);
+            }
+        };
+        let started = Instant::now();
+        let bytes_before = ckpt.bytes_read();
+        let result = slot.reload(ckpt, index, &mut staging);
+        let took = started.elapsed();
+        let mut st = shared.lock();
+        st.loading = None;
+        st.stats.busy += took;
+        st.stats.bytes += ckpt.bytes_read() - bytes_before;
+        match result {
+            Ok(()) => {
+                st.stats.layers += 1;
+                tracing::trace!(
+                    layer = index,
+                    ms = took.as_secs_f64() * 1e3,
+                    "layer streamed"
+                );
+                st.ready.push_back(slot);
+            }
+            Err(e) => {
+                tracing::error!(layer = index, error = %e, "reading an offloaded layer failed");
+                st.failed = Some((index, e.to_string()));
+                st.free.push(slot);
+            }
+        }
+        drop(st);
+        shared.changed.notify_all();
+    }
+}
