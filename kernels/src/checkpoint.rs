@@ -401,8 +401,10 @@ impl Checkpoint {
 /// Writes a CPU f32 tensor's storage in place through a callback; candle's in-place
 /// custom op is the one safe door to a tensor's memory.
 struct FillOp<'f> {
-    fill: RefCell<&'f mut dyn FnMut(&mut [f32])>,
+    fill: RefCell<&'f mut Filler<'f>>,
 }
+
+type Filler<'f> = dyn FnMut(&mut [f32]) + 'f;
 
 impl InplaceOp1 for FillOp<'_> {
     fn name(&self) -> &'static str {

@@ -8,7 +8,8 @@
 //! the README as the fixed overhead: the executable, the async runtime and MQTT
 //! client, the tokenizer at the starter, thread stacks and allocator slack.
 
-use lime_kernels::Config;
+use crate::config::MemoryConfig;
+use lime_kernels::{Checkpoint, Config, DecoderLayer, Device};
 use std::fmt;
 
 /// What the stage holds, by kind, in bytes.
@@ -118,6 +119,53 @@ pub struct Costs {
     /// KV room kept for one sequence of the reserved length, over the stage's layers.
     pub kv_reserve: u64,
     pub kv_reserve_tokens: usize,
+}
+
+impl Costs {
+    /// The costs of a stage holding `layers` layers of `ckpt` (and the embedding and
+    /// head when it is the `starter`) with `memory`'s settings, all computed from
+    /// the checkpoint's config and headers, before anything is loaded.
+    pub fn of(
+        ckpt: &Checkpoint,
+        layers: usize,
+        starter: bool,
+        memory: &MemoryConfig,
+    ) -> lime_kernels::Result<Self> {
+        let cfg = ckpt.config();
+        let f32_bytes = 4u64;
+        let (vocab, h) = (cfg.vocab_size as u64, cfg.hidden_size as u64);
+        let ends = if starter {
+            let tied = cfg.tie_word_embeddings && ckpt.entry("lm_head.weight").is_none();
+            let head = if tied { h } else { vocab * h + h };
+            (vocab * h + head) * f32_bytes
+        } else {
+            0
+        };
+        let rope = (cfg.max_context() * cfg.head_dim) as u64 * f32_bytes;
+        let kv_reserve_tokens = memory
+            .kv_reserve_tokens
+            .unwrap_or(cfg.max_context())
+            .min(cfg.max_context());
+        Ok(Self {
+            layer: DecoderLayer::empty(cfg, &Device::Cpu)?.bytes() as u64,
+            read_buffer: ckpt.staging_needed("model.layers.") as u64,
+            fixed_weights: ends + rope,
+            activations: activation_bytes(cfg, memory.activation_tokens),
+            kv_reserve: kv_bytes(cfg, layers, kv_reserve_tokens, f32_bytes as usize),
+            kv_reserve_tokens,
+        })
+    }
+
+    /// The smallest budget under which [`Split::choose`] keeps `resident` of the
+    /// stage's layers in memory and streams the rest through one slot.
+    pub fn budget_for(&self, resident: usize, layers: usize) -> u64 {
+        let fixed = self.fixed_weights + self.activations + self.kv_reserve;
+        if resident >= layers {
+            fixed + layers as u64 * self.layer
+        } else {
+            fixed + self.read_buffer + (resident as u64 + 1) * self.layer
+        }
+    }
 }
 
 /// The split of a budget: which of the stage's layers stay resident, which are

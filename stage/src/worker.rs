@@ -10,8 +10,7 @@ use crate::memory::{self, Budget, Costs, Held, Split};
 use crate::residency::{LoadStats, Residency};
 use anyhow::Context;
 use lime_kernels::{
-    Checkpoint, Config, DType, DecoderLayer, Device, Embedding, Head, KvCache, MicroBatch, Rope,
-    SeqSpan, Tensor,
+    Checkpoint, Config, DType, Device, Embedding, Head, KvCache, MicroBatch, Rope, SeqSpan, Tensor,
 };
 use lime_schemas::frame::ActivationDtype;
 use lime_schemas::telemetry::{MemoryReport, ResidencyReport};
@@ -83,26 +82,17 @@ impl Worker {
             .entry("model.embed_tokens.weight")
             .and_then(|e| lime_kernels::checkpoint::compute_dtype(e.dtype, &device))
             .unwrap_or(DType::F32);
+        let costs = Costs::of(&ckpt, layers.len(), ends.is_some(), memory)?;
         let ends_bytes = ends
             .as_ref()
             .map_or(0, |e| e.embedding.bytes() + e.head.bytes());
-        let kv_reserve_tokens = memory
-            .kv_reserve_tokens
-            .unwrap_or(config.max_context())
-            .min(config.max_context());
-        let costs = Costs {
-            layer: DecoderLayer::empty(&config, &device)?.bytes() as u64,
-            read_buffer: ckpt.staging_needed("model.layers.") as u64,
-            fixed_weights: (ends_bytes + rope.bytes()) as u64,
-            activations: memory::activation_bytes(&config, memory.activation_tokens),
-            kv_reserve: memory::kv_bytes(
-                &config,
-                layers.len(),
-                kv_reserve_tokens,
-                dtype.size_in_bytes(),
-            ),
-            kv_reserve_tokens,
-        };
+        if (ends_bytes + rope.bytes()) as u64 != costs.fixed_weights {
+            tracing::warn!(
+                held = ends_bytes + rope.bytes(),
+                accounted = costs.fixed_weights,
+                "embedding, head and rotary tables differ from their accounted size"
+            );
+        }
         let offloaded = plan
             .stages
             .iter()
