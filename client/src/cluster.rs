@@ -6,6 +6,8 @@ use crate::mqtt::BrokerAddr;
 use anyhow::Context;
 use lime_kernels::Checkpoint;
 use lime_schemas::{topics, Plan, PlanStage, StageState};
+use lime_stage::config::MemoryConfig;
+use lime_stage::memory::Costs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -37,6 +39,117 @@ pub struct ClusterSpec {
     pub broker_env: Vec<(String, String)>,
     /// Extra environment for every stage (`LIME_STAGE_…` settings).
     pub stage_env: Vec<(String, String)>,
+    /// lime itself or a baseline.
+    pub mode: Mode,
+    /// Memory budgets and streaming.
+    pub memory: MemorySpec,
+    /// How often stages publish telemetry.
+    pub telemetry_ms: Option<u64>,
+}
+
+/// The system a cluster runs: lime, or a baseline built from the same binary so
+/// that comparisons share every kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Interleaved chunks, recurrent pipeline with many requests in flight, prefetch.
+    #[default]
+    Lime,
+    /// MDI-LLM: contiguous partition, recurrent pipeline, layers read on demand.
+    Mdi,
+    /// What exo, distributed-llama or llama.cpp RPC do with a model that does not
+    /// fit: contiguous partition, one request at a time, layers read on demand.
+    Naive,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "lime" => Ok(Self::Lime),
+            "mdi" => Ok(Self::Mdi),
+            "naive" => Ok(Self::Naive),
+            other => Err(format!("unknown mode {other:?}: lime, mdi or naive")),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Lime => "lime",
+            Self::Mdi => "mdi",
+            Self::Naive => "naive",
+        })
+    }
+}
+
+/// How each stage's memory budget is set.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Budget {
+    #[default]
+    Unlimited,
+    Bytes(u64),
+    /// This fraction of the stage's share of the weights (its layers, plus the
+    /// embedding and head at the starter).
+    ShareFraction(f64),
+    /// This fraction of the model's layers offloaded (rounded to whole layers),
+    /// named in the plan, with each stage's budget the least that holds its
+    /// resident layers and one slot.
+    Offload(f64),
+}
+
+/// Memory settings for every stage.
+#[derive(Debug, Clone, Default)]
+pub struct MemorySpec {
+    pub budget: Budget,
+    /// Emulated storage read bandwidth, MB/s.
+    pub read_mb_per_s: Option<f64>,
+    pub direct_io: bool,
+    pub max_slots: Option<usize>,
+    pub activation_tokens: Option<usize>,
+    pub kv_reserve_tokens: Option<usize>,
+}
+
+impl MemorySpec {
+    /// The stage settings these give, before the budget.
+    fn config(&self, mode: Mode) -> MemoryConfig {
+        let defaults = MemoryConfig::default();
+        MemoryConfig {
+            budget_bytes: None,
+            max_slots: self.max_slots.unwrap_or(defaults.max_slots),
+            prefetch: mode == Mode::Lime,
+            direct_io: self.direct_io,
+            read_mb_per_s: self.read_mb_per_s,
+            activation_tokens: self.activation_tokens.unwrap_or(defaults.activation_tokens),
+            kv_reserve_tokens: self.kv_reserve_tokens,
+        }
+    }
+}
+
+/// Offloaded layers per stage: `fraction` of all layers, dealt to stages in
+/// proportion to their layers (largest remainder), so the whole model's offloaded
+/// share is as close to `fraction` as whole layers allow.
+fn offloaded_counts(layers: &[usize], fraction: f64) -> Vec<usize> {
+    let total: usize = layers.iter().sum();
+    let target = (fraction.clamp(0.0, 1.0) * total as f64).round() as usize;
+    let exact: Vec<f64> = layers
+        .iter()
+        .map(|&n| target as f64 * n as f64 / total.max(1) as f64)
+        .collect();
+    let mut counts: Vec<usize> = exact.iter().map(|e| e.floor() as usize).collect();
+    let mut order: Vec<usize> = (0..layers.len()).collect();
+    order.sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())));
+    let mut missing = target - counts.iter().sum::<usize>();
+    for i in order {
+        if missing == 0 {
+            break;
+        }
+        if counts[i] < layers[i] {
+            counts[i] += 1;
+            missing -= 1;
+        }
+    }
+    counts
 }
 
 impl ClusterSpec {
@@ -55,6 +168,9 @@ impl ClusterSpec {
             log: std::env::var("LIME_CLUSTER_LOG").unwrap_or_else(|_| "info".into()),
             broker_env: Vec::new(),
             stage_env: Vec::new(),
+            mode: Mode::Lime,
+            memory: MemorySpec::default(),
+            telemetry_ms: None,
         }
     }
 }
@@ -70,6 +186,58 @@ pub struct Cluster {
     pub dir: PathBuf,
     stage_env: Vec<(String, String)>,
     log: String,
+}
+
+/// Each stage's budget in bytes (`None`: unlimited), following `spec.memory.budget`.
+/// With [`Budget::Offload`] the plan also names each stage's offloaded layers.
+fn stage_budgets(
+    model: &Path,
+    plan: &mut Plan,
+    spec: &ClusterSpec,
+) -> anyhow::Result<std::collections::HashMap<String, Option<u64>>> {
+    let memory = spec.memory.config(spec.mode);
+    // Sized with the stages' own read options: direct reads need a read buffer.
+    let ckpt = Checkpoint::open_with(
+        model,
+        &lime_kernels::ReadOptions {
+            direct: memory.direct_io,
+            bytes_per_s: None,
+        },
+    )?;
+    let layers: Vec<Vec<usize>> = plan
+        .stages
+        .iter()
+        .map(|s| {
+            plan.chunks_of(&s.name)
+                .iter()
+                .flat_map(|(_, r)| r.range())
+                .collect()
+        })
+        .collect();
+    let counts: Vec<usize> = layers.iter().map(Vec::len).collect();
+    let offloaded = match spec.memory.budget {
+        Budget::Offload(f) => offloaded_counts(&counts, f),
+        _ => vec![0; layers.len()],
+    };
+    let mut out = std::collections::HashMap::new();
+    for (i, stage) in plan.stages.iter_mut().enumerate() {
+        let n = counts[i];
+        let costs = Costs::of(&ckpt, n, i == 0, &memory)?;
+        let budget = match spec.memory.budget {
+            Budget::Unlimited => None,
+            Budget::Bytes(b) => Some(b),
+            Budget::ShareFraction(f) => {
+                let share = n as u64 * costs.layer + costs.fixed_weights;
+                Some((share as f64 * f) as u64)
+            }
+            Budget::Offload(_) => {
+                stage.offloaded = Some(lime_stage::memory::spread(&layers[i], offloaded[i]));
+                Some(costs.budget_for(n - offloaded[i], n))
+            }
+        };
+        out.insert(stage.name.clone(), budget);
+    }
+    Ok(out)
 }
 
 /// A lime binary next to this one (`target/<profile>/` for tests and `cargo run`).
@@ -102,7 +270,8 @@ impl Cluster {
     pub async fn start(spec: &ClusterSpec) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&spec.dir)
             .with_context(|| format!("creating {}", spec.dir.display()))?;
-        let layers = Checkpoint::open(&spec.model)?.config().num_hidden_layers;
+        let ckpt = Checkpoint::open(&spec.model)?;
+        let layers = ckpt.config().num_hidden_layers;
         let stages: Vec<PlanStage> = (0..spec.stages)
             .map(|i| {
                 let port = if spec.data_port == 0 {
@@ -123,8 +292,19 @@ impl Cluster {
             .as_secs();
         let plan = match &spec.cuts {
             Some(cuts) => Plan::from_cuts(epoch, stages, cuts, layers)?,
-            None => Plan::even(epoch, stages, spec.interleave, layers)?,
+            None => Plan::even(
+                epoch,
+                stages,
+                if spec.mode == Mode::Lime {
+                    spec.interleave
+                } else {
+                    1
+                },
+                layers,
+            )?,
         };
+        let mut plan = plan;
+        let budgets = stage_budgets(&spec.model, &mut plan, spec)?;
         let plan_path = spec.dir.join("plan.json");
         std::fs::write(&plan_path, serde_json::to_string_pretty(&plan)?)?;
 
@@ -177,6 +357,9 @@ impl Cluster {
                     plan_path.display().to_string()
                 ));
             }
+            if let Some(ms) = spec.telemetry_ms {
+                toml.push_str(&format!("telemetry_ms = {ms}\n"));
+            }
             toml.push_str(&format!(
                 "\n[broker]\nhost = {:?}\nport = {}\n",
                 cluster.broker.host, cluster.broker.port
@@ -186,8 +369,29 @@ impl Cluster {
             }
             toml.push_str(&format!(
                 "\n[starter]\nmax_inflight = {}\n",
-                spec.max_inflight
+                if spec.mode == Mode::Naive {
+                    1
+                } else {
+                    spec.max_inflight
+                }
             ));
+            if spec.mode == Mode::Naive {
+                toml.push_str("max_sequences = 1\n");
+            }
+            let memory = spec.memory.config(spec.mode);
+            toml.push_str(&format!(
+                "\n[memory]\nmax_slots = {}\nprefetch = {}\ndirect_io = {}\nactivation_tokens = {}\n",
+                memory.max_slots, memory.prefetch, memory.direct_io, memory.activation_tokens
+            ));
+            if let Some(b) = budgets.get(&stage.name).copied().flatten() {
+                toml.push_str(&format!("budget_bytes = {b}\n"));
+            }
+            if let Some(r) = memory.read_mb_per_s {
+                toml.push_str(&format!("read_mb_per_s = {r}\n"));
+            }
+            if let Some(k) = memory.kv_reserve_tokens {
+                toml.push_str(&format!("kv_reserve_tokens = {k}\n"));
+            }
             std::fs::write(&config, toml)?;
             let mut cmd = Command::new(sibling_binary("lime-stage")?);
             cmd.arg("--config")

@@ -1,7 +1,7 @@
 //! `lime status`: the stages of a cluster, from their retained status documents.
 
 use crate::mqtt::BrokerAddr;
-use lime_schemas::{topics, StageStatus};
+use lime_schemas::{topics, StageStatus, Telemetry};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::Event;
@@ -10,10 +10,28 @@ use std::time::Duration;
 
 /// Every retained stage status, collected for `wait` after subscribing.
 pub async fn collect(broker: &BrokerAddr, wait: Duration) -> anyhow::Result<Vec<StageStatus>> {
-    let (client, mut eventloop, _) = broker.connect("lime-status");
-    client
-        .subscribe(topics::STATUS_ALL, QoS::AtLeastOnce)
-        .await?;
+    let found = retained::<StageStatus>(broker, topics::STATUS_ALL, wait).await?;
+    Ok(found.into_values().collect())
+}
+
+/// Every stage's latest retained telemetry report, collected for `wait`.
+pub async fn telemetry(broker: &BrokerAddr, wait: Duration) -> anyhow::Result<Vec<Telemetry>> {
+    let found = retained::<Telemetry>(broker, "lime/telemetry/+", wait).await?;
+    Ok(found.into_values().collect())
+}
+
+/// The documents on topics matching `filter` (retained ones and any published
+/// while listening), by topic, for `wait` after subscribing.
+async fn retained<T: serde::de::DeserializeOwned>(
+    broker: &BrokerAddr,
+    filter: &str,
+    wait: Duration,
+) -> anyhow::Result<BTreeMap<String, T>> {
+    static CLIENTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = CLIENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = format!("lime-status-{}-{n}", std::process::id());
+    let (client, mut eventloop, _) = broker.connect(&id);
+    client.subscribe(filter, QoS::AtLeastOnce).await?;
     let mut found = BTreeMap::new();
     let mut subscribed = false;
     let deadline = tokio::time::Instant::now() + wait + Duration::from_secs(5);
@@ -38,18 +56,15 @@ pub async fn collect(broker: &BrokerAddr, wait: Duration) -> anyhow::Result<Vec<
             }
             Event::Incoming(Packet::Publish(p)) => {
                 let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                if let (Some(stage), Ok(s)) = (
-                    topics::stage_of_status(&topic),
-                    serde_json::from_slice::<StageStatus>(&p.payload),
-                ) {
-                    found.insert(stage.to_owned(), s);
+                if let Ok(doc) = serde_json::from_slice::<T>(&p.payload) {
+                    found.insert(topic, doc);
                 }
             }
             _ => {}
         }
     }
     let _ = client.disconnect().await;
-    Ok(found.into_values().collect())
+    Ok(found)
 }
 
 /// A table of stages for the terminal.

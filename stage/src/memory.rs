@@ -255,10 +255,11 @@ impl Split {
         let streamed = layers.len() - resident;
         let spare = (room - resident as u64 * w) / w;
         let slots = (1 + spare as usize).min(max_slots.max(1)).min(streamed);
-        let picked: Vec<usize> = (0..streamed)
-            .map(|j| layers[j * layers.len() / streamed])
-            .collect();
-        Ok(Self::with_offloaded(layers, &picked, slots))
+        Ok(Self::with_offloaded(
+            layers,
+            &spread(layers, streamed),
+            slots,
+        ))
     }
 
     fn with_offloaded(layers: &[usize], offloaded: &[usize], slots: usize) -> Self {
@@ -276,6 +277,15 @@ impl Split {
             slots: slots.min(offloaded.len()),
         }
     }
+}
+
+/// `count` of `layers` (in visit order) spread evenly over it, starting with the
+/// first, which the time between two visits of the stage hides best.
+pub fn spread(layers: &[usize], count: usize) -> Vec<usize> {
+    let count = count.min(layers.len());
+    (0..count)
+        .map(|j| layers[j * layers.len() / count])
+        .collect()
 }
 
 /// The activation workspace of a micro-batch of `tokens` tokens: the hidden states

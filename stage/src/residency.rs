@@ -123,6 +123,7 @@ pub struct Residency {
     offloaded: Vec<usize>,
     slots: usize,
     streamer: Option<Streamer>,
+    prefetch: bool,
     resident_bytes: u64,
 }
 
@@ -188,6 +189,7 @@ impl Residency {
                 slots.clamp(1, offloaded.len())
             },
             streamer,
+            prefetch,
             resident_bytes,
         })
     }
@@ -257,8 +259,9 @@ impl Residency {
         self.slots
     }
 
+    /// Whether offloaded layers are (or would be) read ahead of need.
     pub fn prefetch(&self) -> bool {
-        self.streamer.as_ref().is_some_and(|s| s.prefetch)
+        self.prefetch
     }
 
     pub fn resident_bytes(&self) -> u64 {
