@@ -7,6 +7,7 @@ pub mod bench;
 pub mod cluster;
 pub mod generate;
 pub mod mqtt;
+pub mod offloading;
 pub mod progress;
 pub mod serving;
 pub mod status;

@@ -77,6 +77,42 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// lime against the naive and mdi baselines on a model that does not fit its
+    /// stages' memory budgets, with emulated storage bandwidth.
+    Offload {
+        /// Checkpoint directory; the `bench` preset is synthesised there if empty.
+        #[arg(long, default_value = "models/bench")]
+        model: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        stages: usize,
+        /// lime's interleave degree (the baselines are contiguous).
+        #[arg(long, default_value_t = 4)]
+        interleave: usize,
+        /// Each stage's memory budget as a share of its weights.
+        #[arg(long, default_value_t = 0.5)]
+        share: f64,
+        /// Emulated storage: reading a layer takes this many times computing it at batch 1.
+        #[arg(long, default_value_t = 3.0)]
+        read_ratio: f64,
+        /// Emulated read bandwidth in MB/s, instead of deriving it from --read-ratio.
+        #[arg(long)]
+        read_mb_s: Option<f64>,
+        #[arg(long, default_value_t = 4)]
+        sporadic: usize,
+        #[arg(long, default_value_t = 32)]
+        burst: usize,
+        #[arg(long, default_value_t = 32)]
+        max_tokens: u32,
+        /// Largest micro-batch in tokens (its activation workspace is budgeted).
+        #[arg(long, default_value_t = 64)]
+        activation_tokens: usize,
+        /// Modes to run, of lime, mdi and naive.
+        #[arg(long, value_delimiter = ',', default_value = "naive,mdi,lime")]
+        modes: Vec<lime::cluster::Mode>,
+        /// Also print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Single-process decode and prefill throughput against the memory roofline.
     Kernels {
         /// Checkpoint directory; the `bench` preset is synthesised there if empty.
@@ -133,6 +169,21 @@ struct UpCli {
     ask: Vec<String>,
     #[arg(long, default_value_t = 64)]
     max_tokens: u32,
+    /// lime, or one of the baselines it is measured against: mdi, naive.
+    #[arg(long, default_value = "lime")]
+    mode: lime::cluster::Mode,
+    /// Each stage's memory budget in MiB (layers beyond it are streamed from storage).
+    #[arg(long, conflicts_with = "budget_share")]
+    budget_mib: Option<u64>,
+    /// Each stage's memory budget as a share of its weights (e.g. 0.5).
+    #[arg(long)]
+    budget_share: Option<f64>,
+    /// Emulated storage read bandwidth in MB/s (for trying offloading on a fast disk).
+    #[arg(long)]
+    read_mb_s: Option<f64>,
+    /// Read streamed layers with O_DIRECT, bypassing the page cache.
+    #[arg(long)]
+    direct_io: bool,
 }
 
 #[derive(Args)]
@@ -259,6 +310,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             spec.data_port = u.data_port;
             spec.plan_over_mqtt = u.plan_over_mqtt;
             spec.max_inflight = u.max_inflight;
+            spec.mode = u.mode;
+            spec.memory.budget = match (u.budget_mib, u.budget_share) {
+                (Some(mib), _) => lime::cluster::Budget::Bytes(mib << 20),
+                (None, Some(share)) => lime::cluster::Budget::ShareFraction(share),
+                (None, None) => lime::cluster::Budget::Unlimited,
+            };
+            spec.memory.read_mb_per_s = u.read_mb_s;
+            spec.memory.direct_io = u.direct_io;
             block_on(lime::up::run(lime::up::UpArgs {
                 spec,
                 preset: u.preset,
@@ -325,6 +384,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     dir,
                 };
                 let report = block_on(lime::serving::run(&bench))?;
+                println!("{report}");
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                }
+                Ok(())
+            }
+            BenchCommand::Offload {
+                model,
+                stages,
+                interleave,
+                share,
+                read_ratio,
+                read_mb_s,
+                sporadic,
+                burst,
+                max_tokens,
+                activation_tokens,
+                modes,
+                json,
+            } => {
+                let bench = lime::offloading::OffloadBench {
+                    model,
+                    stages,
+                    interleave,
+                    share,
+                    read_ratio,
+                    read_mb_per_s: read_mb_s,
+                    sporadic,
+                    burst,
+                    max_tokens,
+                    activation_tokens,
+                    modes,
+                    dir: std::env::temp_dir()
+                        .join(format!("lime-bench-offload-{}", std::process::id())),
+                };
+                let report = block_on(lime::offloading::run(&bench))?;
                 println!("{report}");
                 if json {
                     println!("{}", serde_json::to_string_pretty(&report)?);

@@ -51,7 +51,7 @@ pub struct ServingBench {
     pub dir: PathBuf,
 }
 
-fn requests(n: usize, max_tokens: u32, salt: usize) -> Vec<Request> {
+pub(crate) fn requests(n: usize, max_tokens: u32, salt: usize) -> Vec<Request> {
     let words = [
         "robot", "arm", "stop", "the", "obstacle", "ahead", "battery", "grip", "left", "dock",
     ];
@@ -80,7 +80,7 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
     values[rank.min(values.len() - 1)]
 }
 
-fn row(
+pub(crate) fn row(
     setup: &str,
     workload: &str,
     answers: &[Answer],
