@@ -45,6 +45,8 @@ pub struct ClusterSpec {
     pub memory: MemorySpec,
     /// How often stages publish telemetry.
     pub telemetry_ms: Option<u64>,
+    /// Compute threads per stage (absent: one per core).
+    pub compute_threads: Option<usize>,
 }
 
 /// The system a cluster runs: lime, or a baseline built from the same binary so
@@ -171,6 +173,7 @@ impl ClusterSpec {
             mode: Mode::Lime,
             memory: MemorySpec::default(),
             telemetry_ms: None,
+            compute_threads: None,
         }
     }
 }
@@ -359,6 +362,9 @@ impl Cluster {
             }
             if let Some(ms) = spec.telemetry_ms {
                 toml.push_str(&format!("telemetry_ms = {ms}\n"));
+            }
+            if let Some(n) = spec.compute_threads {
+                toml.push_str(&format!("compute_threads = {n}\n"));
             }
             toml.push_str(&format!(
                 "\n[broker]\nhost = {:?}\nport = {}\n",

@@ -106,6 +106,12 @@ enum BenchCommand {
         /// Largest micro-batch in tokens (its activation workspace is budgeted).
         #[arg(long, default_value_t = 64)]
         activation_tokens: usize,
+        /// lime's micro-batches in flight (0: one per stage).
+        #[arg(long, default_value_t = 1)]
+        max_inflight: usize,
+        /// Compute threads per stage (the emulated devices share this machine).
+        #[arg(long, default_value_t = 1)]
+        compute_threads: usize,
         /// Modes to run, of lime, mdi and naive.
         #[arg(long, value_delimiter = ',', default_value = "naive,mdi,lime")]
         modes: Vec<lime::cluster::Mode>,
@@ -401,6 +407,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 burst,
                 max_tokens,
                 activation_tokens,
+                max_inflight,
+                compute_threads,
                 modes,
                 json,
             } => {
@@ -416,6 +424,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     max_tokens,
                     activation_tokens,
                     modes,
+                    max_inflight,
+                    compute_threads,
                     dir: std::env::temp_dir()
                         .join(format!("lime-bench-offload-{}", std::process::id())),
                 };

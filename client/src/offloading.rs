@@ -38,6 +38,11 @@ pub struct OffloadBench {
     /// The largest micro-batch, in tokens (the activation workspace).
     pub activation_tokens: usize,
     pub modes: Vec<Mode>,
+    /// Compute threads per stage, and for the calibration.
+    pub compute_threads: usize,
+    /// lime's micro-batches in flight (0: one per stage). Fewer, larger
+    /// micro-batches share each streamed layer's read among more sequences.
+    pub max_inflight: usize,
     pub dir: PathBuf,
 }
 
@@ -136,8 +141,12 @@ fn calibrate(bench: &OffloadBench) -> anyhow::Result<Calibration> {
     let ckpt = Checkpoint::open(&bench.model)?;
     let layer = DecoderLayer::load(&ckpt, 0, &Device::Cpu)?;
     let layer_bytes = layer.bytes() as u64;
-    let batch1 = time_layer(&ckpt, &layer, 1)?;
-    let burst = time_layer(&ckpt, &layer, bench.burst.max(1))?;
+    // On as many threads as a stage computes on.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(bench.compute_threads.max(1))
+        .build()?;
+    let batch1 = pool.install(|| time_layer(&ckpt, &layer, 1))?;
+    let burst = pool.install(|| time_layer(&ckpt, &layer, bench.burst.max(1)))?;
     let read_mb_per_s = bench
         .read_mb_per_s
         .unwrap_or(layer_bytes as f64 / (bench.read_ratio * batch1 / 1e3) / 1e6);
@@ -187,6 +196,10 @@ async fn measure(
     let mut spec = ClusterSpec::new(&bench.model, bench.stages, &dir);
     spec.mode = mode;
     spec.interleave = bench.interleave;
+    spec.compute_threads = Some(bench.compute_threads);
+    if mode == Mode::Lime {
+        spec.max_inflight = bench.max_inflight;
+    }
     spec.memory.budget = Budget::ShareFraction(bench.share);
     spec.memory.read_mb_per_s = Some(cal.read_mb_per_s);
     spec.memory.activation_tokens = Some(bench.activation_tokens);

@@ -32,8 +32,8 @@ pub struct ReadOptions {
 
 /// A token bucket in bytes: reads take tokens, which refill at the emulated
 /// bandwidth, and a read that finds the bucket empty sleeps until it would have
-/// finished on the emulated device. The bucket holds at most 10 ms of transfer,
-/// so an idle stage does not bank a burst that real storage could not deliver.
+/// finished on the emulated device. The bucket holds at most one read piece, so an
+/// idle stage does not bank a burst that real storage could not deliver.
 #[derive(Debug)]
 pub struct Throttle {
     bytes_per_s: f64,
@@ -46,7 +46,7 @@ impl Throttle {
         let rate = bytes_per_s.max(1) as f64;
         Self {
             bytes_per_s: rate,
-            capacity: rate / 100.0,
+            capacity: READ_PIECE as f64,
             state: Mutex::new((0.0, Instant::now())),
         }
     }

@@ -26,6 +26,11 @@ pub struct StageConfig {
     /// How often the stage publishes `lime/telemetry/<name>`.
     #[serde(default = "default_telemetry_ms")]
     pub telemetry_ms: u64,
+    /// Threads the layers compute on; absent, one per core. Fewer leave cores to
+    /// the loader and the network (or, emulating several devices on one machine,
+    /// to the other stages).
+    #[serde(default)]
+    pub compute_threads: Option<usize>,
 }
 
 fn default_telemetry_ms() -> u64 {

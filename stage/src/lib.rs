@@ -30,6 +30,13 @@ use std::time::Duration;
 
 /// Runs a stage until SIGTERM or SIGINT.
 pub fn run(cfg: StageConfig) -> anyhow::Result<()> {
+    if let Some(n) = cfg.compute_threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .thread_name(|i| format!("lime-compute-{i}"))
+            .build_global()
+            .context("sizing the compute thread pool")?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
