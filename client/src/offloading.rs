@@ -11,7 +11,7 @@
 
 use crate::ask::ask_all;
 use crate::cluster::{Budget, Cluster, ClusterSpec, Mode};
-use crate::serving::{requests, row, ServingRow};
+use crate::serving::{requests, row, sporadic, ServingRow};
 use lime_kernels::{
     Checkpoint, DType, DecoderLayer, Device, KvCache, MicroBatch, Rope, SeqSpan, Tensor,
 };
@@ -213,16 +213,14 @@ async fn measure(
     let timeout = Duration::from_secs(3600);
     ask_all(&cluster.broker, &requests(1, 4, 99), timeout, |_, _| {}).await?;
 
-    eprintln!(
-        "{mode}: sporadic, {} requests one at a time",
-        bench.sporadic
-    );
-    let mut answers = Vec::new();
-    let started = Instant::now();
-    for r in requests(bench.sporadic, bench.max_tokens, 0) {
-        answers.extend(ask_all(&cluster.broker, &[r], timeout, |_, _| {}).await?);
-    }
-    let sporadic = row(&mode.to_string(), "sporadic", &answers, started.elapsed())?;
+    let sporadic = sporadic(
+        &cluster.broker,
+        &mode.to_string(),
+        bench.sporadic,
+        bench.max_tokens,
+        timeout,
+    )
+    .await?;
     eprintln!(
         "{mode}: sporadic time per token {:.1} ms",
         sporadic.tpot_ms_p50
@@ -231,14 +229,11 @@ async fn measure(
     let before = telemetry_after(&cluster, &[], every).await?;
     eprintln!("{mode}: bursty, {} requests at once", bench.burst);
     let started = Instant::now();
-    let mut done = 0;
     let answers = ask_all(
         &cluster.broker,
         &requests(bench.burst, bench.max_tokens, 1),
         timeout,
-        |_, _| {
-            done += 1;
-        },
+        |_, _| {},
     )
     .await?;
     let bursty = row(&mode.to_string(), "bursty", &answers, started.elapsed())?;

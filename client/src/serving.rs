@@ -80,6 +80,24 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
     values[rank.min(values.len() - 1)]
 }
 
+/// Sends `n` requests one after the other, each when the previous has finished:
+/// the sporadic workload's row.
+pub(crate) async fn sporadic(
+    broker: &crate::mqtt::BrokerAddr,
+    setup: &str,
+    n: usize,
+    max_tokens: u32,
+    timeout: Duration,
+) -> anyhow::Result<ServingRow> {
+    eprintln!("{setup}: sporadic, {n} requests one at a time");
+    let mut answers = Vec::new();
+    let started = Instant::now();
+    for r in requests(n, max_tokens, 0) {
+        answers.extend(ask_all(broker, &[r], timeout, |_, _| {}).await?);
+    }
+    row(setup, "sporadic", &answers, started.elapsed())
+}
+
 pub(crate) fn row(
     setup: &str,
     workload: &str,
@@ -131,16 +149,14 @@ async fn measure(
     // Warm up caches and allocators.
     ask_all(&cluster.broker, &requests(2, 8, 99), timeout, |_, _| {}).await?;
 
-    eprintln!(
-        "{setup}: sporadic, {} requests one at a time",
-        bench.sporadic
-    );
-    let mut sporadic = Vec::new();
-    let started = Instant::now();
-    for r in requests(bench.sporadic, bench.max_tokens, 0) {
-        sporadic.extend(ask_all(&cluster.broker, &[r], timeout, |_, _| {}).await?);
-    }
-    let sporadic = row(&setup, "sporadic", &sporadic, started.elapsed())?;
+    let sporadic = sporadic(
+        &cluster.broker,
+        &setup,
+        bench.sporadic,
+        bench.max_tokens,
+        timeout,
+    )
+    .await?;
 
     eprintln!("{setup}: bursty, {} requests at once", bench.burst);
     let started = Instant::now();

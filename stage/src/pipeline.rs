@@ -152,6 +152,12 @@ impl Pipeline<'_> {
         for event in events {
             match event {
                 Event::Frame(Frame::Activations(a)) => {
+                    if let Err(e) = self.worker.admissible(&a) {
+                        tracing::error!(batch = a.batch(), chunk = a.chunk, error = %e, "micro-batch refused");
+                        let seqs = a.seqs.iter().map(|s| s.id).collect();
+                        self.fail(seqs, a.batches, format!("chunk {} refused: {e}", a.chunk));
+                        continue;
+                    }
                     let fits = groups
                         .iter_mut()
                         .find(|g| g.chunk == a.chunk && g.tokens() + a.tokens() <= cap);

@@ -316,6 +316,38 @@ impl Worker {
         Ok(())
     }
 
+    /// Whether a micro-batch that just arrived can run here: it passes its checks
+    /// and every sequence has its cache (or starts one). Checked before micro-batches
+    /// are merged, so that a stale one (sent before this stage restarted) fails
+    /// alone instead of taking the others down with it.
+    pub fn admissible(&self, act: &Activations) -> Result<(), String> {
+        if !self.owns(act.chunk) {
+            return Ok(());
+        }
+        act.check(self.config.hidden_size, self.config.max_context())
+            .map_err(|e| e.to_string())?;
+        if act.tokens() > self.activation_tokens {
+            return Err(format!(
+                "a micro-batch of {} tokens exceeds this stage's activation workspace of {} (memory.activation_tokens)",
+                act.tokens(),
+                self.activation_tokens
+            ));
+        }
+        for s in &act.seqs {
+            let fits = match self.caches.get(&s.id) {
+                Some(c) => c.capacity() >= (s.pos + s.len) as usize,
+                None => s.pos == 0,
+            };
+            if !fits {
+                return Err(format!(
+                    "sequence {} at position {} has no cache here (or it is too small)",
+                    s.id, s.pos
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Next-token logits `[rows, vocab]` for the given rows of a finished
     /// micro-batch (starter only).
     pub fn logits(&self, act: &Activations, rows: &[u32]) -> lime_kernels::Result<Tensor> {
