@@ -276,6 +276,18 @@ fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyho
         .block_on(f)
 }
 
+/// A benchmark's report as a table, and as JSON when asked.
+fn print_report(
+    report: &(impl std::fmt::Display + serde::Serialize),
+    json: bool,
+) -> anyhow::Result<()> {
+    println!("{report}");
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Synth {
@@ -390,11 +402,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     dir,
                 };
                 let report = block_on(lime::serving::run(&bench))?;
-                println!("{report}");
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
-                }
-                Ok(())
+                print_report(&report, json)
             }
             BenchCommand::Offload {
                 model,
@@ -430,20 +438,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .join(format!("lime-bench-offload-{}", std::process::id())),
                 };
                 let report = block_on(lime::offloading::run(&bench))?;
-                println!("{report}");
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
-                }
-                Ok(())
+                print_report(&report, json)
             }
             BenchCommand::Kernels { model, steps, json } => {
                 lime::synth::ensure(Preset::Bench, &model)?;
                 let report = lime::bench::kernels(&model, steps)?;
-                println!("{report}");
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
-                }
-                Ok(())
+                print_report(&report, json)
             }
         },
     }
