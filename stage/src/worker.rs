@@ -260,15 +260,7 @@ impl Worker {
                 act.chunk
             )));
         };
-        act.check(self.config.hidden_size, self.config.max_context())
-            .map_err(|e| lime_kernels::Error::Input(e.to_string()))?;
-        if act.tokens() > self.activation_tokens {
-            return Err(lime_kernels::Error::Input(format!(
-                "a micro-batch of {} tokens exceeds this stage's activation workspace of {} (memory.activation_tokens)",
-                act.tokens(),
-                self.activation_tokens
-            )));
-        }
+        self.check_shape(act).map_err(lime_kernels::Error::Input)?;
         let _span = tracing::debug_span!(
             "chunk",
             batch = act.batch(),
@@ -324,15 +316,7 @@ impl Worker {
         if !self.owns(act.chunk) {
             return Ok(());
         }
-        act.check(self.config.hidden_size, self.config.max_context())
-            .map_err(|e| e.to_string())?;
-        if act.tokens() > self.activation_tokens {
-            return Err(format!(
-                "a micro-batch of {} tokens exceeds this stage's activation workspace of {} (memory.activation_tokens)",
-                act.tokens(),
-                self.activation_tokens
-            ));
-        }
+        self.check_shape(act)?;
         for s in &act.seqs {
             let fits = match self.caches.get(&s.id) {
                 Some(c) => c.capacity() >= (s.pos + s.len) as usize,
@@ -344,6 +328,21 @@ impl Worker {
                     s.id, s.pos
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// The header agrees with the data and the model, and the micro-batch fits the
+    /// activation workspace.
+    fn check_shape(&self, act: &Activations) -> Result<(), String> {
+        act.check(self.config.hidden_size, self.config.max_context())
+            .map_err(|e| e.to_string())?;
+        if act.tokens() > self.activation_tokens {
+            return Err(format!(
+                "a micro-batch of {} tokens exceeds this stage's activation workspace of {} (memory.activation_tokens)",
+                act.tokens(),
+                self.activation_tokens
+            ));
         }
         Ok(())
     }
