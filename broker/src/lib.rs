@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod membership;
+pub mod planner;
 
 use anyhow::Context;
 use config::BrokerConfig;

@@ -171,6 +171,24 @@ impl Checkpoint {
         &self.config
     }
 
+    /// The model in the planner's units, with the stored dtype of its layers' own
+    /// tensors and the directory's name.
+    pub fn shape(&self) -> lime_schemas::ModelShape {
+        let stored = self
+            .tensors
+            .iter()
+            .filter(|(n, _)| n.starts_with("model.layers."))
+            .map(|(_, e)| (e.dtype.bitsize() / 8) as u32)
+            .max()
+            .unwrap_or(4);
+        let name = self
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
+        self.config.shape(&name, stored)
+    }
+
     /// Tokens that end a generation: `config.json`'s EOS ids and those of
     /// `generation_config.json`, which instruction-tuned checkpoints extend (Llama 3
     /// Instruct adds `<|eot_id|>` there).

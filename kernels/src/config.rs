@@ -289,6 +289,59 @@ impl Config {
         }
     }
 
+    /// The model in the planner's units, with weights stored `stored_dtype_bytes`
+    /// bytes per parameter.
+    pub fn shape(&self, name: &str, stored_dtype_bytes: u32) -> lime_schemas::ModelShape {
+        let (h, ffn) = (self.hidden_size as u64, self.intermediate_size as u64);
+        let q = (self.num_attention_heads * self.head_dim) as u64;
+        let kv = (self.num_key_value_heads * self.head_dim) as u64;
+        let qkv_bias = if self.qkv_bias { q + 2 * kv } else { 0 };
+        let o_bias = if self.o_bias { h } else { 0 };
+        let mlp_bias = if self.mlp_bias { 2 * ffn + h } else { 0 };
+        let vocab = self.vocab_size as u64;
+        lime_schemas::ModelShape {
+            name: name.to_owned(),
+            layers: self.num_hidden_layers,
+            hidden: self.hidden_size,
+            layer_params: 2 * h + h * (2 * q + 2 * kv) + 3 * h * ffn + qkv_bias + o_bias + mlp_bias,
+            largest_tensor_params: (h * ffn).max(h * q),
+            end_params: vocab * h
+                + h
+                + if self.tie_word_embeddings {
+                    0
+                } else {
+                    vocab * h
+                },
+            head_params: vocab * h,
+            kv_values_per_token: 2 * kv,
+            activation_values_per_token: self.activation_values_per_token(),
+            rope_values: (self.max_context() * self.head_dim) as u64,
+            max_context: self.max_context(),
+            stored_dtype_bytes,
+        }
+    }
+
+    /// f32 values a stage keeps per token of a micro-batch while computing a
+    /// layer: the hidden states in and out, the normed copies, queries, keys,
+    /// values, the attention output and the MLP's gate, up and product, plus the
+    /// wire buffers in and out.
+    pub fn activation_values_per_token(&self) -> u64 {
+        let h = self.hidden_size;
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        (9 * h + 2 * q + 2 * kv + 3 * self.intermediate_size) as u64
+    }
+
+    /// Bytes per parameter of the dtype `config.json` declares, if it names one.
+    pub fn declared_dtype_bytes(&self) -> Option<u32> {
+        match self.torch_dtype.as_deref()? {
+            "bfloat16" | "float16" => Some(2),
+            "float32" => Some(4),
+            "float64" => Some(8),
+            _ => None,
+        }
+    }
+
     /// Query heads that share one key/value head.
     pub fn kv_group(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads

@@ -6,6 +6,7 @@
 
 pub mod frame;
 pub mod plan;
+pub mod profile;
 pub mod reply;
 pub mod request;
 mod sampling;
@@ -15,6 +16,10 @@ pub mod topics;
 
 pub use frame::{Activations, Frame, FrameError, Hello, SeqSlot};
 pub use plan::{LayerRange, Plan, PlanChunk, PlanError, PlanStage};
+pub use profile::{
+    DeviceProfile, Link, LinkSpeed, Links, MeasuredCompute, ModelShape, ProfileError, ShapeKey,
+    TimePoint,
+};
 pub use reply::{ErrorCode, ErrorReply, Final, FinishReason, Reply, TextPiece, Timing, Usage};
 pub use request::{ChatMessage, Invalid, Request};
 pub use sampling::{SamplingError, SamplingParams};

@@ -8,12 +8,26 @@ pub const ERROR: &str = "lime/error";
 pub const PLAN: &str = "lime/control/plan";
 /// Every stage's retained status document.
 pub const STATUS_ALL: &str = "lime/status/+";
+/// Every stage's retained device profile.
+pub const PROFILE_ALL: &str = "lime/profile/+";
 /// Prefix of default reply topics, `lime/response/<id>`.
 pub const RESPONSE_PREFIX: &str = "lime/response/";
 
 /// A stage's retained status topic.
 pub fn status(stage: &str) -> String {
     format!("lime/status/{stage}")
+}
+
+/// A stage's retained device profile topic.
+pub fn profile(stage: &str) -> String {
+    format!("lime/profile/{stage}")
+}
+
+/// The stage a `lime/profile/<stage>` topic is about.
+pub fn stage_of_profile(topic: &str) -> Option<&str> {
+    topic
+        .strip_prefix("lime/profile/")
+        .filter(|s| !s.is_empty() && !s.contains('/'))
 }
 
 /// A stage's telemetry topic.

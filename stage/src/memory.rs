@@ -288,15 +288,9 @@ pub fn spread(layers: &[usize], count: usize) -> Vec<usize> {
         .collect()
 }
 
-/// The activation workspace of a micro-batch of `tokens` tokens: the hidden states
-/// in and out, the normed copies, queries, keys, values, the attention output and
-/// the MLP's gate, up and product, all in f32, plus the wire buffers in and out.
+/// The activation workspace of a micro-batch of `tokens` tokens, all in f32.
 pub fn activation_bytes(cfg: &Config, tokens: usize) -> u64 {
-    let h = cfg.hidden_size;
-    let q = cfg.num_attention_heads * cfg.head_dim;
-    let kv = cfg.num_key_value_heads * cfg.head_dim;
-    let per_token = 9 * h + 2 * q + 2 * kv + 3 * cfg.intermediate_size;
-    (tokens * per_token * 4) as u64
+    tokens as u64 * cfg.activation_values_per_token() * 4
 }
 
 /// KV bytes of one sequence of `tokens` tokens over `layers` layers, as

@@ -1,0 +1,329 @@
+//! The cost model of DESIGN.md: what a plan costs in time and memory on given
+//! devices and links.
+//!
+//! Units: seconds and bytes. Notation, per device `d` and micro-batch of `b` tokens:
+//! `c_d(b)` one layer's compute, `e_d(b)` the starter's ends (embedding, head,
+//! sampling), `ρ_d = W / R_d` one layer's read, `s_d` its slots, and per hop
+//! `t(b) = λ + b·hidden·4 / B` (activations travel in f32).
+//!
+//! **Time.** A stage owns `v` chunks; chunk `i` has `n_i` layers of which `q_i`
+//! are offloaded. Between two visits the loader prefetches up to `s` offloaded
+//! layers, so a visit waits only for the rest, read one after another while the
+//! visit's offloaded layers compute (resident layers are not counted as hiding
+//! reads, which keeps the model pessimistic there):
+//!
+//! ```text
+//! visit(n, q)  = n·c + stall(q)
+//! stall(q)     = 0                          if q ≤ s
+//!              = (q − 1)·ρ                  if s = 1
+//!              = max(0, (q − s)·ρ − (q − 2)·c)  otherwise
+//! ```
+//!
+//! A micro-batch's ring pass is `P(b) = Σ visits + e(b) + v·Σ_hops t(b)`. Each
+//! stage's loader must also read all its `o_d` offloaded layers once per token:
+//! `Λ_d = o_d·ρ_d` (with one slot it cannot read while the slot's layer computes:
+//! `o_d·(ρ_d + c_d)`). Then:
+//!
+//! - **sporadic** (one sequence): time per token `T = max(P(1), max_d Λ_d)`.
+//! - **bursty** (`N` sequences as `k` micro-batches of `b = ⌈N/k⌉`): a round, in
+//!   which every sequence gains a token, takes
+//!   `Y = max(P(b), max_d k·(m_d·c_d(b) + e_d(b)), max_d k·Λ_d, max_hop k·v·t(b))`
+//!   (the pass, each stage's busy time, each loader reading once per micro-batch,
+//!   each link's busy time); tokens/s `= N / Y`.
+//! - **TTFT**: the prompt's prefill passes (`activation_tokens` at a time, with
+//!   prefill compute times), each `max(P, max_d Λ_d)`.
+//!
+//! **Memory.** A stage holding `m` layers, `o` of them offloaded through `s` slots:
+//! `rope + activations(activation_tokens) + KV(concurrency·context·m)
+//! + (m − o)·layer + [o > 0]·(read buffer + s·layer)`, plus the embedding and
+//! head at the starter: the stage's own account (`lime_stage::memory`), with KV
+//! reserved for the whole workload.
+
+use lime_schemas::{DeviceProfile, LinkSpeed, ModelShape, TimePoint};
+
+/// What the cluster will be asked to do.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Workload {
+    pub kind: WorkloadKind,
+    /// Sequences generating at once (1 when sporadic).
+    pub concurrency: usize,
+    /// Tokens of context each sequence's KV cache must hold.
+    pub context: usize,
+    /// Prompt length for the TTFT prediction.
+    pub prompt_tokens: usize,
+}
+
+/// Which figure the planner optimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkloadKind {
+    /// Requests one at a time: minimise time per token.
+    Sporadic,
+    /// Many requests at once: maximise tokens/s.
+    Bursty,
+}
+
+impl std::str::FromStr for WorkloadKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sporadic" => Ok(Self::Sporadic),
+            "bursty" => Ok(Self::Bursty),
+            o => Err(format!("unknown workload {o:?}: sporadic or bursty")),
+        }
+    }
+}
+
+impl Workload {
+    pub fn sporadic(context: usize) -> Self {
+        Self {
+            kind: WorkloadKind::Sporadic,
+            concurrency: 1,
+            context,
+            prompt_tokens: 128,
+        }
+    }
+
+    pub fn bursty(concurrency: usize, context: usize) -> Self {
+        Self {
+            kind: WorkloadKind::Bursty,
+            concurrency: concurrency.max(1),
+            context,
+            prompt_tokens: 128,
+        }
+    }
+}
+
+/// Runtime settings the plan will run under (the stages' defaults).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Runtime {
+    /// Most slots a stage streams through.
+    pub max_slots: usize,
+    /// Largest micro-batch in tokens (its workspace is in every stage's budget).
+    pub activation_tokens: usize,
+    /// Largest interleave degree considered.
+    pub max_interleave: usize,
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Self {
+            max_slots: 2,
+            activation_tokens: 512,
+            max_interleave: 8,
+        }
+    }
+}
+
+/// One device's figures for one model, precomputed.
+#[derive(Debug, Clone)]
+pub struct DeviceCosts<'a> {
+    pub profile: &'a DeviceProfile,
+    shape: &'a ModelShape,
+    /// One layer in memory.
+    pub layer: u64,
+    /// One layer's read from storage, seconds.
+    pub read_s: f64,
+    pub read_buffer: u64,
+    /// Rotary tables and the activation workspace.
+    pub fixed: u64,
+    /// Embedding, final norm and head: the starter's extra.
+    pub ends: u64,
+    /// KV for the workload, per layer (cached in the dtype weights are held in).
+    pub kv_per_layer: u64,
+}
+
+impl<'a> DeviceCosts<'a> {
+    pub fn new(
+        profile: &'a DeviceProfile,
+        shape: &'a ModelShape,
+        workload: &Workload,
+        runtime: &Runtime,
+    ) -> Self {
+        let wb = profile.weight_bytes.unwrap_or(shape.stored_dtype_bytes) as u64;
+        let stored = shape.stored_dtype_bytes as u64;
+        // Narrow stored dtypes widened in memory, and direct reads, go through an
+        // aligned buffer of the largest tensor (as `StagingBuffer` sizes it).
+        let read_buffer = if profile.direct_io || stored != wb {
+            shape.largest_tensor_params * stored + 3 * 4096
+        } else {
+            0
+        };
+        let tokens = (workload.concurrency * workload.context.min(shape.max_context)) as u64;
+        Self {
+            profile,
+            shape,
+            layer: shape.layer_params * wb,
+            read_s: shape.layer_read_bytes() as f64 / profile.read_bytes_per_s,
+            read_buffer,
+            fixed: shape.rope_values * 4
+                + runtime.activation_tokens as u64 * shape.activation_values_per_token * 4,
+            ends: shape.end_params * wb,
+            kv_per_layer: tokens * shape.kv_values_per_token * wb,
+        }
+    }
+
+    /// Memory of a stage holding `m` layers, `o` of them streamed through `slots`.
+    pub fn memory(&self, m: usize, o: usize, slots: usize, starter: bool) -> u64 {
+        let streaming = if o > 0 {
+            self.read_buffer + slots as u64 * self.layer
+        } else {
+            0
+        };
+        self.fixed
+            + if starter { self.ends } else { 0 }
+            + self.kv_per_layer * m as u64
+            + (m - o) as u64 * self.layer
+            + streaming
+    }
+
+    /// The most slots (up to `max_slots`) that fit with `o` of `m` layers streamed,
+    /// `Some(0)` when nothing is streamed and everything fits, `None` when it does
+    /// not fit at all.
+    pub fn slots(&self, m: usize, o: usize, starter: bool, max_slots: usize) -> Option<usize> {
+        let budget = self.profile.memory_bytes;
+        if o == 0 {
+            return (self.memory(m, 0, 0, starter) <= budget).then_some(0);
+        }
+        (1..=max_slots.min(o).max(1))
+            .rev()
+            .find(|&s| self.memory(m, o, s, starter) <= budget)
+    }
+
+    /// One layer's compute over a decode micro-batch of `tokens` sequences.
+    pub fn layer_s(&self, tokens: usize) -> f64 {
+        match self.measured(|m| &m.decode) {
+            Some(points) => interpolate(points, tokens),
+            None => self.roofline(self.layer as f64, self.shape.layer_params, tokens),
+        }
+    }
+
+    /// One layer's compute over a prefill of `tokens` tokens of one sequence.
+    pub fn prefill_s(&self, tokens: usize) -> f64 {
+        match self.measured(|m| &m.prefill) {
+            Some(points) if !points.is_empty() => interpolate(points, tokens),
+            _ => self.roofline(self.layer as f64, self.shape.layer_params, tokens),
+        }
+    }
+
+    /// The starter's ends over `tokens` rows.
+    pub fn ends_s(&self, tokens: usize) -> f64 {
+        match self.measured(|m| &m.ends) {
+            Some(points) if !points.is_empty() => interpolate(points, tokens),
+            _ => {
+                let wb = self.layer as f64 / self.shape.layer_params.max(1) as f64;
+                self.roofline(
+                    self.shape.head_params as f64 * wb,
+                    self.shape.head_params,
+                    tokens,
+                )
+            }
+        }
+    }
+
+    fn measured(
+        &self,
+        pick: impl Fn(&lime_schemas::MeasuredCompute) -> &Vec<TimePoint>,
+    ) -> Option<&[TimePoint]> {
+        let m = self.profile.measured.as_ref()?;
+        self.shape.matches(&m.model).then(|| pick(m).as_slice())
+    }
+
+    /// Weights streamed through memory once, or the arithmetic, whichever is longer.
+    fn roofline(&self, bytes: f64, params: u64, tokens: usize) -> f64 {
+        let p = self.profile;
+        p.layer_overhead_s
+            + (bytes / p.memory_bandwidth_bytes_per_s)
+                .max(2.0 * params as f64 * tokens as f64 / p.flops)
+    }
+}
+
+/// Piecewise-linear in tokens through the measured points, extended along the
+/// last segment beyond them (flat below the first).
+pub fn interpolate(points: &[TimePoint], tokens: usize) -> f64 {
+    let mut sorted: Vec<TimePoint> = points.to_vec();
+    sorted.sort_by_key(|p| p.tokens);
+    let t = tokens as f64;
+    match sorted.as_slice() {
+        [] => 0.0,
+        [only] => only.seconds * (t / only.tokens as f64).max(1.0),
+        [first, ..] if tokens <= first.tokens => first.seconds,
+        _ => {
+            let i = sorted
+                .windows(2)
+                .position(|w| tokens <= w[1].tokens)
+                .unwrap_or(sorted.len() - 2);
+            let (a, b) = (sorted[i], sorted[i + 1]);
+            let slope = (b.seconds - a.seconds) / (b.tokens - a.tokens).max(1) as f64;
+            (a.seconds + slope * (t - a.tokens as f64)).max(0.0)
+        }
+    }
+}
+
+/// The wait of one visit with `q` offloaded layers (see the module docs).
+pub fn stall(q: usize, slots: usize, read_s: f64, layer_s: f64) -> f64 {
+    if q <= slots {
+        return 0.0;
+    }
+    let late = (q - slots) as f64;
+    if slots <= 1 {
+        late * read_s
+    } else {
+        (late * read_s - (q as f64 - 2.0) * layer_s).max(0.0)
+    }
+}
+
+/// The loader's time per token: every offloaded layer read once.
+pub fn loader_s(offloaded: usize, slots: usize, read_s: f64, layer_s: f64) -> f64 {
+    if offloaded == 0 {
+        0.0
+    } else if slots <= 1 {
+        offloaded as f64 * (read_s + layer_s)
+    } else {
+        offloaded as f64 * read_s
+    }
+}
+
+/// Time to send one micro-batch of `tokens` tokens over `link`.
+pub fn hop_s(shape: &ModelShape, link: LinkSpeed, tokens: usize) -> f64 {
+    // The frame's header and per-sequence slots are small next to the rows.
+    link.transfer_s(shape.activation_wire_bytes(tokens) + 64 + 16 * tokens as u64)
+}
+
+/// The hop's bandwidth part only (its busy time), without latency.
+pub fn hop_busy_s(shape: &ModelShape, link: LinkSpeed, tokens: usize) -> f64 {
+    (shape.activation_wire_bytes(tokens) + 64 + 16 * tokens as u64) as f64 / link.bytes_per_s()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interpolation_follows_the_points() {
+        let pts = [
+            TimePoint {
+                tokens: 1,
+                seconds: 1.0,
+            },
+            TimePoint {
+                tokens: 5,
+                seconds: 2.0,
+            },
+        ];
+        assert_eq!(interpolate(&pts, 1), 1.0);
+        assert_eq!(interpolate(&pts, 3), 1.5);
+        assert_eq!(interpolate(&pts, 9), 3.0);
+        assert_eq!(interpolate(&pts[..1], 4), 4.0);
+    }
+
+    #[test]
+    fn stalls_grow_with_what_slots_cannot_prefetch() {
+        assert_eq!(stall(2, 2, 10.0, 1.0), 0.0);
+        assert_eq!(stall(3, 1, 10.0, 1.0), 20.0);
+        assert_eq!(stall(4, 2, 10.0, 1.0), 18.0);
+        // Reads faster than compute hide behind the offloaded layers' own compute.
+        assert_eq!(stall(4, 2, 0.5, 1.0), 0.0);
+        assert_eq!(loader_s(3, 1, 10.0, 1.0), 33.0);
+        assert_eq!(loader_s(3, 2, 10.0, 1.0), 30.0);
+    }
+}
