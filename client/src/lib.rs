@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod generate;
 pub mod mqtt;
 pub mod offloading;
+pub mod plan;
 pub mod progress;
 pub mod serving;
 pub mod status;

@@ -39,6 +39,9 @@ enum Command {
     Up(UpCli),
     /// Send a prompt to a cluster and stream the answer.
     Ask(AskCli),
+    /// Plan a model's partition over devices: chunks, order, interleave, resident
+    /// sets, with the predicted TTFT, time per token and tokens/s.
+    Plan(PlanCli),
     /// Show the stages of a cluster, from their retained status.
     Status {
         /// MQTT 5 listener of the cluster's broker.
@@ -255,6 +258,46 @@ struct GenerateCli {
     logits_out: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct PlanCli {
+    /// A checkpoint directory, or a `config.json` alone.
+    #[arg(long)]
+    model: PathBuf,
+    /// Device profiles: one profile, or a list of `[[device]]` entries (TOML or JSON).
+    #[arg(long)]
+    devices: PathBuf,
+    /// The network: a default link and exceptions (TOML or JSON).
+    #[arg(long)]
+    links: PathBuf,
+    /// sporadic (minimise time per token) or bursty (maximise tokens/s).
+    #[arg(long, default_value = "sporadic")]
+    workload: lime_broker::planner::WorkloadKind,
+    /// Sequences generating at once, for the bursty workload.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Tokens of context each sequence's KV cache is planned for.
+    #[arg(long, default_value_t = 4096)]
+    context: usize,
+    /// Prompt length for the predicted time to first token.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Most layer slots a stage streams through.
+    #[arg(long, default_value_t = 2)]
+    max_slots: usize,
+    /// The stages' activation workspace in tokens.
+    #[arg(long, default_value_t = 512)]
+    activation_tokens: usize,
+    /// Largest interleave degree considered.
+    #[arg(long, default_value_t = 8)]
+    max_interleave: usize,
+    /// Also print the plan document as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Write the plan document here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -367,6 +410,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("{}", lime::ask::summary(&done));
             Ok(())
         }
+        Command::Plan(p) => lime::plan::run(&lime::plan::PlanArgs {
+            model: p.model,
+            devices: p.devices,
+            links: p.links,
+            workload: p.workload,
+            concurrency: p.concurrency,
+            context: p.context,
+            prompt_tokens: p.prompt_tokens,
+            runtime: lime_broker::planner::Runtime {
+                max_slots: p.max_slots,
+                activation_tokens: p.activation_tokens,
+                max_interleave: p.max_interleave,
+            },
+            json: p.json,
+            out: p.out,
+        }),
         Command::Status { broker } => {
             let broker = lime::mqtt::BrokerAddr::parse(&broker)?;
             let stages = block_on(lime::status::collect(

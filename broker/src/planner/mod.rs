@@ -6,6 +6,7 @@
 //! together and renders the result for people.
 
 pub mod cost;
+pub mod files;
 pub mod solver;
 
 pub use cost::{Runtime, Workload, WorkloadKind};

@@ -1,0 +1,87 @@
+//! `lime plan`: the planner on a model and a set of device profiles, printing the
+//! plan and what the cost model predicts for it.
+
+use anyhow::Context;
+use lime_broker::planner::{self, files, Runtime, Workload, WorkloadKind};
+use lime_kernels::{Checkpoint, Config};
+use lime_schemas::ModelShape;
+use std::path::{Path, PathBuf};
+
+/// What to plan.
+#[derive(Debug, Clone)]
+pub struct PlanArgs {
+    /// A checkpoint directory, or a `config.json` alone (a model you do not have).
+    pub model: PathBuf,
+    pub devices: PathBuf,
+    pub links: PathBuf,
+    pub workload: WorkloadKind,
+    pub concurrency: usize,
+    pub context: usize,
+    pub prompt_tokens: usize,
+    pub runtime: Runtime,
+    pub json: bool,
+    /// Write the plan (the `lime/control/plan` document) here.
+    pub out: Option<PathBuf>,
+}
+
+/// The model's shape: from the checkpoint's headers when there are weights, else
+/// from `config.json` with the dtype it declares (bf16 when it declares none).
+pub fn model_shape(path: &Path) -> anyhow::Result<ModelShape> {
+    let has_weights = path.is_dir()
+        && (path.join("model.safetensors").is_file()
+            || path.join("model.safetensors.index.json").is_file());
+    if has_weights {
+        return Ok(Checkpoint::open(path)?.shape());
+    }
+    let file = if path.is_dir() {
+        path.join("config.json")
+    } else {
+        path.to_path_buf()
+    };
+    let cfg = Config::from_file(&file)?;
+    let name = file
+        .parent()
+        .filter(|_| file.file_name().is_some_and(|n| n == "config.json"))
+        .and_then(|d| d.file_name())
+        .or_else(|| file.file_stem())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    Ok(cfg.shape(&name, cfg.declared_dtype_bytes().unwrap_or(2)))
+}
+
+pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
+    let shape = model_shape(&args.model)
+        .with_context(|| format!("reading the model {}", args.model.display()))?;
+    let devices = files::load_devices(&args.devices)?;
+    let links = files::load_links(&args.links)?;
+    let workload = Workload {
+        kind: args.workload,
+        concurrency: match args.workload {
+            WorkloadKind::Sporadic => 1,
+            WorkloadKind::Bursty => args.concurrency.max(1),
+        },
+        context: args.context,
+        prompt_tokens: args.prompt_tokens,
+    };
+    let problem = planner::Problem {
+        shape: &shape,
+        devices: &devices,
+        links: &links,
+        workload,
+        runtime: args.runtime,
+    };
+    let started = std::time::Instant::now();
+    let planned = planner::plan(&problem, 1)?;
+    let took = started.elapsed();
+    print!("{}", planner::render(&problem, &planned));
+    println!("planned in {:.0} ms", took.as_secs_f64() * 1e3);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&planned.plan)?);
+    }
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_string_pretty(&planned.plan)?)
+            .with_context(|| format!("writing {}", out.display()))?;
+        println!("plan written to {}", out.display());
+    }
+    Ok(())
+}
