@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -23,6 +23,51 @@ pub struct BrokerConfig {
     pub max_connections: usize,
     /// Username → password. When set, every client must log in.
     pub users: Option<HashMap<String, String>>,
+    /// The planner that turns the stages' profiles into the plan.
+    pub planner: PlannerConfig,
+}
+
+/// When and for what the broker plans.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlannerConfig {
+    /// Plan once this many stages have published their profiles; 0 leaves
+    /// planning to a plan file or `lime plan`.
+    pub stages: usize,
+    /// The network (`lime plan --links` format); absent, every link is taken to
+    /// have the default speed below.
+    pub links_file: Option<PathBuf>,
+    pub default_mbit_per_s: f64,
+    pub default_latency_ms: f64,
+    /// `sporadic` (minimise time per token) or `bursty` (maximise tokens/s).
+    pub workload: String,
+    /// Sequences at once for the bursty workload (KV is planned for them all).
+    pub concurrency: usize,
+    /// Tokens of context each sequence's KV cache is planned for.
+    pub context: usize,
+    pub prompt_tokens: usize,
+    /// The stages' settings the plan assumes (their defaults).
+    pub max_slots: usize,
+    pub activation_tokens: usize,
+    pub max_interleave: usize,
+}
+
+impl Default for PlannerConfig {
+    fn default() -> Self {
+        Self {
+            stages: 0,
+            links_file: None,
+            default_mbit_per_s: 1000.0,
+            default_latency_ms: 0.2,
+            workload: "sporadic".into(),
+            concurrency: 16,
+            context: 4096,
+            prompt_tokens: 128,
+            max_slots: 2,
+            activation_tokens: 512,
+            max_interleave: 8,
+        }
+    }
 }
 
 impl Default for BrokerConfig {
@@ -35,6 +80,7 @@ impl Default for BrokerConfig {
             connection_timeout_ms: 10_000,
             max_connections: 1024,
             users: None,
+            planner: PlannerConfig::default(),
         }
     }
 }
@@ -74,6 +120,20 @@ impl BrokerConfig {
             "max_payload_bytes must be between 1 KiB and 256 MiB"
         );
         anyhow::ensure!(self.max_inflight > 0, "max_inflight must be positive");
+        let p = &self.planner;
+        anyhow::ensure!(
+            p.workload.parse::<crate::planner::WorkloadKind>().is_ok(),
+            "planner.workload must be sporadic or bursty, not {:?}",
+            p.workload
+        );
+        anyhow::ensure!(
+            p.default_mbit_per_s.is_finite() && p.default_mbit_per_s > 0.0,
+            "planner.default_mbit_per_s must be positive"
+        );
+        anyhow::ensure!(
+            p.context > 0 && p.activation_tokens > 0 && p.max_interleave > 0,
+            "planner.context, activation_tokens and max_interleave must be positive"
+        );
         if let Some(users) = &self.users {
             anyhow::ensure!(!users.is_empty(), "`users` is set but empty");
         }

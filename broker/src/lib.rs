@@ -1,10 +1,12 @@
 //! lime-broker: the control plane. An embedded rumqttd serves MQTT 3.1.1 and 5 so
 //! that a field box needs no other broker, and the broker follows stage membership
-//! from the retained status topics. (The planner joins it in a later issue.)
+//! from the retained status topics. Its planner ([`planner`], run by
+//! [`planning`]) turns the stages' profiles into the retained plan.
 
 pub mod config;
 pub mod membership;
 pub mod planner;
+pub mod planning;
 
 use anyhow::Context;
 use config::BrokerConfig;
@@ -46,6 +48,24 @@ pub fn run(cfg: &BrokerConfig) -> anyhow::Result<()> {
                 }
             }
         })?;
+    if cfg.planner.stages > 0 {
+        let planner_cfg = cfg.clone();
+        std::thread::Builder::new()
+            .name("planner".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(planning::run(planner_cfg)),
+                    Err(e) => tracing::error!(error = %e, "planner not started"),
+                }
+            })?;
+        tracing::info!(
+            stages = cfg.planner.stages,
+            "planner waiting for stage profiles"
+        );
+    }
     tracing::info!(v4 = %cfg.v4_listen, v5 = %cfg.v5_listen, auth = cfg.users.is_some(), "MQTT broker starting");
     broker.start().context("running the MQTT broker")?;
     Ok(())

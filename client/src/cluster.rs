@@ -47,6 +47,39 @@ pub struct ClusterSpec {
     pub telemetry_ms: Option<u64>,
     /// Compute threads per stage (absent: one per core).
     pub compute_threads: Option<usize>,
+    /// Let lime-broker's planner make the plan from the stages' profiles
+    /// (instead of `interleave`, `cuts` and the budget's offloaded sets).
+    pub planner: Option<PlannerSpec>,
+}
+
+/// What the broker's planner is told (see `lime_broker::config::PlannerConfig`).
+#[derive(Debug, Clone)]
+pub struct PlannerSpec {
+    /// `sporadic` or `bursty`.
+    pub workload: String,
+    pub concurrency: usize,
+    /// Tokens of KV each sequence is planned for (also the stages' reserve).
+    pub context: usize,
+    /// Each stage's profile file; absent, each stage is measured in turn before
+    /// the cluster starts (`lime-stage --profile`), so that no two measurements
+    /// share the machine.
+    pub profiles: Option<Vec<PathBuf>>,
+    /// The network the planner assumes: Mb/s and latency in ms of every hop.
+    pub link_mbit_per_s: f64,
+    pub link_latency_ms: f64,
+}
+
+impl PlannerSpec {
+    pub fn new(workload: &str, concurrency: usize, context: usize) -> Self {
+        Self {
+            workload: workload.into(),
+            concurrency,
+            context,
+            profiles: None,
+            link_mbit_per_s: 10_000.0,
+            link_latency_ms: 0.05,
+        }
+    }
 }
 
 /// The system a cluster runs: lime, or a baseline built from the same binary so
@@ -110,9 +143,33 @@ pub struct MemorySpec {
     pub max_slots: Option<usize>,
     pub activation_tokens: Option<usize>,
     pub kv_reserve_tokens: Option<usize>,
+    /// Per-stage budgets in bytes, in stage order (heterogeneous devices);
+    /// overrides `budget` when not empty.
+    pub stage_budget_bytes: Vec<u64>,
+    /// Per-stage emulated read bandwidths in MB/s; overrides `read_mb_per_s`.
+    pub stage_read_mb_per_s: Vec<f64>,
 }
 
 impl MemorySpec {
+    /// Stage `i`'s budget when given per stage or in bytes.
+    fn stage_budget(&self, i: usize) -> Option<u64> {
+        self.stage_budget_bytes
+            .get(i)
+            .copied()
+            .or(match self.budget {
+                Budget::Bytes(b) => Some(b),
+                _ => None,
+            })
+    }
+
+    /// Stage `i`'s emulated read bandwidth.
+    fn stage_read(&self, i: usize) -> Option<f64> {
+        self.stage_read_mb_per_s
+            .get(i)
+            .copied()
+            .or(self.read_mb_per_s)
+    }
+
     /// The stage settings these give, before the budget.
     fn config(&self, mode: Mode) -> MemoryConfig {
         let defaults = MemoryConfig::default();
@@ -174,6 +231,7 @@ impl ClusterSpec {
             memory: MemorySpec::default(),
             telemetry_ms: None,
             compute_threads: None,
+            planner: None,
         }
     }
 }
@@ -227,6 +285,7 @@ fn stage_budgets(
         let n = counts[i];
         let costs = Costs::of(&ckpt, n, i == 0, &memory)?;
         let budget = match spec.memory.budget {
+            _ if !spec.memory.stage_budget_bytes.is_empty() => spec.memory.stage_budget(i),
             Budget::Unlimited => None,
             Budget::Bytes(b) => Some(b),
             Budget::ShareFraction(f) => {
@@ -269,6 +328,116 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// One stage's settings file.
+struct StageSettings<'a> {
+    name: &'a str,
+    model: &'a Path,
+    plan_file: Option<&'a Path>,
+    listen: Option<&'a str>,
+    budget: Option<u64>,
+    read_mb_per_s: Option<f64>,
+    profile_file: Option<&'a Path>,
+}
+
+impl StageSettings<'_> {
+    /// The TOML (top-level keys before any table).
+    fn to_toml(&self, spec: &ClusterSpec, broker: &BrokerAddr) -> String {
+        let mut toml = format!(
+            "name = {:?}\nmodel = {:?}\n",
+            self.name,
+            self.model.display().to_string()
+        );
+        if let Some(plan) = self.plan_file {
+            toml.push_str(&format!("plan_file = {:?}\n", plan.display().to_string()));
+        }
+        if let Some(profile) = self.profile_file {
+            toml.push_str(&format!(
+                "profile_file = {:?}\n",
+                profile.display().to_string()
+            ));
+        }
+        if let Some(ms) = spec.telemetry_ms {
+            toml.push_str(&format!("telemetry_ms = {ms}\n"));
+        }
+        if let Some(n) = spec.compute_threads {
+            toml.push_str(&format!("compute_threads = {n}\n"));
+        }
+        toml.push_str(&format!(
+            "\n[broker]\nhost = {:?}\nport = {}\n",
+            broker.host, broker.port
+        ));
+        if let (Some(u), Some(p)) = (&broker.username, &broker.password) {
+            toml.push_str(&format!("username = {u:?}\npassword = {p:?}\n"));
+        }
+        if let Some(listen) = self.listen {
+            toml.push_str(&format!("\n[data]\nlisten = {listen:?}\n"));
+        }
+        toml.push_str(&format!(
+            "\n[starter]\nmax_inflight = {}\n",
+            if spec.mode == Mode::Naive {
+                1
+            } else {
+                spec.max_inflight
+            }
+        ));
+        if spec.mode == Mode::Naive {
+            toml.push_str("max_sequences = 1\n");
+        }
+        let memory = spec.memory.config(spec.mode);
+        toml.push_str(&format!(
+            "\n[memory]\nmax_slots = {}\nprefetch = {}\ndirect_io = {}\nactivation_tokens = {}\n",
+            memory.max_slots, memory.prefetch, memory.direct_io, memory.activation_tokens
+        ));
+        if let Some(b) = self.budget {
+            toml.push_str(&format!("budget_bytes = {b}\n"));
+        }
+        if let Some(r) = self.read_mb_per_s {
+            toml.push_str(&format!("read_mb_per_s = {r}\n"));
+        }
+        let reserve = spec
+            .planner
+            .as_ref()
+            .map(|p| p.context)
+            .or(memory.kv_reserve_tokens);
+        if let Some(k) = reserve {
+            toml.push_str(&format!("kv_reserve_tokens = {k}\n"));
+        }
+        toml
+    }
+}
+
+/// Each stage measured in turn with its own settings (`lime-stage --profile`).
+fn measure_profiles(
+    spec: &ClusterSpec,
+    configs: &[(String, String)],
+) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = Vec::with_capacity(configs.len());
+    for (name, toml) in configs {
+        let config = spec.dir.join(format!("{name}.profile.toml"));
+        std::fs::write(&config, toml)?;
+        let out = spec.dir.join(format!("{name}.profile.json"));
+        eprintln!("profiling {name} (lime-stage --profile)");
+        let log = std::fs::File::create(spec.dir.join(format!("{name}.profile.log")))?;
+        let status = Command::new(sibling_binary("lime-stage")?)
+            .arg("--config")
+            .arg(&config)
+            .arg("--profile")
+            .arg("--out")
+            .arg(&out)
+            .env("RUST_LOG", &spec.log)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .status()?;
+        anyhow::ensure!(
+            status.success(),
+            "profiling {name} failed ({status}); see {}",
+            spec.dir.join(format!("{name}.profile.log")).display()
+        );
+        files.push(out);
+    }
+    Ok(files)
+}
+
 impl Cluster {
     pub async fn start(spec: &ClusterSpec) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&spec.dir)
@@ -293,23 +462,35 @@ impl Cluster {
         let epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_secs();
-        let plan = match &spec.cuts {
-            Some(cuts) => Plan::from_cuts(epoch, stages, cuts, layers)?,
-            None => Plan::even(
-                epoch,
-                stages,
-                if spec.mode == Mode::Lime {
-                    spec.interleave
-                } else {
-                    1
-                },
-                layers,
-            )?,
-        };
-        let mut plan = plan;
-        let budgets = stage_budgets(&spec.model, &mut plan, spec)?;
         let plan_path = spec.dir.join("plan.json");
-        std::fs::write(&plan_path, serde_json::to_string_pretty(&plan)?)?;
+        let (plan, budgets) = if spec.planner.is_some() {
+            // The broker's plan replaces this placeholder once it is published.
+            let plan = Plan::even(epoch, stages, 1, layers)?;
+            let budgets = plan
+                .stages
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.name.clone(), spec.memory.stage_budget(i)))
+                .collect();
+            (plan, budgets)
+        } else {
+            let mut plan = match &spec.cuts {
+                Some(cuts) => Plan::from_cuts(epoch, stages, cuts, layers)?,
+                None => Plan::even(
+                    epoch,
+                    stages,
+                    if spec.mode == Mode::Lime {
+                        spec.interleave
+                    } else {
+                        1
+                    },
+                    layers,
+                )?,
+            };
+            let budgets = stage_budgets(&spec.model, &mut plan, spec)?;
+            std::fs::write(&plan_path, serde_json::to_string_pretty(&plan)?)?;
+            (plan, budgets)
+        };
 
         let mut cluster = Self {
             children: Vec::new(),
@@ -319,6 +500,31 @@ impl Cluster {
             dir: spec.dir.clone(),
             stage_env: spec.stage_env.clone(),
             log: spec.log.clone(),
+        };
+        // Stage configs first: the broker's planner needs their profiles.
+        let model = std::fs::canonicalize(&spec.model)?;
+        let mut configs = Vec::new();
+        for (i, stage) in plan.stages.iter().enumerate() {
+            let settings = StageSettings {
+                name: &stage.name,
+                model: &model,
+                plan_file: spec.planner.is_none().then_some(plan_path.as_path()),
+                listen: spec.planner.is_some().then_some(stage.data_addr.as_str()),
+                budget: budgets.get(&stage.name).copied().flatten(),
+                read_mb_per_s: spec.memory.stage_read(i),
+                profile_file: None,
+            };
+            configs.push((
+                stage.name.clone(),
+                settings.to_toml(spec, &BrokerAddr::parse("127.0.0.1:1")?),
+            ));
+        }
+        let profiles = match &spec.planner {
+            Some(p) => Some(match &p.profiles {
+                Some(files) => files.clone(),
+                None => measure_profiles(spec, &configs)?,
+            }),
+            None => None,
         };
         cluster.broker = match &spec.external_broker {
             Some(b) => b.clone(),
@@ -337,75 +543,94 @@ impl Cluster {
                 cmd.env("LIME_BROKER_V4_LISTEN", format!("127.0.0.1:{v4}"))
                     .env("LIME_BROKER_V5_LISTEN", format!("127.0.0.1:{v5}"))
                     .envs(spec.broker_env.iter().cloned());
+                if let Some(p) = &spec.planner {
+                    let memory = spec.memory.config(spec.mode);
+                    cmd.envs([
+                        ("LIME_BROKER_PLANNER__STAGES", spec.stages.to_string()),
+                        ("LIME_BROKER_PLANNER__WORKLOAD", p.workload.clone()),
+                        (
+                            "LIME_BROKER_PLANNER__CONCURRENCY",
+                            p.concurrency.to_string(),
+                        ),
+                        ("LIME_BROKER_PLANNER__CONTEXT", p.context.to_string()),
+                        (
+                            "LIME_BROKER_PLANNER__MAX_SLOTS",
+                            memory.max_slots.to_string(),
+                        ),
+                        (
+                            "LIME_BROKER_PLANNER__ACTIVATION_TOKENS",
+                            memory.activation_tokens.to_string(),
+                        ),
+                        (
+                            "LIME_BROKER_PLANNER__DEFAULT_MBIT_PER_S",
+                            p.link_mbit_per_s.to_string(),
+                        ),
+                        (
+                            "LIME_BROKER_PLANNER__DEFAULT_LATENCY_MS",
+                            p.link_latency_ms.to_string(),
+                        ),
+                    ]);
+                }
                 cluster.spawn("broker", cmd, &spec.log)?;
                 cluster.v4_port = Some(v4);
                 BrokerAddr::parse(&format!("127.0.0.1:{v5}"))?
             }
         };
         wait_for_port(&cluster.broker, Duration::from_secs(10)).await?;
-        if spec.plan_over_mqtt {
+        if spec.plan_over_mqtt && spec.planner.is_none() {
             publish_plan(&cluster.broker, &plan).await?;
         }
-        let model = std::fs::canonicalize(&spec.model)?;
-        for stage in &plan.stages {
+        for (i, stage) in plan.stages.iter().enumerate() {
             let config = spec.dir.join(format!("{}.toml", stage.name));
-            let mut toml = format!(
-                "name = {:?}\nmodel = {:?}\n",
-                stage.name,
-                model.display().to_string()
-            );
-            if !spec.plan_over_mqtt {
-                toml.push_str(&format!(
-                    "plan_file = {:?}\n",
-                    plan_path.display().to_string()
-                ));
-            }
-            if let Some(ms) = spec.telemetry_ms {
-                toml.push_str(&format!("telemetry_ms = {ms}\n"));
-            }
-            if let Some(n) = spec.compute_threads {
-                toml.push_str(&format!("compute_threads = {n}\n"));
-            }
-            toml.push_str(&format!(
-                "\n[broker]\nhost = {:?}\nport = {}\n",
-                cluster.broker.host, cluster.broker.port
-            ));
-            if let (Some(u), Some(p)) = (&cluster.broker.username, &cluster.broker.password) {
-                toml.push_str(&format!("username = {u:?}\npassword = {p:?}\n"));
-            }
-            toml.push_str(&format!(
-                "\n[starter]\nmax_inflight = {}\n",
-                if spec.mode == Mode::Naive {
-                    1
-                } else {
-                    spec.max_inflight
-                }
-            ));
-            if spec.mode == Mode::Naive {
-                toml.push_str("max_sequences = 1\n");
-            }
-            let memory = spec.memory.config(spec.mode);
-            toml.push_str(&format!(
-                "\n[memory]\nmax_slots = {}\nprefetch = {}\ndirect_io = {}\nactivation_tokens = {}\n",
-                memory.max_slots, memory.prefetch, memory.direct_io, memory.activation_tokens
-            ));
-            if let Some(b) = budgets.get(&stage.name).copied().flatten() {
-                toml.push_str(&format!("budget_bytes = {b}\n"));
-            }
-            if let Some(r) = memory.read_mb_per_s {
-                toml.push_str(&format!("read_mb_per_s = {r}\n"));
-            }
-            if let Some(k) = memory.kv_reserve_tokens {
-                toml.push_str(&format!("kv_reserve_tokens = {k}\n"));
-            }
-            std::fs::write(&config, toml)?;
+            let settings = StageSettings {
+                name: &stage.name,
+                model: &model,
+                plan_file: spec.planner.is_none().then_some(plan_path.as_path()),
+                listen: spec.planner.is_some().then_some(stage.data_addr.as_str()),
+                budget: budgets.get(&stage.name).copied().flatten(),
+                read_mb_per_s: spec.memory.stage_read(i),
+                profile_file: profiles
+                    .as_ref()
+                    .and_then(|p| p.get(i))
+                    .map(PathBuf::as_path),
+            };
+            std::fs::write(&config, settings.to_toml(spec, &cluster.broker))?;
             let mut cmd = Command::new(sibling_binary("lime-stage")?);
             cmd.arg("--config")
                 .arg(&config)
                 .envs(spec.stage_env.iter().cloned());
             cluster.spawn(&stage.name, cmd, &spec.log)?;
         }
+        if spec.planner.is_some() {
+            cluster.plan = cluster.planned(Duration::from_secs(120)).await?;
+            std::fs::write(&plan_path, serde_json::to_string_pretty(&cluster.plan)?)?;
+        }
         Ok(cluster)
+    }
+
+    /// The plan lime-broker's planner publishes, once it has.
+    async fn planned(&mut self, timeout: Duration) -> anyhow::Result<Plan> {
+        let started = Instant::now();
+        loop {
+            self.check_alive()?;
+            let found = crate::status::retained::<Plan>(
+                &self.broker,
+                topics::PLAN,
+                Duration::from_millis(300),
+            )
+            .await
+            .unwrap_or_default();
+            if let Some(plan) = found.into_values().next() {
+                return Ok(plan);
+            }
+            if started.elapsed() > timeout {
+                anyhow::bail!(
+                    "the broker published no plan within {timeout:?}; logs in {}",
+                    self.dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     fn spawn(&mut self, name: &str, mut cmd: Command, log: &str) -> anyhow::Result<()> {

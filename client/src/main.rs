@@ -147,12 +147,25 @@ struct UpCli {
     /// Stage processes.
     #[arg(long, default_value_t = 4)]
     stages: usize,
-    /// Chunks per stage (interleave degree).
-    #[arg(long, default_value_t = 1)]
-    interleave: usize,
-    /// Cut the layers at these indices instead of evenly (e.g. 3,7,9).
-    #[arg(long, value_delimiter = ',')]
+    /// Skip the planner: split the layers evenly (with --interleave chunks per
+    /// stage) or at --cuts.
+    #[arg(long)]
+    even: bool,
+    /// Chunks per stage (interleave degree) of an even split.
+    #[arg(long, requires = "even")]
+    interleave: Option<usize>,
+    /// Cut the layers at these indices (e.g. 3,7,9) instead of planning.
+    #[arg(long, value_delimiter = ',', requires = "even")]
     cuts: Option<Vec<usize>>,
+    /// What the planner optimises: sporadic (time per token) or bursty (tokens/s).
+    #[arg(long, default_value = "sporadic")]
+    workload: String,
+    /// Sequences at once the planner provisions KV for (bursty).
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Tokens of context per sequence the planner provisions KV for.
+    #[arg(long, default_value_t = 1024)]
+    context: usize,
     /// lime-broker's MQTT 3.1.1 and MQTT 5 ports.
     #[arg(long, default_value_t = 1883)]
     mqtt_port: u16,
@@ -360,8 +373,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 std::env::temp_dir().join(format!("lime-up-{}", std::process::id()))
             });
             let mut spec = lime::cluster::ClusterSpec::new(u.model, u.stages, dir);
-            spec.interleave = u.interleave;
+            spec.interleave = u.interleave.unwrap_or(1);
             spec.cuts = u.cuts;
+            // The broker's planner decides unless told otherwise (the baselines and
+            // share budgets are defined on even splits; an outside broker runs none).
+            let planned = !u.even
+                && u.mode == lime::cluster::Mode::Lime
+                && u.budget_share.is_none()
+                && u.external_broker.is_none()
+                && !u.plan_over_mqtt;
+            if planned {
+                u.workload
+                    .parse::<lime_broker::planner::WorkloadKind>()
+                    .map_err(anyhow::Error::msg)?;
+                spec.planner = Some(lime::cluster::PlannerSpec::new(
+                    &u.workload,
+                    u.concurrency,
+                    u.context,
+                ));
+            }
             spec.mqtt_ports = (u.mqtt_port, u.mqtt5_port);
             spec.external_broker = u
                 .external_broker

@@ -22,7 +22,7 @@ pub async fn telemetry(broker: &BrokerAddr, wait: Duration) -> anyhow::Result<Ve
 
 /// The documents on topics matching `filter` (retained ones and any published
 /// while listening), by topic, for `wait` after subscribing.
-async fn retained<T: serde::de::DeserializeOwned>(
+pub async fn retained<T: serde::de::DeserializeOwned>(
     broker: &BrokerAddr,
     filter: &str,
     wait: Duration,

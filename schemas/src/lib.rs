@@ -18,7 +18,7 @@ pub use frame::{Activations, Frame, FrameError, Hello, SeqSlot};
 pub use plan::{LayerRange, Plan, PlanChunk, PlanError, PlanStage};
 pub use profile::{
     DeviceProfile, Link, LinkSpeed, Links, MeasuredCompute, ModelShape, ProfileError, ShapeKey,
-    TimePoint,
+    StageProfile, TimePoint,
 };
 pub use reply::{ErrorCode, ErrorReply, Final, FinishReason, Reply, TextPiece, Timing, Usage};
 pub use request::{ChatMessage, Invalid, Request};

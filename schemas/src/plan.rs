@@ -53,6 +53,10 @@ pub struct Plan {
     pub stages: Vec<PlanStage>,
     /// Model order; chunk `i` belongs to `stages[i % stages.len()]`.
     pub chunks: Vec<PlanChunk>,
+    /// Micro-batches the starter keeps in flight, when the planner chose it (a
+    /// starter configured with its own `max_inflight` keeps that).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_inflight: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +117,7 @@ impl Plan {
             epoch,
             stages,
             chunks,
+            max_inflight: None,
         };
         plan.validate(num_layers)?;
         Ok(plan)

@@ -139,6 +139,21 @@ pub struct DeviceProfile {
     pub data_addr: Option<String>,
 }
 
+/// What a stage publishes retained on `lime/profile/<stage>`: its device and the
+/// model it serves, everything the broker's planner needs from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageProfile {
+    pub device: DeviceProfile,
+    pub model: ModelShape,
+}
+
+impl From<(DeviceProfile, ModelShape)> for StageProfile {
+    fn from((device, model): (DeviceProfile, ModelShape)) -> Self {
+        Self { device, model }
+    }
+}
+
 /// Why a profile cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("profile {name}: {reason}")]

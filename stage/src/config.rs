@@ -26,6 +26,11 @@ pub struct StageConfig {
     /// How often the stage publishes `lime/telemetry/<name>`.
     #[serde(default = "default_telemetry_ms")]
     pub telemetry_ms: u64,
+    /// This device's profile for the broker's planner (written by
+    /// `lime-stage --profile`, or by hand). Absent, a stage without a `plan_file`
+    /// measures itself at start.
+    #[serde(default)]
+    pub profile_file: Option<PathBuf>,
     /// Threads the layers compute on; absent, one per core. Fewer leave cores to
     /// the loader and the network (or, emulating several devices on one machine,
     /// to the other stages).
@@ -112,6 +117,9 @@ impl Default for BrokerConfig {
 pub struct DataConfig {
     /// Address to bind; the plan's `data_addr` for this stage when absent.
     pub listen: Option<String>,
+    /// Address other stages reach this one at, published with its profile so the
+    /// broker's plan can name it; `listen` when absent.
+    pub advertise: Option<String>,
     /// Longest wait for a connecting peer's hello.
     pub hello_timeout_ms: u64,
     /// Reconnection backoff to the next stage: first and longest wait.
@@ -123,6 +131,7 @@ impl Default for DataConfig {
     fn default() -> Self {
         Self {
             listen: None,
+            advertise: None,
             hello_timeout_ms: 5_000,
             backoff_min_ms: 50,
             backoff_max_ms: 5_000,

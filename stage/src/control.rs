@@ -100,6 +100,15 @@ pub async fn publish_telemetry(client: &AsyncClient, telemetry: &lime_schemas::T
     }
 }
 
+/// Publishes this stage's profile, retained, for the broker's planner.
+pub async fn publish_profile(client: &AsyncClient, profile: &lime_schemas::StageProfile) {
+    let payload = serde_json::to_vec(profile).unwrap_or_default();
+    let topic = topics::profile(&profile.device.name);
+    if let Err(e) = client.publish(topic, QoS::AtLeastOnce, true, payload).await {
+        tracing::warn!(error = %e, "profile not published");
+    }
+}
+
 /// Drives the MQTT connection for the life of the stage.
 pub async fn drive(mut eventloop: EventLoop, client: AsyncClient, inbox: Arc<Inbox>) {
     let mut connected = false;

@@ -13,6 +13,7 @@ pub mod control;
 pub mod intake;
 pub mod memory;
 pub mod pipeline;
+pub mod profile;
 pub mod residency;
 pub mod ring;
 pub mod sequence;
@@ -57,6 +58,15 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
     };
     control::publish_status(&client, &inbox, status.clone()).await;
 
+    if cfg.plan_file.is_none() {
+        let announced = own_profile(&cfg).await?;
+        control::publish_profile(&client, &announced).await;
+        tracing::info!(
+            memory_mb = announced.device.memory_bytes >> 20,
+            read_mb_s = announced.device.read_bytes_per_s / 1e6,
+            "profile published for the planner"
+        );
+    }
     let plan = match (&cfg.plan_file, plan_rx) {
         (Some(path), _) => {
             let text = std::fs::read_to_string(path)
@@ -205,6 +215,9 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
         let (outbox_tx, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(control::publish_replies(client.clone(), outbox_rx));
         let mut limits = cfg.starter.clone();
+        if limits.max_inflight == 0 {
+            limits.max_inflight = plan.max_inflight.unwrap_or(0);
+        }
         if limits.max_batch_tokens > cfg.memory.activation_tokens {
             tracing::warn!(
                 max_batch_tokens = limits.max_batch_tokens,
@@ -304,6 +317,42 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(engine);
     Ok(())
+}
+
+/// This stage's profile for the broker's planner: the configured file, else
+/// measured now, with the address the ring reaches it at.
+async fn own_profile(cfg: &StageConfig) -> anyhow::Result<lime_schemas::StageProfile> {
+    let data_addr = cfg
+        .data
+        .advertise
+        .clone()
+        .or_else(|| cfg.data.listen.clone())
+        .context("a stage planned by the broker needs data.listen (or data.advertise)")?;
+    let mut announced = match &cfg.profile_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the profile {}", path.display()))?;
+            let device: lime_schemas::DeviceProfile = serde_json::from_str(&text)
+                .with_context(|| format!("parsing the profile {}", path.display()))?;
+            let model = Checkpoint::open(&cfg.model)?.shape();
+            lime_schemas::StageProfile { device, model }
+        }
+        None => {
+            let cfg = cfg.clone();
+            tokio::task::spawn_blocking(move || {
+                profile::measure(&cfg, |step| tracing::info!(step, "profiling this device"))
+            })
+            .await??
+            .into()
+        }
+    };
+    announced.device.name = cfg.name.clone();
+    announced.device.data_addr = Some(data_addr);
+    if let Some(budget) = cfg.memory.budget_bytes {
+        announced.device.memory_bytes = budget;
+    }
+    announced.device.validate()?;
+    Ok(announced)
 }
 
 /// Resolves on SIGTERM (systemd stop) or SIGINT (Ctrl-C).

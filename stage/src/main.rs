@@ -14,6 +14,31 @@ struct Cli {
     /// TOML settings; environment variables override them.
     #[arg(long, short)]
     config: Option<PathBuf>,
+    /// Measure this device for the planner (compute, storage reads, memory) with
+    /// the configured model and settings, print the profile and exit.
+    #[arg(long)]
+    profile: bool,
+    /// With --profile: also write it to this file (JSON).
+    #[arg(long, requires = "profile")]
+    out: Option<PathBuf>,
+}
+
+/// `--profile`: measures, prints and writes the profile.
+fn profile(cfg: lime_stage::config::StageConfig, out: Option<PathBuf>) -> anyhow::Result<()> {
+    if let Some(n) = cfg.compute_threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global()?;
+    }
+    let (device, _) = lime_stage::profile::measure(&cfg, |step| eprintln!("profiling: {step}"))?;
+    let text = serde_json::to_string_pretty(&device)?;
+    println!("{text}");
+    if let Some(out) = out {
+        std::fs::write(&out, text + "\n")
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
+        eprintln!("profile written to {}", out.display());
+    }
+    Ok(())
 }
 
 fn main() {
@@ -25,8 +50,13 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result =
-        lime_stage::config::StageConfig::load(cli.config.as_deref()).and_then(lime_stage::run);
+    let result = lime_stage::config::StageConfig::load(cli.config.as_deref()).and_then(|cfg| {
+        if cli.profile {
+            profile(cfg, cli.out)
+        } else {
+            lime_stage::run(cfg)
+        }
+    });
     if let Err(e) = result {
         tracing::error!("{e:#}");
         eprintln!("lime-stage: {e:#}");

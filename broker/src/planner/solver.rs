@@ -235,6 +235,13 @@ pub fn evaluate(p: &Problem, layout: &Layout) -> Result<Prediction, String> {
     })
 }
 
+fn busiest(pred: &Prediction) -> f64 {
+    pred.stages
+        .iter()
+        .map(|s| s.compute_s + s.stall_s)
+        .fold(0.0, f64::max)
+}
+
 /// One device's choice for a layer count: `(sum term, max term, offloaded)`.
 #[derive(Debug, Clone, Copy)]
 struct Option_ {
@@ -256,24 +263,28 @@ pub fn solve(p: &Problem) -> Result<(Layout, Prediction), Infeasible> {
         )));
     }
     let costs = p.costs();
-    let mut best: Option<(f64, Layout)> = None;
+    let mut best: Option<((f64, f64), Layout)> = None;
     for starter in 0..n {
         for v in 1..=p.runtime.max_interleave.max(1).min(layers / n) {
             for &k in &p.micro_batch_counts() {
-                let Some((front, choices)) = pareto_dp(p, &costs, starter, v, k) else {
+                let Some(choices) = pareto_dp(p, &costs, starter, v, k) else {
                     continue;
                 };
                 for order in orders(n, starter) {
                     let layout0 = |assign: &[(usize, usize)]| layout_from(&order, v, k, assign);
-                    for (i, &(pass, bound)) in front.iter().enumerate() {
-                        let assign = &choices[i];
+                    for assign in &choices {
                         let layout = layout0(assign);
-                        let _ = (pass, bound);
                         let Ok(pred) = evaluate(p, &layout) else {
                             continue;
                         };
-                        let score = objective(p, &pred);
-                        if best.as_ref().is_none_or(|(s, _)| score < *s - 1e-12) {
+                        // Ties (common when nothing is streamed) go to the plan whose
+                        // busiest stage is least busy: it leaves the most headroom.
+                        let score = (objective(p, &pred), busiest(&pred));
+                        let better = best.as_ref().is_none_or(|(s, _)| {
+                            score.0 < s.0 * (1.0 - 1e-9)
+                                || (score.0 <= s.0 * (1.0 + 1e-9) && score.1 < s.1)
+                        });
+                        if better {
                             best = Some((score, layout));
                         }
                     }
@@ -290,16 +301,15 @@ pub fn solve(p: &Problem) -> Result<(Layout, Prediction), Infeasible> {
     }
 }
 
-/// Pareto front over (Σ pass terms, max bound terms) of assignments
+/// The Pareto front over (Σ pass terms, max bound terms) of assignments
 /// `(layers, offloaded)` per device index, for one starter, `v` and `k`.
-#[allow(clippy::type_complexity)]
 fn pareto_dp(
     p: &Problem,
     costs: &[DeviceCosts],
     starter: usize,
     v: usize,
     k: usize,
-) -> Option<(Vec<(f64, f64)>, Vec<Vec<(usize, usize)>>)> {
+) -> Option<Vec<Vec<(usize, usize)>>> {
     let (n, layers) = (p.devices.len(), p.shape.layers);
     let b = p.tokens(k);
     // options[d][m] = Pareto options for device d holding m layers.
@@ -368,9 +378,7 @@ fn pareto_dp(
     if last.is_empty() {
         return None;
     }
-    let points = last.iter().map(|e| (e.0, e.1)).collect();
-    let assigns = last.into_iter().map(|e| e.2).collect();
-    Some((points, assigns))
+    Some(last.into_iter().map(|e| e.2).collect())
 }
 
 /// Adds `x` to a Pareto front (both keys minimised) unless it is dominated.
@@ -475,6 +483,7 @@ pub fn to_plan(p: &Problem, layout: &Layout, epoch: u64) -> Plan {
         epoch,
         stages,
         chunks,
+        max_inflight: Some(layout.micro_batches),
     }
 }
 

@@ -1,0 +1,259 @@
+//! Measuring this device for the planner (`lime-stage --profile`, and at start
+//! when the broker plans): one layer's compute for decode at several micro-batch
+//! sizes and for prefill, the starter's ends, the storage read rate through the
+//! stage's own read path, and the memory lime may use.
+//!
+//! The compute runs on the stage's thread pool, so a profile measured with
+//! `compute_threads = 1` describes one thread's worth of the machine.
+
+use crate::config::StageConfig;
+use lime_kernels::{
+    Checkpoint, Config, DType, DecoderLayer, Device, Embedding, Head, KvCache, MicroBatch,
+    ReadOptions, Rope, SeqSpan, StagingBuffer, Tensor,
+};
+use lime_schemas::{DeviceProfile, MeasuredCompute, ModelShape, TimePoint};
+use std::time::Instant;
+
+/// Cached tokens in front of each measured decode step.
+const CONTEXT: usize = 32;
+
+/// The median of `reps` runs of `f`, in seconds, after one warm-up run.
+fn median(reps: usize, mut f: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<f64> {
+    f()?;
+    let mut times = (0..reps.max(1))
+        .map(|_| f())
+        .collect::<anyhow::Result<Vec<f64>>>()?;
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// One decode step of `layer` for `tokens` sequences with `CONTEXT` tokens cached.
+pub fn time_decode(
+    cfg: &Config,
+    layer: &DecoderLayer,
+    tokens: usize,
+    reps: usize,
+) -> anyhow::Result<f64> {
+    let cpu = Device::Cpu;
+    let rope = Rope::new(cfg, CONTEXT + 1, &cpu)?;
+    let step = MicroBatch::new(
+        cfg,
+        &rope,
+        &vec![
+            SeqSpan {
+                pos: CONTEXT,
+                len: 1
+            };
+            tokens
+        ],
+        &cpu,
+    )?;
+    let fill = MicroBatch::new(
+        cfg,
+        &rope,
+        &vec![
+            SeqSpan {
+                pos: 0,
+                len: CONTEXT
+            };
+            tokens
+        ],
+        &cpu,
+    )?;
+    let mut caches: Vec<KvCache> = (0..tokens)
+        .map(|_| {
+            KvCache::new(
+                cfg,
+                [layer.index().unwrap_or(0)],
+                CONTEXT + 1,
+                DType::F32,
+                &cpu,
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    let x = Tensor::ones((tokens, cfg.hidden_size), DType::F32, &cpu)?;
+    let xp = Tensor::ones((CONTEXT * tokens, cfg.hidden_size), DType::F32, &cpu)?;
+    median(reps, || {
+        // Rewind so every run appends at the same position.
+        caches.iter_mut().for_each(KvCache::clear);
+        layer.forward(&xp, &fill, &mut caches.iter_mut().collect::<Vec<_>>())?;
+        let started = Instant::now();
+        layer.forward(&x, &step, &mut caches.iter_mut().collect::<Vec<_>>())?;
+        Ok(started.elapsed().as_secs_f64())
+    })
+}
+
+/// A prefill of one sequence of `tokens` tokens through `layer`.
+pub fn time_prefill(
+    cfg: &Config,
+    layer: &DecoderLayer,
+    tokens: usize,
+    reps: usize,
+) -> anyhow::Result<f64> {
+    let cpu = Device::Cpu;
+    let rope = Rope::new(cfg, tokens, &cpu)?;
+    let batch = MicroBatch::new(
+        cfg,
+        &rope,
+        &[SeqSpan {
+            pos: 0,
+            len: tokens,
+        }],
+        &cpu,
+    )?;
+    let mut cache = KvCache::new(cfg, [layer.index().unwrap_or(0)], tokens, DType::F32, &cpu)?;
+    let x = Tensor::ones((tokens, cfg.hidden_size), DType::F32, &cpu)?;
+    median(reps, || {
+        cache.clear();
+        let started = Instant::now();
+        layer.forward(&x, &batch, &mut [&mut cache])?;
+        Ok(started.elapsed().as_secs_f64())
+    })
+}
+
+/// The starter's ends for `tokens` sequences: embedding, final norm and head.
+fn time_ends(
+    emb: &Embedding,
+    head: &Head,
+    cfg: &Config,
+    tokens: usize,
+    reps: usize,
+) -> anyhow::Result<f64> {
+    let ids: Vec<u32> = (0..tokens as u32)
+        .map(|i| i % cfg.vocab_size as u32)
+        .collect();
+    let rows: Vec<u32> = (0..tokens as u32).collect();
+    median(reps, || {
+        let started = Instant::now();
+        let x = emb.forward(&ids)?;
+        head.forward(&x, &rows)?;
+        Ok(started.elapsed().as_secs_f64())
+    })
+}
+
+/// Bytes per second reading layers into a slot through `ckpt`'s read path (its
+/// direct I/O and emulated bandwidth included).
+fn read_rate(ckpt: &Checkpoint, layers: usize) -> anyhow::Result<f64> {
+    let cfg = ckpt.config();
+    let mut slot = DecoderLayer::empty(cfg, &Device::Cpu)?;
+    let mut staging = StagingBuffer::with_capacity(ckpt.staging_needed("model.layers."));
+    let (mut bytes, started) = (0u64, Instant::now());
+    for i in 0..layers.min(cfg.num_hidden_layers) {
+        let index = cfg.num_hidden_layers - 1 - i;
+        slot.reload(ckpt, index, &mut staging)?;
+        bytes += ckpt.bytes_with_prefix(&format!("model.layers.{index}."));
+    }
+    Ok(bytes as f64 / started.elapsed().as_secs_f64().max(1e-9))
+}
+
+/// `MemAvailable` from `/proc/meminfo` (Linux).
+fn memory_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// Measures this device running `cfg`'s model; `progress` hears each step.
+pub fn measure(
+    cfg: &StageConfig,
+    mut progress: impl FnMut(&str),
+) -> anyhow::Result<(DeviceProfile, ModelShape)> {
+    let options = ReadOptions {
+        direct: cfg.memory.direct_io,
+        bytes_per_s: cfg.memory.read_bytes_per_s(),
+    };
+    let ckpt = Checkpoint::open_with(&cfg.model, &options)?;
+    let model = ckpt.config().clone();
+    let shape = ckpt.shape();
+    let cpu = Device::Cpu;
+    let most = cfg.memory.activation_tokens;
+    let reps = 7;
+    progress("reading layers");
+    let read = read_rate(&ckpt, 3)?;
+    progress("timing decode");
+    let layer = DecoderLayer::load(&ckpt, 0, &cpu)?;
+    let decode = [1usize, 2, 4, 8, 16]
+        .into_iter()
+        .filter(|&b| b <= most)
+        .map(|b| {
+            Ok(TimePoint {
+                tokens: b,
+                seconds: time_decode(&model, &layer, b, reps)?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    progress("timing prefill");
+    let prefill = [16usize, 64, 256]
+        .into_iter()
+        .filter(|&t| t <= most.min(model.max_context()))
+        .map(|t| {
+            Ok(TimePoint {
+                tokens: t,
+                seconds: time_prefill(&model, &layer, t, 3)?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    progress("timing the embedding and head");
+    let emb = Embedding::load(&ckpt, &cpu)?;
+    let head = Head::load(&ckpt, &cpu, Some(&emb))?;
+    let ends = [1usize, 4, 16]
+        .into_iter()
+        .filter(|&b| b <= most)
+        .map(|b| {
+            Ok(TimePoint {
+                tokens: b,
+                seconds: time_ends(&emb, &head, &model, b, reps)?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let layer_bytes = layer.bytes() as f64;
+    let bandwidth = layer_bytes / decode[0].seconds.max(1e-9);
+    let flops = prefill
+        .last()
+        .map(|p| 2.0 * shape.layer_params as f64 * p.tokens as f64 / p.seconds.max(1e-9))
+        .unwrap_or(bandwidth / 2.0);
+    let memory = cfg
+        .memory
+        .budget_bytes
+        .or_else(memory_available)
+        .ok_or_else(|| anyhow::anyhow!("no memory budget set and /proc/meminfo unreadable"))?;
+    let threads = rayon::current_num_threads();
+    let profile = DeviceProfile {
+        name: cfg.name.clone(),
+        kind: format!("{} CPU thread(s), {}", threads, std::env::consts::ARCH),
+        estimate: false,
+        source: format!(
+            "measured by lime-stage --profile on {} ({} layers of {})",
+            host_name(),
+            shape.layers,
+            shape.name
+        ),
+        memory_bytes: memory,
+        read_bytes_per_s: read,
+        // The CPU backend computes in f32 whatever the checkpoint stores.
+        weight_bytes: Some(DType::F32.size_in_bytes() as u32),
+        direct_io: ckpt.direct_io(),
+        memory_bandwidth_bytes_per_s: bandwidth,
+        flops,
+        layer_overhead_s: 0.0,
+        measured: Some(MeasuredCompute {
+            model: shape.key(),
+            decode,
+            prefill,
+            ends,
+        }),
+        data_addr: cfg
+            .data
+            .advertise
+            .clone()
+            .or_else(|| cfg.data.listen.clone()),
+    };
+    profile.validate()?;
+    Ok((profile, shape))
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "this host".into())
+}
