@@ -406,6 +406,30 @@ impl StageSettings<'_> {
     }
 }
 
+/// Profiles every stage `spec` describes, in turn, into files in `spec.dir`.
+pub fn profile_stages(spec: &ClusterSpec) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(&spec.dir)?;
+    let model = std::fs::canonicalize(&spec.model)?;
+    let broker = BrokerAddr::parse("127.0.0.1:1")?;
+    let configs: Vec<(String, String)> = (0..spec.stages)
+        .map(|i| {
+            let name = format!("s{i}");
+            let settings = StageSettings {
+                name: &name,
+                model: &model,
+                plan_file: None,
+                listen: None,
+                budget: spec.memory.stage_budget(i),
+                read_mb_per_s: spec.memory.stage_read(i),
+                profile_file: None,
+            };
+            let toml = settings.to_toml(spec, &broker);
+            (name, toml)
+        })
+        .collect();
+    measure_profiles(spec, &configs)
+}
+
 /// Each stage measured in turn with its own settings (`lime-stage --profile`).
 fn measure_profiles(
     spec: &ClusterSpec,

@@ -14,3 +14,4 @@ pub mod serving;
 pub mod status;
 pub mod synth;
 pub mod up;
+pub mod validation;

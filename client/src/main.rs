@@ -80,6 +80,33 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The cost model against measurement: for several emulated device setups,
+    /// the planner's plan, an even split and a memory-proportional split,
+    /// predicted and measured side by side.
+    ValidatePlan {
+        /// Checkpoint directory; the `bench` preset is synthesised there if empty.
+        #[arg(long, default_value = "models/bench")]
+        model: PathBuf,
+        /// Only the setups whose names contain one of these.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Sporadic requests per measurement.
+        #[arg(long, default_value_t = 2)]
+        requests: usize,
+        #[arg(long, default_value_t = 10)]
+        max_tokens: u32,
+        /// Sequences at once in bursty setups.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Tokens of KV per sequence planned for.
+        #[arg(long, default_value_t = 256)]
+        context: usize,
+        /// Compute threads per stage.
+        #[arg(long, default_value_t = 1)]
+        compute_threads: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// lime against the naive and mdi baselines on a model that does not fit its
     /// stages' memory budgets, with emulated storage bandwidth.
     Offload {
@@ -491,6 +518,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     dir,
                 };
                 let report = block_on(lime::serving::run(&bench))?;
+                print_report(&report, json)
+            }
+            BenchCommand::ValidatePlan {
+                model,
+                only,
+                requests,
+                max_tokens,
+                concurrency,
+                context,
+                compute_threads,
+                json,
+            } => {
+                lime::synth::ensure(Preset::Bench, &model)?;
+                let setups = lime::validation::default_setups()
+                    .into_iter()
+                    .filter(|s| only.is_empty() || only.iter().any(|o| s.name.contains(o.as_str())))
+                    .collect();
+                let bench = lime::validation::ValidateBench {
+                    model,
+                    setups,
+                    requests,
+                    max_tokens,
+                    concurrency,
+                    context,
+                    compute_threads,
+                    dir: std::env::temp_dir().join(format!("lime-validate-{}", std::process::id())),
+                };
+                let report = block_on(lime::validation::run(&bench))?;
                 print_report(&report, json)
             }
             BenchCommand::Offload {
