@@ -241,12 +241,15 @@ pub async fn run(bench: &ValidateBench) -> anyhow::Result<Report> {
                 }
                 Some(c) => {
                     spec.cuts = Some(cuts(c));
-                    let mut plan = Plan::from_cuts(1, planned.plan.stages.clone(), &cuts(c), layers)?;
-                    // The stages choose their own streamed layers under their budgets.
-                    plan.stages.iter_mut().for_each(|s| s.offloaded = None);
-                    for (i, s) in plan.stages.iter_mut().enumerate() {
-                        s.name = format!("s{i}");
-                    }
+                    // Stage i is device i; each chooses its own streamed layers.
+                    let stages = (0..n)
+                        .map(|i| lime_schemas::PlanStage {
+                            name: format!("s{i}"),
+                            data_addr: "127.0.0.1:1".into(),
+                            offloaded: None,
+                        })
+                        .collect();
+                    let plan = Plan::from_cuts(1, stages, &cuts(c), layers)?;
                     // One micro-batch in flight (max_inflight 1 for bursty setups).
                     let layout = planner::layout_of(&problem, &plan, 1).map_err(anyhow::Error::msg)?;
                     let pred = planner::evaluate(&problem, &layout).map_err(anyhow::Error::msg)?;
