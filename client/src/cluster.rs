@@ -647,6 +647,11 @@ impl Cluster {
             if let Some(plan) = found.into_values().next() {
                 return Ok(plan);
             }
+            // The broker logs why it cannot plan (what does not fit, by how much).
+            let log = std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default();
+            if let Some(at) = log.find("cannot plan") {
+                anyhow::bail!("lime-broker {}", log[at..].trim_end());
+            }
             if started.elapsed() > timeout {
                 anyhow::bail!(
                     "the broker published no plan within {timeout:?}; logs in {}",
