@@ -284,9 +284,11 @@ impl Links {
                 .iter()
                 .map(|l| (format!("{} -> {}", l.from, l.to), l.speed())),
         ) {
-            if !(s.mbit_per_s.is_finite() && s.mbit_per_s > 0.0)
-                || !(s.latency_ms.is_finite() && s.latency_ms >= 0.0)
-            {
+            let usable = s.mbit_per_s.is_finite()
+                && s.mbit_per_s > 0.0
+                && s.latency_ms.is_finite()
+                && s.latency_ms >= 0.0;
+            if !usable {
                 return Err(ProfileError {
                     name: format!("link {name}"),
                     reason: format!(

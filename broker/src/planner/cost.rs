@@ -33,11 +33,12 @@
 //! - **TTFT**: the prompt's prefill passes (`activation_tokens` at a time, with
 //!   prefill compute times), each `max(P, max_d Λ_d)`.
 //!
-//! **Memory.** A stage holding `m` layers, `o` of them offloaded through `s` slots:
-//! `rope + activations(activation_tokens) + KV(concurrency·context·m)
-//! + (m − o)·layer + [o > 0]·(read buffer + s·layer)`, plus the embedding and
-//! head at the starter: the stage's own account (`lime_stage::memory`), with KV
-//! reserved for the whole workload.
+//! **Memory.** A stage holding `m` layers, `o` of them offloaded through `s`
+//! slots, needs the rotary tables, the activation workspace (`activation_tokens`),
+//! KV for `concurrency·context` tokens over its `m` layers, its `m − o` resident
+//! layers and, when it streams, the read buffer and `s` slots; the starter adds
+//! the embedding and head. This is the stage's own account
+//! (`lime_stage::memory`), with KV reserved for the whole workload.
 
 use lime_schemas::{DeviceProfile, LinkSpeed, ModelShape, TimePoint};
 

@@ -549,17 +549,24 @@ fn explain(p: &Problem, costs: &[DeviceCosts]) -> String {
     let layers = p.shape.layers;
     let mut capacity = 0usize;
     let mut lines = Vec::new();
-    for (d, dc) in costs.iter().enumerate() {
-        // The most layers the device can take, all streamed through one slot, as a
-        // non-starter; and whether it can be the starter at all.
+    for dc in costs {
+        // The most layers the device can take, all streamed through one slot, as
+        // a secondary; and what being the starter would add.
         let most = (1..=layers)
             .rev()
             .find(|&m| dc.slots(m, m, false, 1).is_some())
             .unwrap_or(0);
         capacity += most;
-        let one = dc.memory(1, 1, 1, false);
+        let starter = if dc.slots(1, 1, true, 1).is_none() {
+            format!(
+                "; it cannot be the starter: the embedding and head ({}) do not fit",
+                mib(dc.ends)
+            )
+        } else {
+            String::new()
+        };
         lines.push(format!(
-            "{} ({}): {} for the workspace and rotary tables, {} per layer of KV for {} sequences × {} tokens, {} for one streamed layer{}; it can take at most {most} layers{}",
+            "{} ({}): {} for the workspace and rotary tables, {} of KV per layer for {} sequences × {} tokens, {} to stream a layer; it can take at most {most} layers{starter}",
             dc.profile.name,
             mib(dc.profile.memory_bytes),
             mib(dc.fixed),
@@ -567,15 +574,6 @@ fn explain(p: &Problem, costs: &[DeviceCosts]) -> String {
             p.workload.concurrency,
             p.workload.context,
             mib(dc.layer + dc.read_buffer),
-            if d == 0 { "" } else { "" },
-            if dc.slots(1, 1, true, 1).is_none() {
-                format!(
-                    " and cannot be the starter (the embedding and head need {} more)",
-                    mib(dc.memory(1, 1, 1, true).saturating_sub(dc.profile.memory_bytes.max(one).min(dc.memory(1, 1, 1, true))))
-                )
-            } else {
-                String::new()
-            }
         ));
     }
     let starters = costs
@@ -751,7 +749,7 @@ mod tests {
         let (mut streamed, mut interleaved) = (0, 0);
         for case in 0..40 {
             let n = 2 + case % 2;
-            let layers = if n == 2 { 6 } else { 6 };
+            let layers = if n == 2 { 7 } else { 6 };
             let devices: Vec<DeviceProfile> = (0..n)
                 .map(|i| device(&format!("d{i}"), &mut rng, case % 3 == 0))
                 .collect();
