@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// First bytes of every hello.
 pub const MAGIC: [u8; 4] = *b"LIME";
 /// Bumped whenever a frame's layout changes.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Larger frames are refused unread: no honest micro-batch comes near this.
 pub const MAX_FRAME_BYTES: usize = 512 << 20;
 /// Bytes of the length prefix.
@@ -33,6 +33,13 @@ pub enum Frame {
     /// Goes round the ring once; its return tells the starter the ring is closed.
     Ping {
         nonce: u64,
+    },
+    /// Sent once after each hello to measure the link: the sender's hello round
+    /// trip, and bytes whose arrival time gives the bandwidth. Not forwarded.
+    Probe {
+        rtt_us: u64,
+        #[serde(with = "serde_bytes")]
+        padding: Vec<u8>,
     },
 }
 

@@ -24,4 +24,6 @@ pub use reply::{ErrorCode, ErrorReply, Final, FinishReason, Reply, TextPiece, Ti
 pub use request::{ChatMessage, Invalid, Request};
 pub use sampling::{SamplingError, SamplingParams};
 pub use status::{MemoryUse, Role, StageState, StageStatus};
-pub use telemetry::{LoadReport, MemoryReport, ResidencyReport, StageTime, Telemetry};
+pub use telemetry::{
+    LinkMeasurement, LoadReport, MemoryReport, ResidencyReport, StageTime, Telemetry,
+};

@@ -16,6 +16,22 @@ pub struct Telemetry {
     pub residency: ResidencyReport,
     pub time: StageTime,
     pub loads: LoadReport,
+    /// The link from the previous stage, measured on the data plane when it
+    /// last connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_in: Option<LinkMeasurement>,
+}
+
+/// A data-plane link measured when it connects: the sender times its hello's
+/// round trip, then sends a probe frame; the receiver times the probe's arrival
+/// from its own hello reply, less that round trip.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LinkMeasurement {
+    /// The sending stage.
+    pub from: String,
+    pub rtt_ms: f64,
+    pub mbit_per_s: f64,
+    pub probe_bytes: u64,
 }
 
 /// The memory budget and everything accounted against it, in bytes.

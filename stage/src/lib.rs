@@ -139,6 +139,7 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
         hello_timeout: Duration::from_millis(cfg.data.hello_timeout_ms),
     };
     let single = plan.stages.len() == 1;
+    let link_in = ring::LinkGauge::default();
     let mut next_tx = None;
     if !single {
         let listener = tokio::net::TcpListener::bind(&listen_addr)
@@ -154,6 +155,7 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
             identity.clone(),
             prev,
             events_tx.clone(),
+            link_in.clone(),
         ));
         let next = plan
             .successor(&cfg.name)
@@ -292,7 +294,8 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
                     control::publish_status(&client, &inbox, status.clone()).await;
                     tracing::info!("starter online: taking requests");
                 }
-                Some(Note::Telemetry(t)) => {
+                Some(Note::Telemetry(mut t)) => {
+                    t.link_in = link_in.lock().ok().and_then(|g| g.clone());
                     let use_now = MemoryUse {
                         weights_bytes: t.memory.weights_bytes,
                         kv_bytes: t.memory.kv_bytes,

@@ -140,6 +140,7 @@ impl Pipeline<'_> {
                 read_busy_s: loads.busy.as_secs_f64(),
                 streamed_bytes: loads.bytes,
             },
+            link_in: None,
         }
     }
 
@@ -191,6 +192,8 @@ impl Pipeline<'_> {
                     let _ = self.notes.send(Note::RingClosed);
                 }
             }
+            // The ring's listener consumes probes; one here carries nothing.
+            Event::Frame(Frame::Probe { .. }) => {}
             Event::Frame(Frame::Release { seqs }) => {
                 self.worker.release(&seqs);
                 if self.starter.is_none() {

@@ -8,10 +8,11 @@
 use crate::connection::{read_frame, write_bytes};
 use crate::pipeline::Event;
 use lime_schemas::frame::{Frame, MAGIC, PROTOCOL_VERSION};
-use lime_schemas::Hello;
+use lime_schemas::{Hello, LinkMeasurement};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -24,6 +25,13 @@ pub struct LinkIdentity {
     pub hello_timeout: Duration,
 }
 
+/// Bytes of a link probe: enough to time on links up to a few Gb/s, small enough
+/// to cost ~20 ms at 100 Mb/s once per connection.
+const PROBE_BYTES: usize = 256 << 10;
+
+/// The latest measurement of the link from the previous stage.
+pub type LinkGauge = Arc<std::sync::Mutex<Option<LinkMeasurement>>>;
+
 /// Accepts the previous stage (`from`) and feeds its frames to the pipeline.
 /// A newer accepted connection replaces the older one.
 pub async fn listen(
@@ -31,6 +39,7 @@ pub async fn listen(
     id: LinkIdentity,
     from: String,
     events: std::sync::mpsc::Sender<Event>,
+    gauge: LinkGauge,
 ) {
     let generation = Arc::new(AtomicU64::new(0));
     loop {
@@ -42,10 +51,16 @@ pub async fn listen(
                 continue;
             }
         };
-        let (id, from, events, generation) =
-            (id.clone(), from.clone(), events.clone(), generation.clone());
+        let (id, from, events, generation, gauge) = (
+            id.clone(),
+            from.clone(),
+            events.clone(),
+            generation.clone(),
+            gauge.clone(),
+        );
         tokio::spawn(async move {
-            if let Err(reason) = serve_peer(stream, &id, &from, &events, &generation).await {
+            if let Err(reason) = serve_peer(stream, &id, &from, &events, &generation, &gauge).await
+            {
                 tracing::error!(%peer, %reason, "dropped data-plane peer");
             }
         });
@@ -58,6 +73,7 @@ async fn serve_peer(
     from: &str,
     events: &std::sync::mpsc::Sender<Event>,
     generation: &AtomicU64,
+    gauge: &LinkGauge,
 ) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
     let first = tokio::time::timeout(id.hello_timeout, read_frame(&mut stream))
@@ -76,6 +92,7 @@ async fn serve_peer(
     write_bytes(&mut stream, &reply)
         .await
         .map_err(|e| e.to_string())?;
+    let replied = Instant::now();
     let mine = generation.fetch_add(1, Ordering::SeqCst) + 1;
     tracing::info!(from = %hello.from, epoch = hello.epoch, "previous stage connected");
     loop {
@@ -89,6 +106,23 @@ async fn serve_peer(
                 return Ok(());
             }
             Some(Frame::Hello(_)) => return Err("a second hello".into()),
+            Some(Frame::Probe { rtt_us, padding }) => {
+                // The probe left when our reply arrived (half a round trip after
+                // we sent it) and took another half plus its bytes' transfer.
+                let rtt = Duration::from_micros(rtt_us).as_secs_f64();
+                let transfer = (replied.elapsed().as_secs_f64() - rtt).max(1e-6);
+                let bytes = padding.len() as u64 + 16;
+                let m = LinkMeasurement {
+                    from: hello.from.clone(),
+                    rtt_ms: rtt * 1e3,
+                    mbit_per_s: bytes as f64 * 8.0 / transfer / 1e6,
+                    probe_bytes: bytes,
+                };
+                tracing::info!(from = %m.from, rtt_ms = m.rtt_ms, mbit_per_s = m.mbit_per_s, "link from the previous stage measured");
+                if let Ok(mut g) = gauge.lock() {
+                    *g = Some(m);
+                }
+            }
             Some(f) => {
                 if events.send(Event::Frame(f)).is_err() {
                     return Ok(());
@@ -139,9 +173,17 @@ pub async fn connect(
     let mut probe = [0u8; 1];
     loop {
         let mut stream = match handshake(&addr, &to, &id).await {
-            Ok(s) => {
-                tracing::info!(%to, %addr, "connected to the next stage");
+            Ok((s, rtt)) => {
+                tracing::info!(%to, %addr, rtt_us = rtt.as_micros() as u64, "connected to the next stage");
                 wait = backoff.0;
+                // A probe first, so the next stage can measure the link.
+                if unsent.is_none() {
+                    let probe = Frame::Probe {
+                        rtt_us: rtt.as_micros() as u64,
+                        padding: vec![0; PROBE_BYTES],
+                    };
+                    unsent = probe.encode().ok();
+                }
                 s
             }
             Err(reason) => {
@@ -183,7 +225,12 @@ pub async fn connect(
     }
 }
 
-async fn handshake(addr: &str, to: &str, id: &LinkIdentity) -> Result<TcpStream, String> {
+/// Connects and exchanges hellos; returns the stream and the hello's round trip.
+async fn handshake(
+    addr: &str,
+    to: &str,
+    id: &LinkIdentity,
+) -> Result<(TcpStream, Duration), String> {
     let mut stream = tokio::time::timeout(id.hello_timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| "connect timed out".to_string())?
@@ -192,6 +239,7 @@ async fn handshake(addr: &str, to: &str, id: &LinkIdentity) -> Result<TcpStream,
     let hello = Frame::Hello(Hello::new(id.epoch, &id.me))
         .encode()
         .map_err(|e| e.to_string())?;
+    let sent = Instant::now();
     write_bytes(&mut stream, &hello)
         .await
         .map_err(|e| e.to_string())?;
@@ -202,7 +250,7 @@ async fn handshake(addr: &str, to: &str, id: &LinkIdentity) -> Result<TcpStream,
     match reply {
         Some(Frame::Hello(h)) => {
             check_hello(&h, id.epoch, to)?;
-            Ok(stream)
+            Ok((stream, sent.elapsed()))
         }
         _ => Err("the next stage refused the hello".into()),
     }
