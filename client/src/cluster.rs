@@ -336,7 +336,7 @@ struct StageSettings<'a> {
     listen: Option<&'a str>,
     budget: Option<u64>,
     read_mb_per_s: Option<f64>,
-    profile_file: Option<&'a Path>,
+    profile_file: Option<PathBuf>,
 }
 
 impl StageSettings<'_> {
@@ -350,7 +350,7 @@ impl StageSettings<'_> {
         if let Some(plan) = self.plan_file {
             toml.push_str(&format!("plan_file = {:?}\n", plan.display().to_string()));
         }
-        if let Some(profile) = self.profile_file {
+        if let Some(profile) = &self.profile_file {
             toml.push_str(&format!(
                 "profile_file = {:?}\n",
                 profile.display().to_string()
@@ -527,22 +527,27 @@ impl Cluster {
         };
         // Stage configs first: the broker's planner needs their profiles.
         let model = std::fs::canonicalize(&spec.model)?;
-        let mut configs = Vec::new();
-        for (i, stage) in plan.stages.iter().enumerate() {
-            let settings = StageSettings {
+        let settings = |i: usize, profile_file: Option<PathBuf>| {
+            let stage = &plan.stages[i];
+            StageSettings {
                 name: &stage.name,
                 model: &model,
                 plan_file: spec.planner.is_none().then_some(plan_path.as_path()),
                 listen: spec.planner.is_some().then_some(stage.data_addr.as_str()),
                 budget: budgets.get(&stage.name).copied().flatten(),
                 read_mb_per_s: spec.memory.stage_read(i),
-                profile_file: None,
-            };
-            configs.push((
-                stage.name.clone(),
-                settings.to_toml(spec, &BrokerAddr::parse("127.0.0.1:1")?),
-            ));
-        }
+                profile_file,
+            }
+        };
+        let placeholder = BrokerAddr::parse("127.0.0.1:1")?;
+        let configs: Vec<(String, String)> = (0..plan.stages.len())
+            .map(|i| {
+                (
+                    plan.stages[i].name.clone(),
+                    settings(i, None).to_toml(spec, &placeholder),
+                )
+            })
+            .collect();
         let profiles = match &spec.planner {
             Some(p) => Some(match &p.profiles {
                 Some(files) => files.clone(),
@@ -606,18 +611,8 @@ impl Cluster {
         }
         for (i, stage) in plan.stages.iter().enumerate() {
             let config = spec.dir.join(format!("{}.toml", stage.name));
-            let settings = StageSettings {
-                name: &stage.name,
-                model: &model,
-                plan_file: spec.planner.is_none().then_some(plan_path.as_path()),
-                listen: spec.planner.is_some().then_some(stage.data_addr.as_str()),
-                budget: budgets.get(&stage.name).copied().flatten(),
-                read_mb_per_s: spec.memory.stage_read(i),
-                profile_file: profiles
-                    .as_ref()
-                    .and_then(|p| p.get(i))
-                    .map(PathBuf::as_path),
-            };
+            let profile = profiles.as_ref().and_then(|p| p.get(i)).cloned();
+            let settings = settings(i, profile);
             std::fs::write(&config, settings.to_toml(spec, &cluster.broker))?;
             let mut cmd = Command::new(sibling_binary("lime-stage")?);
             cmd.arg("--config")

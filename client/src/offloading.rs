@@ -12,9 +12,7 @@
 use crate::ask::ask_all;
 use crate::cluster::{Budget, Cluster, ClusterSpec, Mode};
 use crate::serving::{requests, row, sporadic, ServingRow};
-use lime_kernels::{
-    Checkpoint, DType, DecoderLayer, Device, KvCache, MicroBatch, Rope, SeqSpan, Tensor,
-};
+use lime_kernels::{Checkpoint, DecoderLayer, Device};
 use lime_schemas::{StageTime, Telemetry};
 use std::fmt;
 use std::path::PathBuf;
@@ -101,40 +99,9 @@ pub struct OffloadReport {
     pub bound_note: String,
 }
 
-/// Times `layer` on `tokens` single-token sequences decoding at position 32.
+/// Milliseconds for `layer` to decode `tokens` sequences, as a stage profiles it.
 fn time_layer(ckpt: &Checkpoint, layer: &DecoderLayer, tokens: usize) -> anyhow::Result<f64> {
-    let cfg = ckpt.config();
-    let rope = Rope::new(cfg, 64, &Device::Cpu)?;
-    let spans = vec![SeqSpan { pos: 32, len: 1 }; tokens];
-    let batch = MicroBatch::new(cfg, &rope, &spans, &Device::Cpu)?;
-    let mut caches: Vec<KvCache> = (0..tokens)
-        .map(|_| KvCache::new(cfg, [0], 64, DType::F32, &Device::Cpu))
-        .collect::<Result<_, _>>()?;
-    let x = Tensor::ones((tokens, cfg.hidden_size), DType::F32, &Device::Cpu)?;
-    let mut times = Vec::new();
-    for _ in 0..15 {
-        // Rewind the caches so every run appends at the same position.
-        for c in &mut caches {
-            c.clear();
-        }
-        let prefill = MicroBatch::new(
-            cfg,
-            &rope,
-            &vec![SeqSpan { pos: 0, len: 32 }; tokens],
-            &Device::Cpu,
-        )?;
-        let xp = Tensor::ones((32 * tokens, cfg.hidden_size), DType::F32, &Device::Cpu)?;
-        {
-            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-            layer.forward(&xp, &prefill, &mut refs)?;
-        }
-        let started = Instant::now();
-        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-        layer.forward(&x, &batch, &mut refs)?;
-        times.push(started.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2] * 1e3)
+    Ok(lime_stage::profile::time_decode(ckpt.config(), layer, tokens, 15)? * 1e3)
 }
 
 fn calibrate(bench: &OffloadBench) -> anyhow::Result<Calibration> {

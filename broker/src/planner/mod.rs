@@ -118,6 +118,7 @@ pub fn render(problem: &Problem, planned: &Planned) -> String {
     out
 }
 
+/// Bytes for people: GiB from 1 GiB up, else MiB.
 fn size(bytes: u64) -> String {
     if bytes >= 1 << 30 {
         format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)

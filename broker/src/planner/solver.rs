@@ -159,8 +159,8 @@ pub fn evaluate(p: &Problem, layout: &Layout) -> Result<Prediction, String> {
                 format!(
                     "{} cannot hold {m} layers with {o} streamed: it needs {} of its {}",
                     dc.profile.name,
-                    mib(dc.memory(m, o, 1.min(o), starter)),
-                    mib(dc.profile.memory_bytes)
+                    super::size(dc.memory(m, o, 1.min(o), starter)),
+                    super::size(dc.profile.memory_bytes)
                 )
             })?;
         let c = dc.layer_s(b);
@@ -560,7 +560,7 @@ fn explain(p: &Problem, costs: &[DeviceCosts]) -> String {
         let starter = if dc.slots(1, 1, true, 1).is_none() {
             format!(
                 "; it cannot be the starter: the embedding and head ({}) do not fit",
-                mib(dc.ends)
+                super::size(dc.ends)
             )
         } else {
             String::new()
@@ -568,12 +568,12 @@ fn explain(p: &Problem, costs: &[DeviceCosts]) -> String {
         lines.push(format!(
             "{} ({}): {} for the workspace and rotary tables, {} of KV per layer for {} sequences × {} tokens, {} to stream a layer; it can take at most {most} layers{starter}",
             dc.profile.name,
-            mib(dc.profile.memory_bytes),
-            mib(dc.fixed),
-            mib(dc.kv_per_layer),
+            super::size(dc.profile.memory_bytes),
+            super::size(dc.fixed),
+            super::size(dc.kv_per_layer),
             p.workload.concurrency,
             p.workload.context,
-            mib(dc.layer + dc.read_buffer),
+            super::size(dc.layer + dc.read_buffer),
         ));
     }
     let starters = costs
@@ -593,14 +593,6 @@ fn explain(p: &Problem, costs: &[DeviceCosts]) -> String {
     head.push_str(":\n  ");
     head.push_str(&lines.join("\n  "));
     head
-}
-
-fn mib(bytes: u64) -> String {
-    if bytes >= 10 << 30 {
-        format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
-    } else {
-        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
-    }
 }
 
 #[cfg(test)]
