@@ -70,6 +70,15 @@ pub struct PlannerSpec {
 }
 
 impl PlannerSpec {
+    /// Tokens of KV the planner provisions on every stage's layers: one sequence
+    /// when sporadic, all of them when bursty.
+    pub fn kv_tokens(&self) -> usize {
+        match self.workload.as_str() {
+            "bursty" => self.context * self.concurrency.max(1),
+            _ => self.context,
+        }
+    }
+
     pub fn new(workload: &str, concurrency: usize, context: usize) -> Self {
         Self {
             workload: workload.into(),
@@ -394,10 +403,12 @@ impl StageSettings<'_> {
         if let Some(r) = self.read_mb_per_s {
             toml.push_str(&format!("read_mb_per_s = {r}\n"));
         }
+        // Under a planned budget, keep the KV room the planner provisioned: every
+        // sequence of the workload at the planned context.
         let reserve = spec
             .planner
             .as_ref()
-            .map(|p| p.context)
+            .map(PlannerSpec::kv_tokens)
             .or(memory.kv_reserve_tokens);
         if let Some(k) = reserve {
             toml.push_str(&format!("kv_reserve_tokens = {k}\n"));

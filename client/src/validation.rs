@@ -232,7 +232,9 @@ pub async fn run(bench: &ValidateBench) -> anyhow::Result<Report> {
             spec.compute_threads = Some(bench.compute_threads);
             spec.memory.stage_budget_bytes = budgets.clone();
             spec.memory.stage_read_mb_per_s = setup.read_mb_s.clone();
-            spec.memory.kv_reserve_tokens = Some(bench.context);
+            // The KV room the planner provisions, so every plan runs with the slots
+            // its prediction assumes.
+            spec.memory.kv_reserve_tokens = Some(bench.context * concurrency);
             spec.max_inflight = if setup.workload == WorkloadKind::Bursty {
                 1
             } else {
