@@ -22,11 +22,7 @@ pub async fn run(cfg: BrokerConfig) {
             return;
         }
     };
-    let Some(addr) = [&cfg.v5_listen]
-        .into_iter()
-        .find(|a| !a.is_empty())
-        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
-    else {
+    let Ok(addr) = cfg.v5_listen.parse::<std::net::SocketAddr>() else {
         tracing::error!("the planner needs the MQTT 5 listener; it is off");
         return;
     };

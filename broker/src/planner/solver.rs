@@ -121,8 +121,17 @@ impl Problem<'_> {
 
 /// The cost model applied to `layout`; `Err` names what does not fit.
 pub fn evaluate(p: &Problem, layout: &Layout) -> Result<Prediction, String> {
+    evaluate_with(p, &p.costs(), layout)
+}
+
+/// [`evaluate`] with the devices' costs already worked out (the solver scores
+/// many layouts of one problem).
+fn evaluate_with(
+    p: &Problem,
+    costs: &[DeviceCosts],
+    layout: &Layout,
+) -> Result<Prediction, String> {
     let n = layout.order.len();
-    let costs = p.costs();
     let (v, k) = (layout.interleave, layout.micro_batches.max(1));
     if n == 0 || v == 0 || layout.chunks.len() != n * v {
         return Err(format!(
@@ -244,7 +253,7 @@ fn busiest(pred: &Prediction) -> f64 {
 
 /// One device's choice for a layer count: `(sum term, max term, offloaded)`.
 #[derive(Debug, Clone, Copy)]
-struct Option_ {
+struct DeviceChoice {
     pass: f64,
     bound: f64,
     offloaded: usize,
@@ -271,10 +280,9 @@ pub fn solve(p: &Problem) -> Result<(Layout, Prediction), Infeasible> {
                     continue;
                 };
                 for order in orders(n, starter) {
-                    let layout0 = |assign: &[(usize, usize)]| layout_from(&order, v, k, assign);
                     for assign in &choices {
-                        let layout = layout0(assign);
-                        let Ok(pred) = evaluate(p, &layout) else {
+                        let layout = layout_from(&order, v, k, assign);
+                        let Ok(pred) = evaluate_with(p, &costs, &layout) else {
                             continue;
                         };
                         // Ties (common when nothing is streamed) go to the plan whose
@@ -313,7 +321,7 @@ fn pareto_dp(
     let (n, layers) = (p.devices.len(), p.shape.layers);
     let b = p.tokens(k);
     // options[d][m] = Pareto options for device d holding m layers.
-    let options: Vec<Vec<Vec<Option_>>> = (0..n)
+    let options: Vec<Vec<Vec<DeviceChoice>>> = (0..n)
         .map(|d| {
             let dc = &costs[d];
             let is_starter = d == starter;
@@ -324,7 +332,7 @@ fn pareto_dp(
                     if m < v {
                         return Vec::new();
                     }
-                    let mut opts: Vec<Option_> = Vec::new();
+                    let mut opts: Vec<DeviceChoice> = Vec::new();
                     for o in 0..=m {
                         let Some(slots) = dc.slots(m, o, is_starter, p.runtime.max_slots) else {
                             continue;
@@ -337,7 +345,7 @@ fn pareto_dp(
                             WorkloadKind::Sporadic => loader,
                             WorkloadKind::Bursty => k as f64 * loader.max(m as f64 * c + ends),
                         };
-                        let opt = Option_ {
+                        let opt = DeviceChoice {
                             pass: m as f64 * c + stall + ends,
                             bound,
                             offloaded: o,
