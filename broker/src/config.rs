@@ -50,6 +50,19 @@ pub struct PlannerConfig {
     pub max_slots: usize,
     pub activation_tokens: usize,
     pub max_interleave: usize,
+    /// Re-plan when measured conditions change for good; off, the first plan
+    /// stays (the baseline the adaptive planner is measured against).
+    pub adapt: bool,
+    /// A measured link or read bandwidth this many times off (either way) the
+    /// one the plan assumed is a change...
+    pub change_factor: f64,
+    /// ...once every report for this long says so.
+    pub sustain_ms: u64,
+    /// A new plan is published only if predicted at least this much better
+    /// (0.1: 10% more tokens/s, or 10% less time per token)...
+    pub min_gain: f64,
+    /// ...and not sooner than this after the last one.
+    pub switch_interval_ms: u64,
 }
 
 impl Default for PlannerConfig {
@@ -66,6 +79,11 @@ impl Default for PlannerConfig {
             max_slots: 2,
             activation_tokens: 512,
             max_interleave: 8,
+            adapt: true,
+            change_factor: 1.5,
+            sustain_ms: 1_500,
+            min_gain: 0.1,
+            switch_interval_ms: 5_000,
         }
     }
 }
@@ -133,6 +151,14 @@ impl BrokerConfig {
         anyhow::ensure!(
             p.context > 0 && p.activation_tokens > 0 && p.max_interleave > 0,
             "planner.context, activation_tokens and max_interleave must be positive"
+        );
+        anyhow::ensure!(
+            p.change_factor.is_finite() && p.change_factor > 1.0,
+            "planner.change_factor must be above 1"
+        );
+        anyhow::ensure!(
+            p.min_gain.is_finite() && (0.0..1.0).contains(&p.min_gain),
+            "planner.min_gain must be in [0, 1)"
         );
         if let Some(users) = &self.users {
             anyhow::ensure!(!users.is_empty(), "`users` is set but empty");

@@ -3,6 +3,7 @@
 //! from the retained status topics. Its planner ([`planner`], run by
 //! [`planning`]) turns the stages' profiles into the retained plan.
 
+pub mod conditions;
 pub mod config;
 pub mod membership;
 pub mod planner;

@@ -1,21 +1,29 @@
-//! The broker's planner at work: it collects the stages' retained profiles from
+//! The broker's planner at work. It collects the stages' retained profiles from
 //! `lime/profile/+` and, once the expected number of stages has published one,
 //! solves and publishes the plan retained on `lime/control/plan`, which the
-//! waiting stages adopt. (Re-planning on telemetry is not done here.)
+//! waiting stages adopt.
+//!
+//! Then it follows `lime/telemetry/+`. When a measured link or read bandwidth
+//! has changed for good ([`crate::conditions`] says when), it solves again under
+//! the measured figures, keeping the running starter (it holds the requests). The
+//! new plan is published as the next epoch only if it differs from the running one
+//! and the cost model predicts it `min_gain` better than the running plan under
+//! the same new figures, and not within `switch_interval_ms` of the last switch.
+//! The starter moves the ring to it between token steps.
 
+use crate::conditions::{Change, Conditions, Figure};
 use crate::config::{BrokerConfig, PlannerConfig};
-use crate::planner::{self, Runtime, Workload, WorkloadKind};
-use lime_schemas::{topics, LinkSpeed, Links, StageProfile};
+use crate::planner::{self, Layout, Prediction, Runtime, Workload, WorkloadKind};
+use lime_schemas::{topics, DeviceProfile, LinkSpeed, Links, Plan, StageProfile, Telemetry};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
 
 /// Runs the planner against the broker's own listener until the process ends.
 pub async fn run(cfg: BrokerConfig) {
-    let planner = cfg.planner.clone();
-    let links = match load_links(&planner) {
+    let links = match load_links(&cfg.planner) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!("{e:#}; the planner is off");
@@ -39,51 +47,38 @@ pub async fn run(cfg: BrokerConfig) {
         options.set_credentials(user.clone(), password.clone());
     }
     let (client, mut eventloop) = AsyncClient::new(options, 64);
-    let mut profiles: BTreeMap<String, StageProfile> = BTreeMap::new();
-    let mut planned = false;
+    let mut planner = Planner::new(cfg.planner.clone(), links);
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                if let Err(e) = client
-                    .subscribe(topics::PROFILE_ALL, QoS::AtLeastOnce)
-                    .await
-                {
-                    tracing::warn!(error = %e, "planner cannot subscribe to profiles");
+                for topic in [topics::PROFILE_ALL, topics::TELEMETRY_ALL] {
+                    if let Err(e) = client.subscribe(topic, QoS::AtMostOnce).await {
+                        tracing::warn!(error = %e, %topic, "planner cannot subscribe");
+                    }
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                let Some(stage) = topics::stage_of_profile(&topic) else {
-                    continue;
-                };
-                if p.payload.is_empty() {
-                    profiles.remove(stage);
-                    continue;
-                }
-                match serde_json::from_slice::<StageProfile>(&p.payload) {
-                    Ok(sp) if sp.device.name == stage => {
-                        tracing::info!(%stage, "profile received");
-                        if planned {
-                            tracing::warn!(%stage, "a profile arrived after the plan was made; re-planning is not automatic");
+                let plan = if let Some(stage) = topics::stage_of_profile(&topic) {
+                    planner.profile(stage, &p.payload)
+                } else if topics::stage_of_telemetry(&topic).is_some() {
+                    match serde_json::from_slice::<Telemetry>(&p.payload) {
+                        Ok(t) => planner.telemetry(&t, Instant::now()),
+                        Err(e) => {
+                            tracing::debug!(%topic, error = %e, "unreadable telemetry");
+                            None
                         }
-                        profiles.insert(stage.to_owned(), sp);
                     }
-                    Ok(_) => tracing::warn!(%topic, "profile names another stage; ignored"),
-                    Err(e) => tracing::warn!(%topic, error = %e, "bad profile; ignored"),
-                }
-                if !planned && profiles.len() >= planner.stages {
-                    match make_plan(&planner, &links, &profiles) {
-                        Ok(plan) => {
-                            let payload = serde_json::to_vec(&plan).unwrap_or_default();
-                            match client
-                                .publish(topics::PLAN, QoS::AtLeastOnce, true, payload)
-                                .await
-                            {
-                                Ok(()) => planned = true,
-                                Err(e) => tracing::error!(error = %e, "plan not published"),
-                            }
-                        }
-                        Err(e) => tracing::error!("cannot plan: {e:#}"),
+                } else {
+                    None
+                };
+                if let Some(plan) = plan {
+                    let payload = serde_json::to_vec(&plan).unwrap_or_default();
+                    if let Err(e) = client
+                        .publish(topics::PLAN, QoS::AtLeastOnce, true, payload)
+                        .await
+                    {
+                        tracing::error!(error = %e, "plan not published");
                     }
                 }
             }
@@ -96,39 +91,256 @@ pub async fn run(cfg: BrokerConfig) {
     }
 }
 
-fn load_links(cfg: &PlannerConfig) -> anyhow::Result<Links> {
-    match &cfg.links_file {
-        Some(path) => planner::files::load_links(path),
-        None => Ok(Links::uniform(LinkSpeed {
-            mbit_per_s: cfg.default_mbit_per_s,
-            latency_ms: cfg.default_latency_ms,
-        })),
+/// The plan the ring runs, in the cost model's terms.
+struct Running {
+    plan: Plan,
+    layout: Layout,
+    switched: Instant,
+}
+
+/// The planner's state between messages.
+pub struct Planner {
+    cfg: PlannerConfig,
+    /// The configured network, before measurements.
+    links: Links,
+    profiles: BTreeMap<String, StageProfile>,
+    running: Option<Running>,
+    conditions: Conditions,
+    /// Each stage's last loader counters: streamed bytes and busy seconds.
+    reads: HashMap<String, (u64, f64)>,
+}
+
+impl Planner {
+    pub fn new(cfg: PlannerConfig, links: Links) -> Self {
+        let conditions = Conditions::new(cfg.change_factor, Duration::from_millis(cfg.sustain_ms));
+        Self {
+            cfg,
+            links,
+            profiles: BTreeMap::new(),
+            running: None,
+            conditions,
+            reads: HashMap::new(),
+        }
+    }
+
+    /// A stage's profile; the first plan once every expected stage has one.
+    pub fn profile(&mut self, stage: &str, payload: &[u8]) -> Option<Plan> {
+        if payload.is_empty() {
+            self.profiles.remove(stage);
+            return None;
+        }
+        match serde_json::from_slice::<StageProfile>(payload) {
+            Ok(sp) if sp.device.name == stage => {
+                tracing::info!(%stage, "profile received");
+                if self.running.is_some() {
+                    tracing::warn!(%stage, "a profile arrived after the plan was made; it is used when conditions next change");
+                }
+                self.profiles.insert(stage.to_owned(), sp);
+            }
+            Ok(_) => tracing::warn!(%stage, "profile names another stage; ignored"),
+            Err(e) => tracing::warn!(%stage, error = %e, "bad profile; ignored"),
+        }
+        if self.running.is_some() || self.profiles.len() < self.cfg.stages {
+            return None;
+        }
+        let epoch = unix_seconds();
+        match self.solve(&self.links.clone(), None, epoch) {
+            Ok((planned, _)) => {
+                let plan = planned.plan.clone();
+                self.running = Some(Running {
+                    plan: planned.plan,
+                    layout: planned.layout,
+                    switched: Instant::now(),
+                });
+                Some(plan)
+            }
+            Err(e) => {
+                tracing::error!("cannot plan: {e:#}");
+                None
+            }
+        }
+    }
+
+    /// A stage's telemetry: measurements for the running plan, and a new plan
+    /// when they have changed for good and a better plan exists.
+    pub fn telemetry(&mut self, t: &Telemetry, now: Instant) -> Option<Plan> {
+        let running = self.running.as_ref()?;
+        if !self.cfg.adapt || t.epoch != running.plan.epoch {
+            return None;
+        }
+        if let Some(l) = &t.link_out {
+            if l.samples >= 2 && l.age_ms < 5_000 {
+                let assumed = self.links.between(&t.stage, &l.to).mbit_per_s;
+                let figure = Figure::Link {
+                    from: t.stage.clone(),
+                    to: l.to.clone(),
+                };
+                self.conditions.observe(figure, assumed, l.mbit_per_s, now);
+                self.conditions.latency(&t.stage, &l.to, l.rtt_ms / 2.0);
+            }
+        }
+        let counters = (t.loads.streamed_bytes, t.loads.read_busy_s);
+        if let Some((bytes, busy)) = self.reads.insert(t.stage.clone(), counters) {
+            let (db, ds) = (counters.0.saturating_sub(bytes), counters.1 - busy);
+            let profiled = self
+                .profiles
+                .get(&t.stage)
+                .map(|p| p.device.read_bytes_per_s);
+            if let (Some(profiled), true) = (profiled, ds >= 0.5) {
+                let figure = Figure::Read {
+                    stage: t.stage.clone(),
+                };
+                self.conditions
+                    .observe(figure, profiled, db as f64 / ds, now);
+            }
+        }
+        let changes = self.conditions.changed(now);
+        if changes.is_empty()
+            || now.duration_since(running.switched)
+                < Duration::from_millis(self.cfg.switch_interval_ms)
+        {
+            return None;
+        }
+        self.conditions.accept(&changes);
+        self.replan(&changes, now)
+    }
+
+    fn replan(&mut self, changes: &[Change], now: Instant) -> Option<Plan> {
+        let running = self.running.as_ref()?;
+        let what = describe(changes);
+        let links = self.conditions.links(&self.links);
+        let starter = running.plan.starter()?.name.clone();
+        let epoch = (running.plan.epoch + 1).max(unix_seconds());
+        let (mut planned, kept) = match self.solve(&links, Some((&starter, &running.layout)), epoch)
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(changes = %what, "cannot re-plan: {e:#}");
+                return None;
+            }
+        };
+        let new = score(&self.cfg, &planned.prediction);
+        let old = kept.as_ref().map(|p| score(&self.cfg, p));
+        let better = old.is_none_or(|old| new < old * (1.0 - self.cfg.min_gain));
+        if planned.layout == running.layout || !better {
+            tracing::info!(
+                changes = %what,
+                running_s = old,
+                best_s = new,
+                "conditions changed; the running plan stays"
+            );
+            return None;
+        }
+        if let Some(p) = &mut planned.plan.prediction {
+            p.reason = what.clone();
+        }
+        tracing::info!(
+            changes = %what,
+            from = running.plan.epoch,
+            to = epoch,
+            running_s = old,
+            new_s = new,
+            "conditions changed: publishing a new plan"
+        );
+        let plan = planned.plan.clone();
+        self.running = Some(Running {
+            plan: planned.plan,
+            layout: planned.layout,
+            switched: now,
+        });
+        Some(plan)
+    }
+
+    /// The best plan under `links` (and the measured read rates), with what
+    /// `keep`'s layout would give under them; `keep` also fixes the starter.
+    fn solve(
+        &self,
+        links: &Links,
+        keep: Option<(&str, &Layout)>,
+        epoch: u64,
+    ) -> anyhow::Result<(planner::Planned, Option<Prediction>)> {
+        let first = self
+            .profiles
+            .values()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no profiles"))?;
+        let shape = &first.model;
+        if let Some(other) = self.profiles.values().find(|p| &p.model != shape) {
+            anyhow::bail!(
+                "stages serve different models: {} has {:?}, {} has {:?}",
+                first.device.name,
+                shape.name,
+                other.device.name,
+                other.model.name
+            );
+        }
+        let devices: Vec<DeviceProfile> = self
+            .profiles
+            .values()
+            .map(|p| {
+                let mut d = p.device.clone();
+                if let Some(r) = self.conditions.read_bytes_per_s(&d.name) {
+                    d.read_bytes_per_s = r;
+                }
+                d
+            })
+            .collect();
+        let starter = keep.and_then(|(name, _)| devices.iter().position(|d| d.name == name));
+        let problem = planner::Problem {
+            shape,
+            devices: &devices,
+            links,
+            workload: workload(&self.cfg)?,
+            runtime: Runtime {
+                max_slots: self.cfg.max_slots,
+                activation_tokens: self.cfg.activation_tokens,
+                max_interleave: self.cfg.max_interleave,
+            },
+            starter,
+        };
+        let planned = planner::plan(&problem, epoch)?;
+        tracing::info!(epoch, "plan made:\n{}", planner::render(&problem, &planned));
+        planned.plan.validate(shape.layers)?;
+        let kept = keep.and_then(|(_, layout)| planner::evaluate(&problem, layout).ok());
+        Ok((planned, kept))
     }
 }
 
-/// The plan for the stages that published profiles (all serving one model).
-pub fn make_plan(
-    cfg: &PlannerConfig,
-    links: &Links,
-    profiles: &BTreeMap<String, StageProfile>,
-) -> anyhow::Result<lime_schemas::Plan> {
-    let first = profiles
-        .values()
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("no profiles"))?;
-    let shape = &first.model;
-    if let Some(other) = profiles.values().find(|p| &p.model != shape) {
-        anyhow::bail!(
-            "stages serve different models: {} has {:?}, {} has {:?}",
-            first.device.name,
-            shape.name,
-            other.device.name,
-            other.model.name
-        );
+/// Seconds per generated token, the figure both workloads minimise.
+fn score(cfg: &PlannerConfig, p: &Prediction) -> f64 {
+    match cfg.workload.parse::<WorkloadKind>() {
+        Ok(WorkloadKind::Bursty) => 1.0 / p.tokens_per_s.max(f64::MIN_POSITIVE),
+        _ => p.time_per_token_s,
     }
-    let devices: Vec<_> = profiles.values().map(|p| p.device.clone()).collect();
+}
+
+fn describe(changes: &[Change]) -> String {
+    changes
+        .iter()
+        .map(|c| match &c.figure {
+            Figure::Link { from, to } => {
+                format!("link {from}→{to} {:.0} Mb/s (was {:.0})", c.now, c.was)
+            }
+            Figure::Read { stage } => format!(
+                "reads on {stage} {:.0} MB/s (was {:.0})",
+                c.now / 1e6,
+                c.was / 1e6
+            ),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(1)
+}
+
+fn workload(cfg: &PlannerConfig) -> anyhow::Result<Workload> {
     let kind: WorkloadKind = cfg.workload.parse().map_err(anyhow::Error::msg)?;
-    let workload = Workload {
+    Ok(Workload {
         kind,
         concurrency: if kind == WorkloadKind::Bursty {
             cfg.concurrency.max(1)
@@ -137,24 +349,15 @@ pub fn make_plan(
         },
         context: cfg.context,
         prompt_tokens: cfg.prompt_tokens,
-    };
-    let problem = planner::Problem {
-        shape,
-        devices: &devices,
-        links,
-        workload,
-        runtime: Runtime {
-            max_slots: cfg.max_slots,
-            activation_tokens: cfg.activation_tokens,
-            max_interleave: cfg.max_interleave,
-        },
-    };
-    let epoch = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(1);
-    let planned = planner::plan(&problem, epoch)?;
-    tracing::info!(epoch, "plan made:\n{}", planner::render(&problem, &planned));
-    planned.plan.validate(shape.layers)?;
-    Ok(planned.plan)
+    })
+}
+
+fn load_links(cfg: &PlannerConfig) -> anyhow::Result<Links> {
+    match &cfg.links_file {
+        Some(path) => planner::files::load_links(path),
+        None => Ok(Links::uniform(LinkSpeed {
+            mbit_per_s: cfg.default_mbit_per_s,
+            latency_ms: cfg.default_latency_ms,
+        })),
+    }
 }

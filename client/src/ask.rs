@@ -129,6 +129,9 @@ pub async fn ask_raw(
                     gaps: *gaps,
                 });
             }
+            Reply::Queued(q) => {
+                tracing::debug!(id = %q.id, position = q.position, waiting_for = %q.waiting_for, "request waits");
+            }
             Reply::Error(e) => {
                 if answers[i].is_none() {
                     left -= 1;

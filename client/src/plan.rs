@@ -69,6 +69,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
         links: &links,
         workload,
         runtime: args.runtime,
+        starter: None,
     };
     let started = std::time::Instant::now();
     let planned = planner::plan(&problem, 1)?;

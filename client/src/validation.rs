@@ -267,6 +267,7 @@ pub async fn run(bench: &ValidateBench) -> anyhow::Result<Report> {
                 WorkloadKind::Bursty => Workload::bursty(concurrency, bench.context),
             },
             runtime: Runtime::default(),
+            starter: None,
         };
         let planned = planner::plan(&problem, 1)?;
 

@@ -26,7 +26,14 @@ fn garbage(addr: &str, epoch: u64) {
     bogus.extend((0..64u8).map(|i| i.wrapping_mul(37)));
     send(&bogus);
     // A frame that is not a hello.
-    send(&Frame::Ping { nonce: 1 }.encode().unwrap());
+    send(
+        &Frame::Ping {
+            nonce: 1,
+            rooms: Vec::new(),
+        }
+        .encode()
+        .unwrap(),
+    );
     // Hellos from the wrong stage, and from the right stage on another plan.
     send(
         &Frame::Hello(Hello::new(epoch, "intruder"))

@@ -99,6 +99,7 @@ fn read_stream(lines: &[String]) -> (String, Final) {
                 text.push_str(&p.text);
             }
             Reply::Final(f) => return (text, f),
+            Reply::Queued(_) => {}
             Reply::Error(e) => panic!("error reply: {e:?}"),
         }
     }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// First bytes of every hello.
 pub const MAGIC: [u8; 4] = *b"LIME";
 /// Bumped whenever a frame's layout changes.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Larger frames are refused unread: no honest micro-batch comes near this.
 pub const MAX_FRAME_BYTES: usize = 512 << 20;
 /// Bytes of the length prefix.
@@ -31,16 +31,44 @@ pub enum Frame {
         message: String,
     },
     /// Goes round the ring once; its return tells the starter the ring is closed.
+    /// Every secondary stage adds what it can hold of KV caches, so the starter
+    /// admits only requests that fit everywhere.
     Ping {
         nonce: u64,
+        rooms: Vec<KvRoom>,
     },
-    /// Sent once after each hello to measure the link: the sender's hello round
-    /// trip, and bytes whose arrival time gives the bandwidth. Not forwarded.
+    /// Bytes whose arrival time measures the link; the receiver answers with an
+    /// [`Frame::Ack`] on the same connection. Not forwarded.
     Probe {
-        rtt_us: u64,
+        nonce: u64,
         #[serde(with = "serde_bytes")]
         padding: Vec<u8>,
     },
+    /// The receiver's account of a large frame (a probe, `nonce > 0`, or
+    /// activations, `nonce == 0`): its size and how long its bytes took to arrive
+    /// after the first. Flows backwards, to the sender, which measures its link.
+    Ack {
+        nonce: u64,
+        bytes: u64,
+        receive_us: u64,
+    },
+    /// Move the ring to this plan (JSON) between token steps. The starter sends it
+    /// round the old ring once nothing is in flight; each stage forwards it, drops
+    /// its caches (the starter rebuilds them by recomputation) and rejoins the ring
+    /// the plan describes.
+    Switch {
+        plan: String,
+    },
+}
+
+/// What one stage can hold of KV caches: the room left for them with every one of
+/// its layers streamed, and what one token of one sequence takes there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvRoom {
+    pub stage: String,
+    /// `None`: no memory budget, so no limit.
+    pub bytes: Option<u64>,
+    pub bytes_per_token: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -229,7 +257,20 @@ mod tests {
             Frame::Hello(Hello::new(9, "s1")),
             sample(),
             Frame::Release { seqs: vec![1, 2] },
-            Frame::Ping { nonce: 1 },
+            Frame::Ping {
+                nonce: 1,
+                rooms: vec![KvRoom {
+                    stage: "s1".into(),
+                    bytes: Some(1 << 20),
+                    bytes_per_token: 64,
+                }],
+            },
+            Frame::Ack {
+                nonce: 3,
+                bytes: 1 << 18,
+                receive_us: 900,
+            },
+            Frame::Switch { plan: "{}".into() },
         ] {
             let bytes = f.encode().unwrap();
             let n = Frame::body_len(bytes[..4].try_into().unwrap()).unwrap();

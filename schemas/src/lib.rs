@@ -14,13 +14,15 @@ pub mod status;
 pub mod telemetry;
 pub mod topics;
 
-pub use frame::{Activations, Frame, FrameError, Hello, SeqSlot};
-pub use plan::{LayerRange, Plan, PlanChunk, PlanError, PlanStage};
+pub use frame::{Activations, Frame, FrameError, Hello, KvRoom, SeqSlot};
+pub use plan::{LayerRange, Plan, PlanChunk, PlanError, PlanPrediction, PlanStage};
 pub use profile::{
     DeviceProfile, Link, LinkSpeed, Links, MeasuredCompute, ModelShape, ProfileError, ShapeKey,
     StageProfile, TimePoint,
 };
-pub use reply::{ErrorCode, ErrorReply, Final, FinishReason, Reply, TextPiece, Timing, Usage};
+pub use reply::{
+    ErrorCode, ErrorReply, Final, FinishReason, Queued, Reply, TextPiece, Timing, Usage,
+};
 pub use request::{ChatMessage, Invalid, Request};
 pub use sampling::{SamplingError, SamplingParams};
 pub use status::{MemoryUse, Role, StageState, StageStatus};

@@ -43,7 +43,7 @@ impl fmt::Display for LayerRange {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
     /// Increases with every new plan; the data-plane hello carries it so that stages
@@ -57,6 +57,24 @@ pub struct Plan {
     /// starter configured with its own `max_inflight` keeps that).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_inflight: Option<usize>,
+    /// What the planner predicts for this plan, when a planner made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<PlanPrediction>,
+}
+
+/// The planner's figures for a plan, carried with it so that operators and
+/// benchmarks can hold the cluster to them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanPrediction {
+    pub time_per_token_s: f64,
+    pub tokens_per_s: f64,
+    pub ttft_s: f64,
+    /// The slowest link the plan was made for, Mb/s.
+    pub slowest_link_mbit_per_s: f64,
+    /// Why the planner made it: `"profiles"` for the first plan, else what
+    /// changed.
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +136,7 @@ impl Plan {
             stages,
             chunks,
             max_inflight: None,
+            prediction: None,
         };
         plan.validate(num_layers)?;
         Ok(plan)

@@ -72,6 +72,9 @@ pub enum ErrorCode {
     ContextLengthExceeded,
     /// Too many requests are queued; try again later.
     Overloaded,
+    /// The request's KV cache can never fit some stage's memory, even with every
+    /// layer streamed; a smaller `max_tokens` (or prompt) may.
+    ExceedsMemory,
     /// The request was accepted but could not be completed.
     Internal,
 }
@@ -102,6 +105,18 @@ impl ErrorReply {
     }
 }
 
+/// Sent when a request must wait for room (memory or a place in the batch):
+/// how many requests are ahead of it. Text and the final message follow later.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Queued {
+    pub id: String,
+    /// Requests ahead of this one; 0 means it is next.
+    pub position: u32,
+    /// What it waits for: `"memory"` (KV room on some stage), `"sequences"`
+    /// (the starter's `max_sequences`) or `"ring"` (the stages are not all up).
+    pub waiting_for: String,
+}
+
 /// Any message on a reply topic, for readers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -109,6 +124,7 @@ pub enum Reply {
     Error(ErrorReply),
     Final(Final),
     Text(TextPiece),
+    Queued(Queued),
 }
 
 impl Reply {
@@ -127,6 +143,8 @@ mod tests {
         assert!(matches!(Reply::parse(piece).unwrap(), Reply::Text(_)));
         let err = serde_json::to_vec(&ErrorReply::new(None, ErrorCode::BadJson, "x")).unwrap();
         assert!(matches!(Reply::parse(&err).unwrap(), Reply::Error(_)));
+        let queued = br#"{"id":"a","position":2,"waiting_for":"memory"}"#;
+        assert!(matches!(Reply::parse(queued).unwrap(), Reply::Queued(_)));
         let fin = Final {
             id: "a".into(),
             done: true,

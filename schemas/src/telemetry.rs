@@ -16,22 +16,26 @@ pub struct Telemetry {
     pub residency: ResidencyReport,
     pub time: StageTime,
     pub loads: LoadReport,
-    /// The link from the previous stage, measured on the data plane when it
-    /// last connected.
+    /// The link to the next stage, measured by this stage from the data plane's
+    /// large frames and from probes while the link is idle.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub link_in: Option<LinkMeasurement>,
+    pub link_out: Option<LinkMeasurement>,
 }
 
-/// A data-plane link measured when it connects: the sender times its hello's
-/// round trip, then sends a probe frame; the receiver times the probe's arrival
-/// from its own hello reply, less that round trip.
+/// A data-plane link as its sender measured it: the median of the recent
+/// samples. Bandwidth comes from how long a large frame's bytes took to arrive
+/// (the receiver's clock, reported back); latency is half a probe's round trip
+/// less that transfer.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LinkMeasurement {
-    /// The sending stage.
-    pub from: String,
+    /// The receiving stage.
+    pub to: String,
     pub rtt_ms: f64,
     pub mbit_per_s: f64,
-    pub probe_bytes: u64,
+    /// Samples behind the figures.
+    pub samples: u32,
+    /// Age of the newest sample.
+    pub age_ms: u64,
 }
 
 /// The memory budget and everything accounted against it, in bytes.
@@ -71,6 +75,12 @@ pub struct ResidencyReport {
     pub direct_io: bool,
     /// Emulated storage bandwidth, when reads are paced.
     pub read_limit_bytes_per_s: Option<u64>,
+    /// Layers moved out of memory to make room for KV caches, and brought back
+    /// when it freed, since start.
+    #[serde(default)]
+    pub evictions: u64,
+    #[serde(default)]
+    pub restorations: u64,
 }
 
 /// Where the stage's wall-clock time went, in seconds.
@@ -113,4 +123,7 @@ pub struct LoadReport {
     pub read_busy_s: f64,
     /// Bytes of streamed layers read.
     pub streamed_bytes: u64,
+    /// The loader's read bandwidth over its recent reads, in MB/s (10^6 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_mb_per_s: Option<f64>,
 }

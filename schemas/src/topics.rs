@@ -10,6 +10,8 @@ pub const PLAN: &str = "lime/control/plan";
 pub const STATUS_ALL: &str = "lime/status/+";
 /// Every stage's retained device profile.
 pub const PROFILE_ALL: &str = "lime/profile/+";
+/// Every stage's telemetry.
+pub const TELEMETRY_ALL: &str = "lime/telemetry/+";
 /// Prefix of default reply topics, `lime/response/<id>`.
 pub const RESPONSE_PREFIX: &str = "lime/response/";
 
@@ -33,6 +35,13 @@ pub fn stage_of_profile(topic: &str) -> Option<&str> {
 /// A stage's telemetry topic.
 pub fn telemetry(stage: &str) -> String {
     format!("lime/telemetry/{stage}")
+}
+
+/// The stage a `lime/telemetry/<stage>` topic is about.
+pub fn stage_of_telemetry(topic: &str) -> Option<&str> {
+    topic
+        .strip_prefix("lime/telemetry/")
+        .filter(|s| !s.is_empty() && !s.contains('/'))
 }
 
 /// The reply topic of a request that named none.

@@ -125,6 +125,11 @@ pub struct DataConfig {
     /// Reconnection backoff to the next stage: first and longest wait.
     pub backoff_min_ms: u64,
     pub backoff_max_ms: u64,
+    /// Probe the link to the next stage when its newest bandwidth sample is older
+    /// than this and nothing waits to be sent.
+    pub probe_every_ms: u64,
+    /// How long a probe should occupy the link at its last measured bandwidth.
+    pub probe_target_ms: u64,
 }
 
 impl Default for DataConfig {
@@ -135,6 +140,8 @@ impl Default for DataConfig {
             hello_timeout_ms: 5_000,
             backoff_min_ms: 50,
             backoff_max_ms: 5_000,
+            probe_every_ms: 1_000,
+            probe_target_ms: 20,
         }
     }
 }
@@ -215,6 +222,10 @@ impl StageConfig {
             "memory.read_mb_per_s must be a positive number of MB/s"
         );
         anyhow::ensure!(self.telemetry_ms >= 50, "telemetry_ms must be at least 50");
+        anyhow::ensure!(
+            self.data.probe_every_ms >= 100 && self.data.probe_target_ms > 0,
+            "data.probe_every_ms must be at least 100 and data.probe_target_ms positive"
+        );
         anyhow::ensure!(
             self.data.backoff_min_ms > 0 && self.data.backoff_min_ms <= self.data.backoff_max_ms,
             "data.backoff_min_ms must be positive and at most data.backoff_max_ms"

@@ -14,6 +14,21 @@ pub enum ReadError {
 
 /// Reads one frame; `Ok(None)` when the peer closed between frames.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, ReadError> {
+    Ok(read_timed(r).await?.map(|(f, _)| f))
+}
+
+/// How a frame's bytes arrived: those that came after the first read of its body
+/// (the ones a link had to carry while the reader waited) and how long they took.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival {
+    pub bytes: usize,
+    pub took: std::time::Duration,
+}
+
+/// Reads one frame and times the arrival of its body.
+pub async fn read_timed<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<(Frame, Arrival)>, ReadError> {
     let mut prefix = [0u8; PREFIX_BYTES];
     match r.read_exact(&mut prefix).await {
         Ok(_) => {}
@@ -23,7 +38,11 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
     let len = Frame::body_len(prefix)?;
     // Grow as bytes arrive rather than trusting the prefix with one allocation.
     let mut body = Vec::with_capacity(len.min(1 << 20));
-    let got = r.take(len as u64).read_to_end(&mut body).await?;
+    let mut limited = r.take(len as u64);
+    let first = read_some(&mut limited, &mut body).await?;
+    let started = std::time::Instant::now();
+    let rest = limited.read_to_end(&mut body).await?;
+    let got = first + rest;
     if got != len {
         return Err(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
@@ -31,7 +50,19 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
         )
         .into());
     }
-    Ok(Some(Frame::decode(&body)?))
+    let arrival = Arrival {
+        bytes: rest,
+        took: started.elapsed(),
+    };
+    Ok(Some((Frame::decode(&body)?, arrival)))
+}
+
+/// One read's worth of bytes (what had already arrived), appended to `body`.
+async fn read_some<R: AsyncRead + Unpin>(r: &mut R, body: &mut Vec<u8>) -> std::io::Result<usize> {
+    let mut chunk = [0u8; 64 << 10];
+    let n = r.read(&mut chunk).await?;
+    body.extend_from_slice(&chunk[..n]);
+    Ok(n)
 }
 
 /// Writes encoded frame bytes (from [`Frame::encode`]).

@@ -49,7 +49,8 @@ pub struct RequestSink {
 
 /// What the MQTT loop routes incoming messages to.
 pub struct Inbox {
-    /// Plans from the retained topic (when the stage has no plan file).
+    /// Plans from the retained topic (when the stage has no plan file): the first
+    /// one the stage starts with, later ones the starter moves the ring to.
     pub plan: Option<watch::Sender<Option<Plan>>>,
     /// Set when the starter can take requests; subscribing follows.
     pub requests: OnceLock<RequestSink>,
@@ -216,15 +217,6 @@ fn handle_plan(inbox: &Inbox, payload: &[u8]) {
     }
     match serde_json::from_slice::<Plan>(payload) {
         Ok(plan) => {
-            let current = tx.borrow().as_ref().map(|p| p.epoch);
-            if current.is_some_and(|e| e != plan.epoch) {
-                tracing::warn!(
-                    running = current,
-                    published = plan.epoch,
-                    "a new plan was published; switching plans at run time is not supported yet, restart the stage to adopt it"
-                );
-                return;
-            }
             let _ = tx.send(Some(plan));
         }
         Err(e) => tracing::error!(error = %e, "ignoring an unreadable plan on {}", topics::PLAN),

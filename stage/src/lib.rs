@@ -6,11 +6,14 @@
 //! first stage is the starter: it also checks and tokenizes requests ([`intake`]),
 //! schedules sequences into micro-batches and samples ([`starter`], [`sequence`]).
 
+pub mod adaptation;
+pub mod admission;
 pub mod chat;
 pub mod config;
 pub mod connection;
 pub mod control;
 pub mod intake;
+pub mod link;
 pub mod memory;
 pub mod pipeline;
 pub mod profile;
@@ -18,6 +21,8 @@ pub mod residency;
 pub mod ring;
 pub mod sequence;
 pub mod starter;
+pub mod switch;
+pub mod topology;
 pub mod worker;
 
 use anyhow::Context;
@@ -25,7 +30,7 @@ use config::StageConfig;
 use control::{Inbox, RequestSink};
 use lime_kernels::{Checkpoint, ReadOptions, TextTokenizer};
 use lime_schemas::{LayerRange, MemoryUse, Plan, Role, StageState, StageStatus};
-use pipeline::{Event, Note, Pipeline};
+use pipeline::{Event, Note};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,6 +72,7 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
             "profile published for the planner"
         );
     }
+    let mut plan_updates = None;
     let plan = match (&cfg.plan_file, plan_rx) {
         (Some(path), _) => {
             let text = std::fs::read_to_string(path)
@@ -79,7 +85,7 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
                 "waiting for the retained plan on {}",
                 lime_schemas::topics::PLAN
             );
-            loop {
+            let adopted = loop {
                 if let Some(p) = rx.borrow_and_update().clone() {
                     if p.position(&cfg.name).is_some() {
                         break p;
@@ -91,7 +97,9 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
                     );
                 }
                 rx.changed().await?;
-            }
+            };
+            plan_updates = Some(rx);
+            adopted
         }
         (None, None) => anyhow::bail!("no plan file and no plan subscription"),
     };
@@ -133,47 +141,41 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
 
     // Listen before loading so the previous stage's link is up when we are.
     let (events_tx, events_rx) = std::sync::mpsc::channel::<Event>();
-    let identity = ring::LinkIdentity {
-        me: cfg.name.clone(),
-        epoch: plan.epoch,
-        hello_timeout: Duration::from_millis(cfg.data.hello_timeout_ms),
-    };
-    let single = plan.stages.len() == 1;
-    let link_in = ring::LinkGauge::default();
-    let mut next_tx = None;
-    if !single {
+    let (route_tx, route_rx) =
+        tokio::sync::watch::channel(topology::Topology::route(&plan, &cfg.name));
+    if plan.stages.len() > 1 {
         let listener = tokio::net::TcpListener::bind(&listen_addr)
             .await
             .with_context(|| format!("binding the data port {listen_addr}"))?;
         tracing::info!(addr = %listen_addr, "data plane listening");
-        let prev = plan
-            .predecessor(&cfg.name)
-            .map(|s| s.name.clone())
-            .unwrap_or_default();
         tokio::spawn(ring::listen(
             listener,
-            identity.clone(),
-            prev,
+            cfg.name.clone(),
+            Duration::from_millis(cfg.data.hello_timeout_ms),
+            route_rx,
             events_tx.clone(),
-            link_in.clone(),
         ));
-        let next = plan
-            .successor(&cfg.name)
-            .cloned()
-            .context("no next stage")?;
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let backoff = (
-            Duration::from_millis(cfg.data.backoff_min_ms),
-            Duration::from_millis(cfg.data.backoff_max_ms),
-        );
-        tokio::spawn(ring::connect(
-            next.data_addr,
-            next.name,
-            identity,
-            backoff,
-            rx,
-        ));
-        next_tx = Some(tx);
+    }
+    let topology = topology::Topology::new(
+        tokio::runtime::Handle::current(),
+        &cfg.name,
+        &cfg.data,
+        route_tx,
+    );
+    let next_tx = topology.join(&plan);
+    // Later plans go to the pipeline; the starter moves the ring to them.
+    if let Some(mut rx) = plan_updates {
+        let events = events_tx.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let offered = rx.borrow_and_update().clone();
+                if let Some(p) = offered {
+                    if events.send(Event::Plan(Box::new(p))).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     let worker = {
@@ -202,8 +204,16 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
     });
 
     let (notes_tx, mut notes_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (stage, epoch) = (cfg.name.clone(), plan.epoch);
-    let telemetry_every = Duration::from_millis(cfg.telemetry_ms);
+    let parts = pipeline::Parts {
+        worker,
+        next: next_tx,
+        notes: notes_tx,
+        stage: cfg.name.clone(),
+        plan: plan.clone(),
+        topology,
+        memory: cfg.memory.clone(),
+        telemetry_every: Duration::from_millis(cfg.telemetry_ms),
+    };
     let engine = if starter {
         let tokenizer = Arc::new(TextTokenizer::from_path(&cfg.model)?);
         let template = chat::ChatTemplate::from_dir(&cfg.model)?;
@@ -211,15 +221,12 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
         let intake = Arc::new(intake::Intake::new(
             tokenizer.clone(),
             template,
-            worker.config().max_context(),
+            parts.worker.config().max_context(),
             cfg.starter.max_request_bytes,
         ));
         let (outbox_tx, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(control::publish_replies(client.clone(), outbox_rx));
         let mut limits = cfg.starter.clone();
-        if limits.max_inflight == 0 {
-            limits.max_inflight = plan.max_inflight.unwrap_or(0);
-        }
         if limits.max_batch_tokens > cfg.memory.activation_tokens {
             tracing::warn!(
                 max_batch_tokens = limits.max_batch_tokens,
@@ -228,22 +235,14 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
             );
             limits.max_batch_tokens = cfg.memory.activation_tokens;
         }
-        let stages = plan.stages.len();
+        let (stages, plan_inflight) = (plan.stages.len(), plan.max_inflight);
         let outbox = outbox_tx.clone();
         let engine = std::thread::Builder::new()
             .name("lime-pipeline".into())
             .spawn(move || {
-                let scheduler = starter::Scheduler::new(&tokenizer, eos, limits, stages, outbox);
-                Pipeline {
-                    worker,
-                    next: next_tx,
-                    starter: Some(scheduler),
-                    notes: notes_tx,
-                    stage,
-                    epoch,
-                    telemetry_every,
-                }
-                .run(events_rx)
+                let scheduler =
+                    starter::Scheduler::new(&tokenizer, eos, limits, stages, plan_inflight, outbox);
+                parts.into_pipeline(Some(scheduler)).run(events_rx)
             })?;
         let sink = RequestSink {
             intake,
@@ -255,18 +254,7 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
     } else {
         std::thread::Builder::new()
             .name("lime-pipeline".into())
-            .spawn(move || {
-                Pipeline {
-                    worker,
-                    next: next_tx,
-                    starter: None,
-                    notes: notes_tx,
-                    stage,
-                    epoch,
-                    telemetry_every,
-                }
-                .run(events_rx)
-            })?
+            .spawn(move || parts.into_pipeline(None).run(events_rx))?
     };
     if !starter {
         status.state = StageState::Online;
@@ -294,8 +282,12 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
                     control::publish_status(&client, &inbox, status.clone()).await;
                     tracing::info!("starter online: taking requests");
                 }
-                Some(Note::Telemetry(mut t)) => {
-                    t.link_in = link_in.lock().ok().and_then(|g| g.clone());
+                Some(Note::Switched(p)) => {
+                    status.epoch = Some(p.epoch);
+                    status.chunks = p.chunks_of(&cfg.name).into_iter().map(|c| c.1).collect();
+                    control::publish_status(&client, &inbox, status.clone()).await;
+                }
+                Some(Note::Telemetry(t)) => {
                     let use_now = MemoryUse {
                         weights_bytes: t.memory.weights_bytes,
                         kv_bytes: t.memory.kv_bytes,

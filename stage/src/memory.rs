@@ -102,6 +102,29 @@ impl Budget {
     pub fn free_kv(&mut self, bytes: u64) {
         self.held.kv = self.held.kv.saturating_sub(bytes);
     }
+
+    /// Records what resident weights and staging take after the split moved;
+    /// refuses growth beyond the limit without changing anything.
+    pub fn set_layers(&mut self, weights: u64, staging: u64) -> Result<(), Exhausted> {
+        let after = Held {
+            weights,
+            staging,
+            ..self.held
+        };
+        if let Some(limit) = self.limit {
+            if after.total() > limit && after.total() > self.held.total() {
+                return Err(Exhausted {
+                    what: "layer",
+                    wanted: after.total() - self.held.total(),
+                    free: limit.saturating_sub(self.held.total()),
+                    limit,
+                });
+            }
+        }
+        self.held = after;
+        self.peak = self.peak.max(after.total());
+        Ok(())
+    }
 }
 
 /// Bytes that depend on the model's shape and the stage's settings, for sizing.

@@ -10,11 +10,15 @@
 //! activation workspace), so that a streamed layer read once serves all of it. The
 //! loop also keeps the stage's clock: computing, waiting for weights, waiting for
 //! the ring, idle.
+//!
+//! A new plan is taken between token steps ([`crate::switch`]).
 
+use crate::config::MemoryConfig;
 use crate::starter::Scheduler;
+use crate::topology::Topology;
 use crate::worker::Worker;
 use lime_schemas::telemetry::{LoadReport, StageTime, Telemetry};
-use lime_schemas::{Activations, Frame};
+use lime_schemas::{Activations, Frame, Plan};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
@@ -25,6 +29,8 @@ pub enum Event {
     Frame(Frame),
     /// A checked request (starter only).
     Job(Box<crate::intake::Job>),
+    /// A plan published on the control plane; the starter moves the ring to it.
+    Plan(Box<Plan>),
     /// Finish: drop everything and return.
     Stop,
 }
@@ -36,6 +42,8 @@ pub enum Note {
     RingClosed,
     /// A periodic report of memory, residency and time.
     Telemetry(Box<Telemetry>),
+    /// The stage now runs this plan (its status follows).
+    Switched(Box<Plan>),
 }
 
 pub struct Pipeline<'t> {
@@ -46,8 +54,45 @@ pub struct Pipeline<'t> {
     pub notes: UnboundedSender<Note>,
     /// Who this is, for telemetry.
     pub stage: String,
-    pub epoch: u64,
+    pub plan: Plan,
+    /// A newer plan the starter moves the ring to once nothing is in flight.
+    pub pending: Option<Plan>,
+    pub topology: Topology,
+    pub memory: MemoryConfig,
     pub telemetry_every: Duration,
+    /// Every hop is connected (the starter's ping came back).
+    pub ring_closed: bool,
+}
+
+/// Everything a pipeline starts from but the starter's scheduler (which borrows
+/// the tokenizer on the pipeline's own thread).
+pub struct Parts {
+    pub worker: Worker,
+    pub next: Option<UnboundedSender<Frame>>,
+    pub notes: UnboundedSender<Note>,
+    pub stage: String,
+    pub plan: Plan,
+    pub topology: Topology,
+    pub memory: MemoryConfig,
+    pub telemetry_every: Duration,
+}
+
+impl Parts {
+    pub fn into_pipeline(self, starter: Option<Scheduler<'_>>) -> Pipeline<'_> {
+        Pipeline {
+            worker: self.worker,
+            next: self.next,
+            starter,
+            notes: self.notes,
+            stage: self.stage,
+            plan: self.plan,
+            pending: None,
+            topology: self.topology,
+            memory: self.memory,
+            telemetry_every: self.telemetry_every,
+            ring_closed: false,
+        }
+    }
 }
 
 /// How often the loop wakes with nothing to do (ring probes, memory notes).
@@ -55,9 +100,9 @@ const TICK: Duration = Duration::from_millis(500);
 
 impl Pipeline<'_> {
     pub fn run(mut self, events: Receiver<Event>) {
-        let mut ring_closed = self.next.is_none();
-        if ring_closed {
-            let _ = self.notes.send(Note::RingClosed);
+        self.ring_closed = self.next.is_none();
+        if self.ring_closed {
+            self.ring_is_closed(Vec::new());
         }
         let mut last_ping: Option<Instant> = None;
         let mut clock = StageTime::default();
@@ -65,10 +110,13 @@ impl Pipeline<'_> {
         let mut last_report = Instant::now();
         loop {
             if self.starter.is_some()
-                && !ring_closed
+                && !self.ring_closed
                 && last_ping.is_none_or(|t| t.elapsed() > Duration::from_secs(2))
             {
-                self.send(Frame::Ping { nonce: 0 });
+                self.send(Frame::Ping {
+                    nonce: self.plan.epoch,
+                    rooms: Vec::new(),
+                });
                 last_ping = Some(Instant::now());
             }
             // With a micro-batch ready to launch, take only what has already arrived.
@@ -98,12 +146,16 @@ impl Pipeline<'_> {
             }
             let load_wait_before = self.worker.load_wait();
             let pending = first.into_iter().chain(events.try_iter());
-            if !self.handle_all(pending, &mut ring_closed) {
+            if !self.handle_all(pending) {
                 return;
             }
             if let Some(s) = &mut self.starter {
                 let lost = s.expire_stalled();
                 self.release(lost);
+            }
+            if self.ready_to_switch() {
+                self.switch_ring();
+                last_ping = None;
             }
             while let Some(s) = &mut self.starter {
                 match s.launch(&mut self.worker) {
@@ -127,9 +179,11 @@ impl Pipeline<'_> {
 
     fn telemetry(&self, report: u64, time: StageTime) -> Telemetry {
         let loads = self.worker.load_stats();
+        let read_mb_per_s = (loads.busy.as_secs_f64() > 0.0)
+            .then(|| loads.bytes as f64 / loads.busy.as_secs_f64() / 1e6);
         Telemetry {
             stage: self.stage.clone(),
-            epoch: self.epoch,
+            epoch: self.plan.epoch,
             report,
             memory: self.worker.memory_report(),
             residency: self.worker.residency_report(),
@@ -139,15 +193,16 @@ impl Pipeline<'_> {
                 bytes_read: self.worker.bytes_read(),
                 read_busy_s: loads.busy.as_secs_f64(),
                 streamed_bytes: loads.bytes,
+                read_mb_per_s,
             },
-            link_in: None,
+            link_out: self.topology.gauge().measurement(),
         }
     }
 
     /// Handles what arrived: control frames in order, then the activations,
     /// merged per chunk (in order of first arrival) up to the activation workspace.
     /// False when told to stop.
-    fn handle_all(&mut self, events: impl Iterator<Item = Event>, ring_closed: &mut bool) -> bool {
+    fn handle_all(&mut self, events: impl Iterator<Item = Event>) -> bool {
         let cap = self.worker.activation_tokens();
         let mut groups: Vec<Activations> = Vec::new();
         for event in events {
@@ -168,7 +223,14 @@ impl Pipeline<'_> {
                     }
                 }
                 Event::Stop => return false,
-                other => self.handle(other, ring_closed),
+                Event::Frame(Frame::Switch { plan }) => {
+                    // Whatever arrived before the switch belongs to the old plan.
+                    for act in groups.drain(..) {
+                        self.advance(act);
+                    }
+                    self.switch_on(&plan);
+                }
+                other => self.handle(other),
             }
         }
         for act in groups {
@@ -177,23 +239,23 @@ impl Pipeline<'_> {
         true
     }
 
-    fn handle(&mut self, event: Event, ring_closed: &mut bool) {
+    fn handle(&mut self, event: Event) {
         match event {
             Event::Job(job) => match &mut self.starter {
                 Some(s) => s.submit(*job),
                 None => tracing::error!("a request reached a secondary stage"),
             },
-            Event::Frame(Frame::Ping { nonce }) => {
+            Event::Plan(plan) => self.offered(*plan),
+            Event::Frame(Frame::Ping { nonce, mut rooms }) => {
                 if self.starter.is_none() {
-                    self.send(Frame::Ping { nonce });
-                } else if !*ring_closed {
-                    *ring_closed = true;
-                    tracing::info!("ring closed: every hop is connected");
-                    let _ = self.notes.send(Note::RingClosed);
+                    rooms.push(self.worker.kv_room(&self.stage));
+                    self.send(Frame::Ping { nonce, rooms });
+                } else if !self.ring_closed && nonce == self.plan.epoch {
+                    self.ring_is_closed(rooms);
                 }
             }
-            // The ring's listener consumes probes; one here carries nothing.
-            Event::Frame(Frame::Probe { .. }) => {}
+            // The ring's listener consumes probes and acks.
+            Event::Frame(Frame::Probe { .. } | Frame::Ack { .. }) => {}
             Event::Frame(Frame::Release { seqs }) => {
                 self.worker.release(&seqs);
                 if self.starter.is_none() {
@@ -205,8 +267,24 @@ impl Pipeline<'_> {
                 batches,
                 message,
             }) => self.fail(seqs, batches, message),
+            Event::Frame(Frame::Switch { plan }) => self.switch_on(&plan),
             Event::Frame(Frame::Hello(_) | Frame::Activations(_)) | Event::Stop => {}
         }
+    }
+
+    /// Every hop is connected: the starter learns every stage's KV room (its
+    /// own too) and starts admitting.
+    pub(crate) fn ring_is_closed(&mut self, mut rooms: Vec<lime_schemas::KvRoom>) {
+        self.ring_closed = true;
+        tracing::info!(
+            epoch = self.plan.epoch,
+            "ring closed: every hop is connected"
+        );
+        if let Some(s) = &mut self.starter {
+            rooms.insert(0, self.worker.kv_room(&self.stage));
+            s.set_rooms(rooms);
+        }
+        let _ = self.notes.send(Note::RingClosed);
     }
 
     /// A micro-batch could not be run: free its caches here and tell the starter
@@ -250,7 +328,7 @@ impl Pipeline<'_> {
     }
 
     /// Frees finished sequences here and, through the ring, everywhere else.
-    fn release(&mut self, seqs: Vec<u64>) {
+    pub(crate) fn release(&mut self, seqs: Vec<u64>) {
         if seqs.is_empty() {
             return;
         }
@@ -258,7 +336,7 @@ impl Pipeline<'_> {
         self.send(Frame::Release { seqs });
     }
 
-    fn send(&self, frame: Frame) {
+    pub(crate) fn send(&self, frame: Frame) {
         if let Some(next) = &self.next {
             if next.send(frame).is_err() {
                 tracing::error!("the link to the next stage is gone");

@@ -12,6 +12,12 @@
 //! Prediction is "the next offloaded layer in visit order". When micro-batches
 //! arrive out of that order the pipeline asks for another layer: loaded slots that
 //! were not wanted are given back and the loader restarts from the wanted layer.
+//!
+//! The split moves at run time ([`crate::adaptation`] chooses the layers): a
+//! resident layer is evicted by dropping it and adding it to the loader's order
+//! (starting the loader with one slot if there was none), and a streamed layer
+//! becomes resident by keeping the copy a slot was just filled with, so bringing
+//! it back costs no extra read.
 
 use lime_kernels::{Checkpoint, DecoderLayer, Device, StagingBuffer};
 use std::collections::{HashMap, VecDeque};
@@ -29,6 +35,8 @@ pub struct LoadStats {
 }
 
 struct State {
+    /// Offloaded layers in visit order: what the loader cycles through.
+    order: Vec<usize>,
     free: Vec<DecoderLayer>,
     /// Filled slots, in the order they were read.
     ready: VecDeque<DecoderLayer>,
@@ -59,7 +67,8 @@ impl Shared {
     }
 }
 
-/// A filled slot lent to the pipeline; it goes back to the pool when dropped.
+/// A filled slot lent to the pipeline; it goes back to the pool when dropped, or
+/// becomes resident through [`Residency::keep`].
 pub struct Slot {
     layer: Option<DecoderLayer>,
     shared: Arc<Shared>,
@@ -71,6 +80,13 @@ impl Deref for Slot {
         self.layer
             .as_ref()
             .expect("a lent slot holds its layer until dropped")
+    }
+}
+
+impl Slot {
+    /// The layer, taken out of the pool for good.
+    fn into_layer(mut self) -> Option<DecoderLayer> {
+        self.layer.take()
     }
 }
 
@@ -106,6 +122,45 @@ struct Streamer {
     prefetch: bool,
 }
 
+impl Streamer {
+    /// Allocates `slots` empty slots and starts the loader on `order`.
+    fn start(
+        ckpt: &Arc<Checkpoint>,
+        order: &[usize],
+        slots: usize,
+        prefetch: bool,
+    ) -> lime_kernels::Result<Self> {
+        let free = (0..slots)
+            .map(|_| DecoderLayer::empty(ckpt.config(), &Device::Cpu))
+            .collect::<lime_kernels::Result<Vec<_>>>()?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                order: order.to_vec(),
+                free,
+                ready: VecDeque::new(),
+                loading: None,
+                cursor: 0,
+                wanted: None,
+                failed: None,
+                stats: LoadStats::default(),
+                stop: false,
+            }),
+            changed: Condvar::new(),
+        });
+        let staging = StagingBuffer::with_capacity(ckpt.staging_needed("model.layers."));
+        let (ckpt, loader_shared) = (ckpt.clone(), shared.clone());
+        let thread = std::thread::Builder::new()
+            .name("lime-loader".into())
+            .spawn(move || load_loop(&loader_shared, &ckpt, prefetch, staging))
+            .map_err(|e| lime_kernels::Error::Input(format!("starting the loader: {e}")))?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+            prefetch,
+        })
+    }
+}
+
 impl Drop for Streamer {
     fn drop(&mut self) {
         self.shared.lock().stop = true;
@@ -125,6 +180,9 @@ pub struct Residency {
     streamer: Option<Streamer>,
     prefetch: bool,
     resident_bytes: u64,
+    ckpt: Arc<Checkpoint>,
+    /// The counters of loaders stopped because nothing was left to stream.
+    earlier: LoadStats,
 }
 
 impl Residency {
@@ -137,61 +195,150 @@ impl Residency {
         offloaded: &[usize],
         slots: usize,
         prefetch: bool,
+        progress: impl FnMut(usize, usize),
+    ) -> lime_kernels::Result<Self> {
+        Self::start_with(
+            ckpt,
+            HashMap::new(),
+            resident,
+            offloaded,
+            slots,
+            prefetch,
+            progress,
+        )
+    }
+
+    /// [`Residency::start`], taking resident layers from `loaded` (what the stage
+    /// held before a new plan) instead of reading them again.
+    pub fn start_with(
+        ckpt: Arc<Checkpoint>,
+        mut loaded: HashMap<usize, DecoderLayer>,
+        resident: &[usize],
+        offloaded: &[usize],
+        slots: usize,
+        prefetch: bool,
         mut progress: impl FnMut(usize, usize),
     ) -> lime_kernels::Result<Self> {
         let device = Device::Cpu;
+        // Free what the new split does not keep before reading anything.
+        loaded.retain(|l, _| resident.contains(l));
         let mut layers = HashMap::new();
         let mut resident_bytes = 0;
         for (i, &l) in resident.iter().enumerate() {
-            let layer = DecoderLayer::load(&ckpt, l, &device)?;
+            let layer = match loaded.remove(&l) {
+                Some(layer) => layer,
+                None => DecoderLayer::load(&ckpt, l, &device)?,
+            };
             resident_bytes += layer.bytes() as u64;
             layers.insert(l, layer);
             progress(i + 1, resident.len());
         }
+        drop(loaded);
+        let slots = if offloaded.is_empty() {
+            0
+        } else {
+            slots.clamp(1, offloaded.len())
+        };
         let streamer = if offloaded.is_empty() {
             None
         } else {
-            let slots = slots.clamp(1, offloaded.len());
-            let free = (0..slots)
-                .map(|_| DecoderLayer::empty(ckpt.config(), &device))
-                .collect::<lime_kernels::Result<Vec<_>>>()?;
-            let shared = Arc::new(Shared {
-                state: Mutex::new(State {
-                    free,
-                    ready: VecDeque::new(),
-                    loading: None,
-                    cursor: 0,
-                    wanted: None,
-                    failed: None,
-                    stats: LoadStats::default(),
-                    stop: false,
-                }),
-                changed: Condvar::new(),
-            });
-            let staging = StagingBuffer::with_capacity(ckpt.staging_needed("model.layers."));
-            let (order, loader_shared) = (offloaded.to_vec(), shared.clone());
-            let thread = std::thread::Builder::new()
-                .name("lime-loader".into())
-                .spawn(move || load_loop(&loader_shared, &ckpt, &order, prefetch, staging))
-                .map_err(|e| lime_kernels::Error::Input(format!("starting the loader: {e}")))?;
-            Some(Streamer {
-                shared,
-                thread: Some(thread),
-                prefetch,
-            })
+            Some(Streamer::start(&ckpt, offloaded, slots, prefetch)?)
         };
         Ok(Self {
             resident: layers,
             offloaded: offloaded.to_vec(),
-            slots: if offloaded.is_empty() {
-                0
-            } else {
-                slots.clamp(1, offloaded.len())
-            },
+            slots,
             streamer,
             prefetch,
             resident_bytes,
+            ckpt,
+            earlier: LoadStats::default(),
         })
+    }
+
+    /// Holds nothing: what a stage has while it moves to a new plan.
+    pub fn none(ckpt: Arc<Checkpoint>) -> Self {
+        Self {
+            resident: HashMap::new(),
+            offloaded: Vec::new(),
+            slots: 0,
+            streamer: None,
+            prefetch: false,
+            resident_bytes: 0,
+            ckpt,
+            earlier: LoadStats::default(),
+        }
+    }
+
+    /// Gives up the resident layers (stopping the loader), for a stage moving to
+    /// a new plan that may keep some of them.
+    pub fn into_resident(mut self) -> HashMap<usize, DecoderLayer> {
+        self.streamer = None;
+        std::mem::take(&mut self.resident)
+    }
+
+    /// Streams resident layer `index` from now on, freeing its memory. False if
+    /// it is not resident. A stage that streamed nothing before starts its loader
+    /// with [`Residency::stream`], once it has freed the room for a slot.
+    pub fn evict(&mut self, index: usize) -> bool {
+        let Some(layer) = self.resident.remove(&index) else {
+            return false;
+        };
+        self.resident_bytes -= layer.bytes() as u64;
+        drop(layer);
+        self.offloaded.push(index);
+        self.offloaded.sort_unstable();
+        if let Some(streamer) = &self.streamer {
+            streamer.shared.lock().order = self.offloaded.clone();
+            streamer.shared.changed.notify_all();
+        }
+        true
+    }
+
+    /// Starts the loader with one slot if layers are offloaded and none was
+    /// running.
+    pub fn stream(&mut self) -> lime_kernels::Result<()> {
+        if self.streamer.is_none() && !self.offloaded.is_empty() {
+            self.streamer = Some(Streamer::start(
+                &self.ckpt,
+                &self.offloaded,
+                1,
+                self.prefetch,
+            )?);
+            self.slots = 1;
+        }
+        Ok(())
+    }
+
+    /// Keeps the layer `slot` was filled with as resident. The pool gets a fresh
+    /// slot in its place, unless nothing is left to stream, when the loader and
+    /// its slots go.
+    pub fn keep(&mut self, slot: Slot) -> lime_kernels::Result<()> {
+        let Some(layer) = slot.into_layer() else {
+            return Ok(());
+        };
+        let Some(index) = layer.index() else {
+            return Ok(());
+        };
+        self.resident_bytes += layer.bytes() as u64;
+        self.resident.insert(index, layer);
+        self.offloaded.retain(|&l| l != index);
+        if self.offloaded.is_empty() {
+            if let Some(streamer) = self.streamer.take() {
+                self.earlier = add(self.earlier, streamer.shared.lock().stats);
+            }
+            self.slots = 0;
+            return Ok(());
+        }
+        if let Some(streamer) = &self.streamer {
+            let fresh = DecoderLayer::empty(self.ckpt.config(), &Device::Cpu)?;
+            let mut st = streamer.shared.lock();
+            st.order = self.offloaded.clone();
+            st.free.push(fresh);
+            drop(st);
+            streamer.shared.changed.notify_all();
+        }
+        Ok(())
     }
 
     /// Layer `index`, waiting for its read if it is streamed; also returns how long
@@ -269,22 +416,26 @@ impl Residency {
     }
 
     pub fn stats(&self) -> LoadStats {
-        self.streamer
+        let now = self
+            .streamer
             .as_ref()
             .map(|s| s.shared.lock().stats)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        add(self.earlier, now)
+    }
+}
+
+fn add(a: LoadStats, b: LoadStats) -> LoadStats {
+    LoadStats {
+        layers: a.layers + b.layers,
+        bytes: a.bytes + b.bytes,
+        busy: a.busy + b.busy,
     }
 }
 
 /// The loader thread: refill a free slot with the next layer to read, hand it over,
 /// repeat until stopped.
-fn load_loop(
-    shared: &Shared,
-    ckpt: &Checkpoint,
-    order: &[usize],
-    prefetch: bool,
-    mut staging: StagingBuffer,
-) {
+fn load_loop(shared: &Shared, ckpt: &Checkpoint, prefetch: bool, mut staging: StagingBuffer) {
     loop {
         let (index, mut slot) = {
             let mut st = shared.lock();
@@ -292,17 +443,17 @@ fn load_loop(
                 if st.stop {
                     return;
                 }
-                if !st.free.is_empty() {
+                if !st.free.is_empty() && !st.order.is_empty() {
                     let next = match st.wanted.take() {
                         Some(w) => Some(w),
-                        None if prefetch => Some(order[st.cursor % order.len()]),
+                        None if prefetch => Some(st.order[st.cursor % st.order.len()]),
                         None => None,
                     };
                     if let Some(index) = next {
                         let Some(slot) = st.free.pop() else { continue };
                         st.loading = Some(index);
-                        if let Some(p) = order.iter().position(|&l| l == index) {
-                            st.cursor = (p + 1) % order.len();
+                        if let Some(p) = st.order.iter().position(|&l| l == index) {
+                            st.cursor = (p + 1) % st.order.len();
                         }
                         break (index, slot);
                     }

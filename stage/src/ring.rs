@@ -3,21 +3,29 @@
 //!
 //! Both ends exchange a `Hello` first (magic, protocol version, plan epoch, stage
 //! name); a peer that sends anything else, or the wrong hello, is logged and
-//! dropped while the ring goes on serving.
+//! dropped while the ring goes on serving. After the hellos frames flow forwards,
+//! and the receiver answers each large one with an `Ack` saying how long its bytes
+//! took to arrive, which is how the sender measures its link ([`LinkGauge`]). When
+//! the link has been quiet for a while the sender probes it.
+//!
+//! The listener outlives plans: which epoch and predecessor it accepts is a
+//! [`Route`] the pipeline changes when the ring moves to a new plan.
 
-use crate::connection::{read_frame, write_bytes};
+use crate::connection::{read_frame, read_timed, write_bytes};
+use crate::link::{LinkGauge, MIN_TIMED_BYTES};
 use crate::pipeline::Event;
 use lime_schemas::frame::{Frame, MAGIC, PROTOCOL_VERSION};
-use lime_schemas::{Hello, LinkMeasurement};
+use lime_schemas::Hello;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
-use std::time::Instant;
-use tokio::io::AsyncReadExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::watch;
 
-/// Who this stage is and whom it talks to.
+/// Who this stage is, for hellos.
 #[derive(Debug, Clone)]
 pub struct LinkIdentity {
     pub me: String,
@@ -25,21 +33,36 @@ pub struct LinkIdentity {
     pub hello_timeout: Duration,
 }
 
-/// Bytes of a link probe: enough to time on links up to a few Gb/s, small enough
-/// to cost ~20 ms at 100 Mb/s once per connection.
-const PROBE_BYTES: usize = 256 << 10;
+/// Whom the listener accepts: the plan's epoch and this stage's predecessor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub epoch: u64,
+    pub prev: String,
+}
 
-/// The latest measurement of the link from the previous stage.
-pub type LinkGauge = Arc<std::sync::Mutex<Option<LinkMeasurement>>>;
+/// When and how the sender probes a quiet link.
+#[derive(Debug, Clone, Copy)]
+pub struct Probing {
+    /// Probe when the newest bandwidth sample is older than this and nothing is
+    /// waiting to be sent.
+    pub every: Duration,
+    /// Time a probe should occupy the link at the last measured bandwidth.
+    pub target: Duration,
+}
 
-/// Accepts the previous stage (`from`) and feeds its frames to the pipeline.
-/// A newer accepted connection replaces the older one.
+/// Probe sizes: at least enough to time past a first burst, at most what a
+/// multi-gigabit link carries in a few milliseconds.
+const PROBE_MIN_BYTES: usize = 128 << 10;
+const PROBE_MAX_BYTES: usize = 2 << 20;
+
+/// Accepts the previous stage and feeds its frames to the pipeline. A newer
+/// accepted connection replaces the older one.
 pub async fn listen(
     listener: TcpListener,
-    id: LinkIdentity,
-    from: String,
+    me: String,
+    hello_timeout: Duration,
+    route: watch::Receiver<Route>,
     events: std::sync::mpsc::Sender<Event>,
-    gauge: LinkGauge,
 ) {
     let generation = Arc::new(AtomicU64::new(0));
     loop {
@@ -51,16 +74,15 @@ pub async fn listen(
                 continue;
             }
         };
-        let (id, from, events, generation, gauge) = (
-            id.clone(),
-            from.clone(),
+        let (me, route, events, generation) = (
+            me.clone(),
+            route.clone(),
             events.clone(),
             generation.clone(),
-            gauge.clone(),
         );
         tokio::spawn(async move {
-            if let Err(reason) = serve_peer(stream, &id, &from, &events, &generation, &gauge).await
-            {
+            let served = serve_peer(stream, &me, hello_timeout, &route, &events, &generation);
+            if let Err(reason) = served.await {
                 tracing::error!(%peer, %reason, "dropped data-plane peer");
             }
         });
@@ -69,14 +91,14 @@ pub async fn listen(
 
 async fn serve_peer(
     mut stream: TcpStream,
-    id: &LinkIdentity,
-    from: &str,
+    me: &str,
+    hello_timeout: Duration,
+    route: &watch::Receiver<Route>,
     events: &std::sync::mpsc::Sender<Event>,
     generation: &AtomicU64,
-    gauge: &LinkGauge,
 ) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
-    let first = tokio::time::timeout(id.hello_timeout, read_frame(&mut stream))
+    let first = tokio::time::timeout(hello_timeout, read_frame(&mut stream))
         .await
         .map_err(|_| "no hello within the timeout".to_string())?
         .map_err(|e| e.to_string())?;
@@ -85,45 +107,49 @@ async fn serve_peer(
         Some(_) => return Err("first frame is not a hello".into()),
         None => return Err("closed before saying hello".into()),
     };
-    check_hello(&hello, id.epoch, from)?;
-    let reply = Frame::Hello(Hello::new(id.epoch, &id.me))
+    let accepted = route.borrow().clone();
+    check_hello(&hello, accepted.epoch, &accepted.prev)?;
+    let reply = Frame::Hello(Hello::new(accepted.epoch, me))
         .encode()
         .map_err(|e| e.to_string())?;
     write_bytes(&mut stream, &reply)
         .await
         .map_err(|e| e.to_string())?;
-    let replied = Instant::now();
     let mine = generation.fetch_add(1, Ordering::SeqCst) + 1;
     tracing::info!(from = %hello.from, epoch = hello.epoch, "previous stage connected");
     loop {
-        let frame = read_frame(&mut stream).await.map_err(|e| e.to_string())?;
+        let read = read_timed(&mut stream).await.map_err(|e| e.to_string())?;
         if generation.load(Ordering::SeqCst) != mine {
             return Err("replaced by a newer connection from the same stage".into());
         }
+        if route.borrow().epoch != hello.epoch {
+            tracing::info!(from = %hello.from, epoch = hello.epoch, "closing a link of the previous plan");
+            return Ok(());
+        }
+        let Some((frame, arrival)) = read else {
+            tracing::info!(from = %hello.from, "previous stage disconnected");
+            return Ok(());
+        };
+        let nonce = match &frame {
+            Frame::Probe { nonce, .. } => Some(*nonce),
+            Frame::Activations(_) if arrival.bytes >= MIN_TIMED_BYTES => Some(0),
+            _ => None,
+        };
+        if let Some(nonce) = nonce {
+            let ack = Frame::Ack {
+                nonce,
+                bytes: arrival.bytes as u64,
+                receive_us: arrival.took.as_micros() as u64,
+            };
+            let bytes = ack.encode().map_err(|e| e.to_string())?;
+            write_bytes(&mut stream, &bytes)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         match frame {
-            None => {
-                tracing::info!(from = %hello.from, "previous stage disconnected");
-                return Ok(());
-            }
-            Some(Frame::Hello(_)) => return Err("a second hello".into()),
-            Some(Frame::Probe { rtt_us, padding }) => {
-                // The probe left when our reply arrived (half a round trip after
-                // we sent it) and took another half plus its bytes' transfer.
-                let rtt = Duration::from_micros(rtt_us).as_secs_f64();
-                let transfer = (replied.elapsed().as_secs_f64() - rtt).max(1e-6);
-                let bytes = padding.len() as u64 + 16;
-                let m = LinkMeasurement {
-                    from: hello.from.clone(),
-                    rtt_ms: rtt * 1e3,
-                    mbit_per_s: bytes as f64 * 8.0 / transfer / 1e6,
-                    probe_bytes: bytes,
-                };
-                tracing::info!(from = %m.from, rtt_ms = m.rtt_ms, mbit_per_s = m.mbit_per_s, "link from the previous stage measured");
-                if let Ok(mut g) = gauge.lock() {
-                    *g = Some(m);
-                }
-            }
-            Some(f) => {
+            Frame::Hello(_) => return Err("a second hello".into()),
+            Frame::Probe { .. } | Frame::Ack { .. } => {}
+            f => {
                 if events.send(Event::Frame(f)).is_err() {
                     return Ok(());
                 }
@@ -157,101 +183,199 @@ fn check_hello(h: &Hello, epoch: u64, from: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Probes sent and not yet acknowledged: when each left.
+type Outstanding = Arc<Mutex<HashMap<u64, Instant>>>;
+
 /// Keeps one connection to the next stage (`to` at `addr`) and writes the frames
-/// the pipeline hands it, reconnecting with exponential backoff. A frame whose
-/// write failed is sent again on the new connection; one written into a socket the
-/// peer had just lost is gone, and the starter's stall timeout fails its requests.
+/// the pipeline hands it, reconnecting with exponential backoff, until the
+/// pipeline drops its sender (a new plan) and every frame is written. A frame
+/// whose write failed is sent again on the new connection; one written into a
+/// socket the peer had just lost is gone, and the starter's stall timeout fails
+/// its requests.
 pub async fn connect(
     addr: String,
     to: String,
     id: LinkIdentity,
     backoff: (Duration, Duration),
+    probing: Probing,
+    gauge: LinkGauge,
     mut frames: UnboundedReceiver<Frame>,
 ) {
+    gauge.reset(&to);
     let mut unsent: Option<Vec<u8>> = None;
     let mut wait = backoff.0;
-    let mut probe = [0u8; 1];
+    let mut nonce = 0u64;
+    let outstanding = Outstanding::default();
     loop {
-        let mut stream = match handshake(&addr, &to, &id).await {
+        let (reader, mut writer) = match handshake(&addr, &to, &id).await {
             Ok((s, rtt)) => {
                 tracing::info!(%to, %addr, rtt_us = rtt.as_micros() as u64, "connected to the next stage");
+                gauge.round_trip(rtt);
                 wait = backoff.0;
-                // A probe first, so the next stage can measure the link.
-                if unsent.is_none() {
-                    let probe = Frame::Probe {
-                        rtt_us: rtt.as_micros() as u64,
-                        padding: vec![0; PROBE_BYTES],
-                    };
-                    unsent = probe.encode().ok();
-                }
-                s
+                s.into_split()
             }
-            Err(reason) => {
-                tracing::debug!(%to, %addr, %reason, "next stage not reachable; retrying");
+            Err((reason, reached)) => {
+                tracing::debug!(%to, %addr, %reason, "next stage not ready; retrying");
                 tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(backoff.1);
+                // A stage that answers but refuses is moving to our plan: retry
+                // soon rather than backing off.
+                wait = if reached {
+                    backoff.0
+                } else {
+                    (wait * 2).min(backoff.1)
+                };
                 continue;
             }
         };
+        let (closed_tx, mut closed) = tokio::sync::oneshot::channel::<String>();
+        let acks = tokio::spawn(read_acks(
+            reader,
+            gauge.clone(),
+            outstanding.clone(),
+            closed_tx,
+        ));
         loop {
             let bytes = match unsent.take() {
                 Some(b) => b,
-                // Watch the connection while idle: the next stage never writes
-                // after its hello, so a readable socket means it closed (or broke
-                // the protocol), and reconnecting now loses no frame.
-                None => tokio::select! {
-                    f = frames.recv() => match f {
-                        Some(f) => match f.encode() {
-                            Ok(b) => b,
-                            Err(e) => {
-                                tracing::error!(error = %e, "frame not sent");
-                                continue;
+                None => {
+                    let quiet = gauge.age().is_none_or(|a| a >= probing.every);
+                    let wake = if quiet {
+                        probing.every.min(Duration::from_millis(200))
+                    } else {
+                        probing.every
+                    };
+                    tokio::select! {
+                        f = frames.recv() => match f {
+                            Some(f) => match f.encode() {
+                                Ok(b) => b,
+                                Err(e) => {
+                                    tracing::error!(error = %e, "frame not sent");
+                                    continue;
+                                }
+                            },
+                            None => {
+                                acks.abort();
+                                return;
                             }
                         },
-                        None => return,
-                    },
-                    _ = stream.read(&mut probe) => {
-                        tracing::warn!(%to, "the next stage closed the link; reconnecting");
-                        break;
+                        reason = &mut closed => {
+                            let reason = reason.unwrap_or_else(|_| "closed".into());
+                            tracing::warn!(%to, %reason, "the link to the next stage closed; reconnecting");
+                            break;
+                        }
+                        _ = tokio::time::sleep(wake) => {
+                            if gauge.age().is_some_and(|a| a < probing.every) {
+                                continue;
+                            }
+                            nonce += 1;
+                            match probe(&mut writer, nonce, &gauge, &outstanding, probing).await {
+                                Ok(()) => continue,
+                                Err(e) => {
+                                    tracing::warn!(%to, error = %e, "probing the next stage failed; reconnecting");
+                                    break;
+                                }
+                            }
+                        }
                     }
-                },
+                }
             };
-            if let Err(e) = write_bytes(&mut stream, &bytes).await {
+            if let Err(e) = write_bytes(&mut writer, &bytes).await {
                 tracing::warn!(%to, error = %e, "link to the next stage broke; reconnecting");
                 unsent = Some(bytes);
                 break;
             }
         }
+        acks.abort();
     }
 }
 
-/// Connects and exchanges hellos; returns the stream and the hello's round trip.
+/// A round-trip probe (empty) and a bandwidth probe sized to take about
+/// `probing.target` at the last measured bandwidth.
+async fn probe(
+    writer: &mut tokio::net::tcp::OwnedWriteHalf,
+    nonce: u64,
+    gauge: &LinkGauge,
+    outstanding: &Outstanding,
+    probing: Probing,
+) -> std::io::Result<()> {
+    let bytes = gauge
+        .mbit_per_s()
+        .map(|m| (m * 1e6 / 8.0 * probing.target.as_secs_f64()) as usize)
+        .unwrap_or(PROBE_MIN_BYTES)
+        .clamp(PROBE_MIN_BYTES, PROBE_MAX_BYTES);
+    for (n, padding) in [(nonce << 1, Vec::new()), ((nonce << 1) | 1, vec![0; bytes])] {
+        let frame = Frame::Probe { nonce: n, padding }
+            .encode()
+            .map_err(std::io::Error::other)?;
+        if let Ok(mut o) = outstanding.lock() {
+            o.retain(|_, at| at.elapsed() < Duration::from_secs(30));
+            o.insert(n, Instant::now());
+        }
+        write_bytes(writer, &frame).await?;
+    }
+    Ok(())
+}
+
+/// Reads the next stage's acks until the connection ends, feeding the gauge;
+/// says why it ended.
+async fn read_acks(
+    mut reader: OwnedReadHalf,
+    gauge: LinkGauge,
+    outstanding: Outstanding,
+    closed: tokio::sync::oneshot::Sender<String>,
+) {
+    let reason = loop {
+        match read_frame(&mut reader).await {
+            Ok(Some(Frame::Ack {
+                nonce,
+                bytes,
+                receive_us,
+            })) => {
+                let took = Duration::from_micros(receive_us);
+                gauge.transfer(bytes, took);
+                let sent = outstanding.lock().ok().and_then(|mut o| o.remove(&nonce));
+                // Even nonces are the empty round-trip probes.
+                if let (Some(sent), true) = (sent, nonce > 0 && nonce % 2 == 0) {
+                    gauge.round_trip(sent.elapsed());
+                }
+            }
+            Ok(Some(_)) => break "the next stage sent something other than an ack".to_string(),
+            Ok(None) => break "closed by the next stage".to_string(),
+            Err(e) => break e.to_string(),
+        }
+    };
+    let _ = closed.send(reason);
+}
+
+/// Connects and exchanges hellos; returns the stream and the hello's round trip,
+/// or why not and whether the stage was reached at all.
 async fn handshake(
     addr: &str,
     to: &str,
     id: &LinkIdentity,
-) -> Result<(TcpStream, Duration), String> {
+) -> Result<(TcpStream, Duration), (String, bool)> {
     let mut stream = tokio::time::timeout(id.hello_timeout, TcpStream::connect(addr))
         .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| ("connect timed out".to_string(), false))?
+        .map_err(|e| (e.to_string(), false))?;
+    let refused = |e: String| (e, true);
     let _ = stream.set_nodelay(true);
     let hello = Frame::Hello(Hello::new(id.epoch, &id.me))
         .encode()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| refused(e.to_string()))?;
     let sent = Instant::now();
     write_bytes(&mut stream, &hello)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| refused(e.to_string()))?;
     let reply = tokio::time::timeout(id.hello_timeout, read_frame(&mut stream))
         .await
-        .map_err(|_| "no hello back".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| refused("no hello back".to_string()))?
+        .map_err(|e| refused(e.to_string()))?;
     match reply {
         Some(Frame::Hello(h)) => {
-            check_hello(&h, id.epoch, to)?;
+            check_hello(&h, id.epoch, to).map_err(refused)?;
             Ok((stream, sent.elapsed()))
         }
-        _ => Err("the next stage refused the hello".into()),
+        _ => Err(refused("the next stage refused the hello".into())),
     }
 }

@@ -69,6 +69,15 @@ impl<'t> Sequence<'t> {
         }
     }
 
+    /// Forgets the cached tokens: after a new plan the stages hold no caches, and
+    /// the next passes recompute them from the prompt and the tokens generated so
+    /// far. The kernels give every token the same bits however it is batched, so
+    /// the rebuilt caches and the next token equal the ones a run without the
+    /// new plan has.
+    pub fn restart(&mut self) {
+        self.fed = 0;
+    }
+
     /// Records that a pass of `len` tokens came back; true when it was the last
     /// known token, so that its logits give the next one.
     pub fn fed(&mut self, len: usize) -> bool {

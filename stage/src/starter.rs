@@ -2,12 +2,13 @@
 //! replies. Requests join between token steps; finished ones leave at once and
 //! their caches are freed round the ring.
 
+use crate::admission::{Fit, Ledger, Waiting};
 use crate::config::StarterConfig;
 use crate::intake::{Job, ReplyTo};
 use crate::sequence::{Sequence, Step};
 use crate::worker::Worker;
 use lime_kernels::TextTokenizer;
-use lime_schemas::{Activations, ErrorCode, ErrorReply};
+use lime_schemas::{Activations, ErrorCode, ErrorReply, KvRoom, Queued};
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
@@ -34,26 +35,30 @@ pub struct Scheduler<'t> {
     next_seq: u64,
     next_batch: u64,
     outbox: UnboundedSender<Outgoing>,
+    /// KV room on every stage: what admission checks requests against.
+    ledger: Ledger,
+    /// No launches: a new plan waits for the ring to empty.
+    holding: bool,
 }
 
 impl<'t> Scheduler<'t> {
+    /// `plan_inflight` is the plan's micro-batches in flight, used unless the
+    /// starter's own `max_inflight` is set.
     pub fn new(
         tokenizer: &'t TextTokenizer,
         eos: Vec<u32>,
         limits: StarterConfig,
         stages: usize,
+        plan_inflight: Option<usize>,
         outbox: UnboundedSender<Outgoing>,
     ) -> Self {
-        let max_inflight = match limits.max_inflight {
-            0 => stages,
-            n => n,
-        } as u32;
         // Sequence ids must not repeat across starter restarts: other stages may
         // still hold caches of the previous run's sequences.
         let base = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or_default();
+        let max_inflight = inflight(&limits, stages, plan_inflight);
         Self {
             tokenizer,
             eos,
@@ -66,7 +71,43 @@ impl<'t> Scheduler<'t> {
             next_seq: base,
             next_batch: 0,
             outbox,
+            ledger: Ledger::default(),
+            holding: false,
         }
+    }
+
+    /// The stages' KV rooms arrived (the ring closed): admit what fits.
+    pub fn set_rooms(&mut self, rooms: Vec<KvRoom>) {
+        self.ledger.set_rooms(rooms);
+        self.refuse_never_fitting();
+        self.admit();
+    }
+
+    /// Stops launching until [`Scheduler::rebuild`]: a new plan is coming.
+    pub fn hold(&mut self) {
+        self.holding = true;
+    }
+
+    /// Nothing is on the ring.
+    pub fn drained(&self) -> bool {
+        self.launched.is_empty()
+    }
+
+    /// The ring moved to a new plan with `stages` stages: every sequence
+    /// recomputes its cache from its tokens, in admission order, and the rooms
+    /// are learnt again.
+    pub fn rebuild(&mut self, stages: usize, plan_inflight: Option<usize>) {
+        self.max_inflight = inflight(&self.limits, stages, plan_inflight);
+        let mut ids: Vec<u64> = self.sequences.keys().copied().collect();
+        ids.sort_unstable();
+        for id in &ids {
+            if let Some(seq) = self.sequences.get_mut(id) {
+                seq.restart();
+            }
+        }
+        self.ready = ids.into();
+        self.ledger.forget_rooms();
+        self.holding = false;
     }
 
     /// Queues a checked request, or refuses it when the queue is full.
@@ -83,14 +124,57 @@ impl<'t> Scheduler<'t> {
             );
             return;
         }
+        if let Fit::Never(why) = self.ledger.check(job.prompt.len() + job.max_tokens) {
+            self.refuse(&job, &why);
+            return;
+        }
         tracing::debug!(id = %job.id, prompt = job.prompt.len(), max_tokens = job.max_tokens, "request queued");
+        let (id, reply) = (job.id.clone(), job.reply.clone());
         self.waiting.push_back(job);
         self.admit();
+        if let Some(position) = self.waiting.iter().position(|j| j.id == id) {
+            let waiting_for = if self.sequences.len() >= self.limits.max_sequences {
+                "sequences"
+            } else {
+                match self.ledger.check(0) {
+                    Fit::Later(w) => w.as_str(),
+                    _ => Waiting::Memory.as_str(),
+                }
+            };
+            let queued = Queued {
+                id,
+                position: position as u32,
+                waiting_for: waiting_for.into(),
+            };
+            tracing::info!(id = %queued.id, position, waiting_for, "request waits");
+            self.publish(&reply, &queued);
+        }
+    }
+
+    fn refuse(&self, job: &Job, why: &str) {
+        tracing::warn!(id = %job.id, %why, "refusing request: it can never fit");
+        let message = format!("this request can never be served: {why}");
+        self.publish(
+            &job.reply,
+            &ErrorReply::new(Some(job.id.clone()), ErrorCode::ExceedsMemory, message),
+        );
+    }
+
+    /// Refuses every waiting request that can never fit (once rooms are known).
+    fn refuse_never_fitting(&mut self) {
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        while let Some(job) = self.waiting.pop_front() {
+            match self.ledger.check(job.prompt.len() + job.max_tokens) {
+                Fit::Never(why) => self.refuse(&job, &why),
+                _ => kept.push_back(job),
+            }
+        }
+        self.waiting = kept;
     }
 
     /// Whether a micro-batch can be launched now.
     pub fn can_launch(&self) -> bool {
-        !self.ready.is_empty() && (self.launched.len() as u32) < self.max_inflight
+        !self.holding && !self.ready.is_empty() && (self.launched.len() as u32) < self.max_inflight
     }
 
     /// Builds and embeds the next micro-batch from the ready sequences: an equal
@@ -274,6 +358,7 @@ impl<'t> Scheduler<'t> {
                 );
                 self.publish(&reply, &last);
                 self.sequences.remove(&id);
+                self.ledger.free(id);
                 true
             }
             None => false,
@@ -285,6 +370,7 @@ impl<'t> Scheduler<'t> {
         let mut done = Vec::new();
         for id in seqs {
             if let Some(seq) = self.sequences.remove(id) {
+                self.ledger.free(*id);
                 tracing::error!(id = %seq.job.id, %message, "request failed");
                 let err = ErrorReply::new(Some(seq.job.id.clone()), ErrorCode::Internal, message);
                 self.publish(&seq.job.reply, &err);
@@ -295,14 +381,30 @@ impl<'t> Scheduler<'t> {
         done
     }
 
-    /// Moves queued requests into generation while there is room.
+    /// Moves queued requests into generation, oldest first, while there is room
+    /// for their KV caches and a place in the batch.
     fn admit(&mut self) {
         while self.sequences.len() < self.limits.max_sequences {
+            let Some(job) = self.waiting.front() else {
+                break;
+            };
+            let tokens = job.prompt.len() + job.max_tokens;
+            match self.ledger.check(tokens) {
+                Fit::Now => {}
+                Fit::Later(_) => break,
+                Fit::Never(why) => {
+                    if let Some(job) = self.waiting.pop_front() {
+                        self.refuse(&job, &why);
+                    }
+                    continue;
+                }
+            }
             let Some(job) = self.waiting.pop_front() else {
                 break;
             };
             let id = self.next_seq;
             self.next_seq = self.next_seq.wrapping_add(1);
+            self.ledger.admit(id, tokens);
             let seq = Sequence::new(job, self.tokenizer, Instant::now());
             self.sequences.insert(id, seq);
             self.ready.push_back(id);
@@ -319,5 +421,15 @@ impl<'t> Scheduler<'t> {
             }
             Err(e) => tracing::error!(error = %e, "reply could not be serialised"),
         }
+    }
+}
+
+/// Micro-batches in flight: the starter's setting, else the plan's, else one per
+/// stage.
+fn inflight(limits: &StarterConfig, stages: usize, plan: Option<usize>) -> u32 {
+    match (limits.max_inflight, plan) {
+        (0, Some(n)) if n > 0 => n as u32,
+        (0, _) => stages.max(1) as u32,
+        (n, _) => n as u32,
     }
 }

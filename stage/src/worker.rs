@@ -5,16 +5,18 @@
 //! Layers come from the [`Residency`] manager, resident or streamed, so the
 //! pipeline loop never knows which are which.
 
+use crate::adaptation;
 use crate::config::MemoryConfig;
-use crate::memory::{self, Budget, Costs, Held, Split};
-use crate::residency::{LoadStats, Residency};
+use crate::memory::{self, Budget, Costs, Exhausted, Held, Split};
+use crate::residency::{LayerRef, LoadStats, Residency, Slot};
 use anyhow::Context;
 use lime_kernels::{
-    Checkpoint, Config, DType, Device, Embedding, Head, KvCache, MicroBatch, Rope, SeqSpan, Tensor,
+    Checkpoint, Config, DType, DecoderLayer, Device, Embedding, Head, KvCache, MicroBatch, Rope,
+    SeqSpan, Tensor,
 };
 use lime_schemas::frame::ActivationDtype;
 use lime_schemas::telemetry::{MemoryReport, ResidencyReport};
-use lime_schemas::{Activations, Plan};
+use lime_schemas::{Activations, KvRoom, Plan};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
@@ -48,6 +50,18 @@ pub struct Worker {
     load_wait: Duration,
     ckpt: Arc<Checkpoint>,
     read_limit: Option<u64>,
+    costs: Costs,
+    /// The streamed layer to keep resident the next time a slot brings it.
+    restoring: Option<usize>,
+    evictions: u64,
+    restorations: u64,
+}
+
+/// What a stage keeps when it moves to a new plan: resident layers it may hold
+/// again, and the ends (the starter stays the starter).
+struct Kept {
+    layers: HashMap<usize, DecoderLayer>,
+    ends: Option<Ends>,
 }
 
 impl Worker {
@@ -62,6 +76,47 @@ impl Worker {
         memory: &MemoryConfig,
         progress: impl FnMut(usize, usize),
     ) -> anyhow::Result<Self> {
+        let kept = Kept {
+            layers: HashMap::new(),
+            ends: None,
+        };
+        Self::load_keeping(ckpt, plan, stage, memory, kept, progress)
+    }
+
+    /// Moves this stage to `plan`: every cache and slot goes, resident layers the
+    /// new split keeps stay (only the others are read). On failure the worker
+    /// holds nothing and refuses every micro-batch.
+    pub fn replan(
+        &mut self,
+        plan: &Plan,
+        stage: &str,
+        memory: &MemoryConfig,
+        progress: impl FnMut(usize, usize),
+    ) -> anyhow::Result<()> {
+        let ckpt = self.ckpt.clone();
+        self.caches.clear();
+        let residency = std::mem::replace(&mut self.residency, Residency::none(ckpt.clone()));
+        let kept = Kept {
+            layers: residency.into_resident(),
+            ends: self.ends.take(),
+        };
+        *self = Self::load_keeping(ckpt, plan, stage, memory, kept, progress)?;
+        Ok(())
+    }
+
+    /// [`Worker::load`] for a stage moving to a new plan, reusing what it held.
+    fn load_keeping(
+        ckpt: Arc<Checkpoint>,
+        plan: &Plan,
+        stage: &str,
+        memory: &MemoryConfig,
+        kept: Kept,
+        progress: impl FnMut(usize, usize),
+    ) -> anyhow::Result<Self> {
+        let Kept {
+            layers: kept_layers,
+            ends: kept_ends,
+        } = kept;
         let device = Device::Cpu;
         let config = ckpt.config().clone();
         let chunks: Vec<(usize, Range<usize>)> = plan
@@ -70,12 +125,14 @@ impl Worker {
             .map(|(i, r)| (i, r.range()))
             .collect();
         let layers: Vec<usize> = chunks.iter().flat_map(|(_, r)| r.clone()).collect();
-        let ends = if plan.starter().is_some_and(|s| s.name == stage) {
-            let embedding = Embedding::load(&ckpt, &device)?;
-            let head = Head::load(&ckpt, &device, Some(&embedding))?;
-            Some(Ends { embedding, head })
-        } else {
-            None
+        let ends = match (plan.starter().is_some_and(|s| s.name == stage), kept_ends) {
+            (true, Some(ends)) => Some(ends),
+            (true, None) => {
+                let embedding = Embedding::load(&ckpt, &device)?;
+                let head = Head::load(&ckpt, &device, Some(&embedding))?;
+                Some(Ends { embedding, head })
+            }
+            (false, _) => None,
         };
         let rope = Rope::new(&config, config.max_context(), &device)?;
         let dtype = ckpt
@@ -113,8 +170,9 @@ impl Worker {
             prefetch = memory.prefetch,
             "memory split"
         );
-        let residency = Residency::start(
+        let residency = Residency::start_with(
             ckpt.clone(),
+            kept_layers,
             &split.resident,
             &split.offloaded,
             split.slots,
@@ -151,7 +209,33 @@ impl Worker {
             load_wait: Duration::ZERO,
             ckpt,
             read_limit: memory.read_bytes_per_s(),
+            costs,
+            restoring: None,
+            evictions: 0,
+            restorations: 0,
         })
+    }
+
+    /// What this stage can hold of KV caches with every layer streamed (through
+    /// the slots it has, or one), for the starter's admission control.
+    pub fn kv_room(&self, stage: &str) -> KvRoom {
+        let bytes_per_token = memory::kv_bytes(
+            &self.config,
+            self.layers.len(),
+            1,
+            self.dtype.size_in_bytes(),
+        );
+        let streaming = if self.layers.is_empty() {
+            0
+        } else {
+            self.costs.read_buffer + self.residency.slots().max(1) as u64 * self.costs.layer
+        };
+        let floor = self.costs.fixed_weights + self.costs.activations + streaming;
+        KvRoom {
+            stage: stage.to_owned(),
+            bytes: self.budget.limit().map(|l| l.saturating_sub(floor)),
+            bytes_per_token,
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -222,6 +306,8 @@ impl Worker {
             prefetch: self.residency.prefetch(),
             direct_io: self.ckpt.direct_io(),
             read_limit_bytes_per_s: self.read_limit,
+            evictions: self.evictions,
+            restorations: self.restorations,
         }
     }
 
@@ -286,11 +372,7 @@ impl Worker {
             let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
             let mut x = Ok(x);
             for index in range {
-                x = x.and_then(|x| {
-                    let (layer, wait) = self.residency.layer(index)?;
-                    waited += wait;
-                    layer.forward(&x, &batch, &mut refs)
-                });
+                x = x.and_then(|x| self.run_layer(index, &x, &batch, &mut refs, &mut waited));
             }
             x
         };
@@ -355,13 +437,38 @@ impl Worker {
         ends.head.forward(&x, rows)
     }
 
-    /// Frees finished sequences' caches.
+    /// One layer over the micro-batch; a streamed layer marked for restoring
+    /// stays resident afterwards.
+    fn run_layer(
+        &mut self,
+        index: usize,
+        x: &Tensor,
+        batch: &MicroBatch,
+        caches: &mut [&mut KvCache],
+        waited: &mut Duration,
+    ) -> lime_kernels::Result<Tensor> {
+        let (layer, wait) = self.residency.layer(index)?;
+        *waited += wait;
+        let y = layer.forward(x, batch, caches)?;
+        let slot = match layer {
+            LayerRef::Streamed(slot) => slot,
+            LayerRef::Resident(_) => return Ok(y),
+        };
+        if self.restoring == Some(index) {
+            self.restoring = None;
+            self.keep_streamed(slot)?;
+        }
+        Ok(y)
+    }
+
+    /// Frees finished sequences' caches, then gives freed memory back to layers.
     pub fn release(&mut self, seqs: &[u64]) {
         for id in seqs {
             if let Some(cache) = self.caches.remove(id) {
                 self.budget.free_kv(cache.bytes() as u64);
             }
         }
+        self.relax();
     }
 
     fn hidden(&self, act: &Activations) -> lime_kernels::Result<Tensor> {
@@ -402,7 +509,7 @@ impl Worker {
                 None if s.pos == 0 => match self.new_cache(s.capacity as usize) {
                     Ok(c) => c,
                     Err(e) => {
-                        self.restore(seqs, out);
+                        self.put_back(seqs, out);
                         return Err(e);
                     }
                 },
@@ -411,7 +518,7 @@ impl Worker {
                     if let Some(c) = other {
                         self.caches.insert(s.id, c);
                     }
-                    self.restore(seqs, out);
+                    self.put_back(seqs, out);
                     return Err(lime_kernels::Error::Input(format!(
                         "sequence {} at position {} has no cache here (or it is too small)",
                         s.id, s.pos
@@ -433,9 +540,13 @@ impl Worker {
             capacity,
             self.dtype.size_in_bytes(),
         );
-        self.budget
-            .take_kv(bytes)
-            .map_err(|e| lime_kernels::Error::Input(e.to_string()))?;
+        if self.budget.take_kv(bytes).is_err() {
+            self.make_room(bytes)
+                .map_err(|e| lime_kernels::Error::Input(e.to_string()))?;
+            self.budget
+                .take_kv(bytes)
+                .map_err(|e| lime_kernels::Error::Input(e.to_string()))?;
+        }
         let cache = KvCache::new(
             &self.config,
             self.layers.iter().copied(),
@@ -461,9 +572,127 @@ impl Worker {
 
     /// Puts back the caches taken for a micro-batch that is refused, so that the
     /// failure path frees them (and their budget) like any other.
-    fn restore(&mut self, seqs: &[lime_schemas::SeqSlot], taken: Vec<KvCache>) {
+    fn put_back(&mut self, seqs: &[lime_schemas::SeqSlot], taken: Vec<KvCache>) {
         for (slot, c) in seqs.iter().zip(taken) {
             self.caches.insert(slot.id, c);
+        }
+    }
+}
+
+/// Local adaptation: the split between resident and streamed layers follows the
+/// room KV caches leave ([`adaptation`] picks the layers).
+impl Worker {
+    /// Streams as many more layers as `bytes` of new KV caches need, choosing
+    /// those whose reads are best hidden. Fails, changing nothing, when even
+    /// streaming every layer would not make the room (the starter's admission
+    /// control keeps that from happening).
+    fn make_room(&mut self, bytes: u64) -> Result<(), String> {
+        let Some(limit) = self.budget.limit() else {
+            return Ok(());
+        };
+        let held = self.budget.held();
+        let w = self.costs.layer.max(1);
+        let starting = self.residency.slots() == 0;
+        let slot = if starting {
+            w + self.costs.read_buffer
+        } else {
+            0
+        };
+        let over = (held.total() + bytes + slot).saturating_sub(limit);
+        let mut resident = self.residency.resident();
+        let count = over.div_ceil(w) as usize;
+        if count > resident.len() {
+            let floor = self.kv_room("").bytes.unwrap_or(u64::MAX);
+            return Err(Exhausted {
+                what: "sequence's KV cache, even with every layer streamed,",
+                wanted: bytes,
+                free: floor.saturating_sub(held.kv),
+                limit,
+            }
+            .to_string());
+        }
+        let depth = self.config.num_hidden_layers;
+        let mut streamed = self.residency.offloaded().to_vec();
+        for _ in 0..count {
+            let Some(victim) = adaptation::to_evict(&resident, &streamed, depth) else {
+                break;
+            };
+            self.residency.evict(victim);
+            resident.retain(|&l| l != victim);
+            streamed.push(victim);
+            streamed.sort_unstable();
+            self.evictions += 1;
+        }
+        self.restoring = None;
+        self.account_layers();
+        self.residency.stream().map_err(|e| e.to_string())?;
+        self.account_layers();
+        tracing::info!(
+            evicted = count,
+            offloaded = ?streamed,
+            kv_mb = (held.kv + bytes) >> 20,
+            "KV caches need room: streaming more layers"
+        );
+        Ok(())
+    }
+
+    /// With room to spare again (a layer and one sequence's reserve), marks the
+    /// worst hidden streamed layer to stay resident the next time it is read.
+    fn relax(&mut self) {
+        let Some(limit) = self.budget.limit() else {
+            return;
+        };
+        let streamed = self.residency.offloaded();
+        if self.restoring.is_some() || streamed.is_empty() {
+            return;
+        }
+        let free = limit.saturating_sub(self.budget.held().total());
+        // The last streamed layer frees its slots and read buffer when it stays.
+        let cost = if streamed.len() == 1 {
+            0
+        } else {
+            self.costs.layer
+        };
+        if free >= cost + self.costs.kv_reserve {
+            self.restoring = adaptation::to_restore(streamed, self.config.num_hidden_layers);
+        }
+    }
+
+    /// Keeps the layer `slot` holds resident, if the room is still there.
+    fn keep_streamed(&mut self, slot: Slot) -> lime_kernels::Result<()> {
+        let held = self.budget.held();
+        let last = self.residency.offloaded().len() == 1;
+        let grows = if last { 0 } else { self.costs.layer };
+        if self
+            .budget
+            .limit()
+            .is_some_and(|l| held.total() + grows > l)
+        {
+            return Ok(());
+        }
+        let index = slot.index();
+        self.residency.keep(slot)?;
+        self.account_layers();
+        self.restorations += 1;
+        tracing::info!(
+            layer = ?index,
+            offloaded = ?self.residency.offloaded(),
+            "memory freed: a streamed layer stays resident"
+        );
+        self.relax();
+        Ok(())
+    }
+
+    /// Records the weights and staging the residency holds now.
+    fn account_layers(&mut self) {
+        let staging = if self.residency.slots() == 0 {
+            0
+        } else {
+            self.residency.slots() as u64 * self.costs.layer + self.costs.read_buffer
+        };
+        let weights = self.residency.resident_bytes() + self.costs.fixed_weights;
+        if let Err(e) = self.budget.set_layers(weights, staging) {
+            tracing::error!(error = %e, "the layer split does not fit the budget");
         }
     }
 }

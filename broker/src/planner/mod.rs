@@ -12,7 +12,7 @@ pub mod solver;
 pub use cost::{Runtime, Workload, WorkloadKind};
 pub use solver::{evaluate, layout_of, solve, to_plan, Infeasible, Layout, Prediction, Problem};
 
-use lime_schemas::Plan;
+use lime_schemas::{Plan, PlanPrediction};
 use std::fmt::Write as _;
 
 /// A plan with its prediction.
@@ -33,11 +33,33 @@ pub fn plan(problem: &Problem, epoch: u64) -> Result<Planned, Infeasible> {
         .validate()
         .map_err(|e| Infeasible(e.to_string()))?;
     let (layout, prediction) = solve(problem)?;
+    let mut plan = to_plan(problem, &layout, epoch);
+    plan.prediction = Some(PlanPrediction {
+        time_per_token_s: prediction.time_per_token_s,
+        tokens_per_s: prediction.tokens_per_s,
+        ttft_s: prediction.ttft_s,
+        slowest_link_mbit_per_s: slowest_link(&plan, problem.links),
+        reason: "profiles".into(),
+    });
     Ok(Planned {
-        plan: to_plan(problem, &layout, epoch),
+        plan,
         layout,
         prediction,
     })
+}
+
+/// The slowest hop of `plan`'s ring under `links`, Mb/s (0 for a single stage).
+pub fn slowest_link(plan: &Plan, links: &lime_schemas::Links) -> f64 {
+    let n = plan.stages.len();
+    if n < 2 {
+        return 0.0;
+    }
+    (0..n)
+        .map(|i| {
+            let (a, b) = (&plan.stages[i].name, &plan.stages[(i + 1) % n].name);
+            links.between(a, b).mbit_per_s
+        })
+        .fold(f64::INFINITY, f64::min)
 }
 
 /// The plan as a table (device, chunks, resident and streamed layers, slots,

@@ -23,6 +23,9 @@ pub struct Problem<'a> {
     pub links: &'a Links,
     pub workload: Workload,
     pub runtime: Runtime,
+    /// The device that must start the ring (a running ring's starter holds the
+    /// requests); `None` lets the solver choose.
+    pub starter: Option<usize>,
 }
 
 /// A plan in the cost model's terms.
@@ -273,7 +276,11 @@ pub fn solve(p: &Problem) -> Result<(Layout, Prediction), Infeasible> {
     }
     let costs = p.costs();
     let mut best: Option<((f64, f64), Layout)> = None;
-    for starter in 0..n {
+    let starters: Vec<usize> = match p.starter {
+        Some(s) if s < n => vec![s],
+        _ => (0..n).collect(),
+    };
+    for starter in starters {
         for v in 1..=p.runtime.max_interleave.max(1).min(layers / n) {
             for &k in &p.micro_batch_counts() {
                 let Some(choices) = pareto_dp(p, &costs, starter, v, k) else {
@@ -492,6 +499,7 @@ pub fn to_plan(p: &Problem, layout: &Layout, epoch: u64) -> Plan {
         stages,
         chunks,
         max_inflight: Some(layout.micro_batches),
+        prediction: None,
     }
 }
 
@@ -775,6 +783,7 @@ mod tests {
                 links: &links,
                 workload,
                 runtime: Runtime::default(),
+                starter: None,
             };
             let brute = brute_force(&p);
             match solve(&p) {
@@ -821,6 +830,7 @@ mod tests {
             links: &links,
             workload: Workload::sporadic(64),
             runtime: Runtime::default(),
+            starter: None,
         };
         let err = solve(&p).unwrap_err().0;
         assert!(

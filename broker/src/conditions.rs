@@ -1,0 +1,209 @@
+//! The conditions a plan was made for, and when measurements say they changed:
+//! link bandwidths (each stage measures its link to the next) and storage read
+//! bandwidths (each stage's loader), from the stages' telemetry.
+//!
+//! Thresholds and hysteresis:
+//! - a figure has *changed* when every report for at least `sustain` puts it off
+//!   the value the running plan assumed by `factor` or more, either way; one noisy
+//!   sample, or a burst of other traffic shorter than `sustain`, changes nothing;
+//! - a change, once taken, becomes the assumed value, so the next change is
+//!   measured from there and a figure hovering near a threshold cannot flap;
+//! - whether a change leads to a new plan is the planner's call ([`crate::planning`]):
+//!   only when the best plan differs and is predicted enough better.
+
+use lime_schemas::{Link, Links};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// What is measured.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Figure {
+    /// Mb/s from one stage to the next.
+    Link { from: String, to: String },
+    /// A stage's storage reads, bytes/s.
+    Read { stage: String },
+}
+
+#[derive(Debug, Clone)]
+struct Track {
+    assumed: f64,
+    latest: f64,
+    /// When the reports started to disagree with `assumed`.
+    off_since: Option<Instant>,
+    /// Link latency, ms, from the measured round trip.
+    latency_ms: Option<f64>,
+}
+
+/// A change taken: the figure, what the plan assumed and what was measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub figure: Figure,
+    pub was: f64,
+    pub now: f64,
+}
+
+#[derive(Debug)]
+pub struct Conditions {
+    factor: f64,
+    sustain: Duration,
+    tracks: BTreeMap<Figure, Track>,
+}
+
+impl Conditions {
+    pub fn new(factor: f64, sustain: Duration) -> Self {
+        Self {
+            factor: factor.max(1.0),
+            sustain,
+            tracks: BTreeMap::new(),
+        }
+    }
+
+    /// Records a measurement of `figure`, which the running plan took to be
+    /// `assumed` if nothing was measured before.
+    pub fn observe(&mut self, figure: Figure, assumed: f64, measured: f64, now: Instant) {
+        if !(measured.is_finite() && measured > 0.0) {
+            return;
+        }
+        let factor = self.factor;
+        let t = self.tracks.entry(figure).or_insert(Track {
+            assumed,
+            latest: measured,
+            off_since: None,
+            latency_ms: None,
+        });
+        t.latest = measured;
+        let ratio = measured / t.assumed;
+        if ratio >= factor || ratio <= 1.0 / factor {
+            t.off_since.get_or_insert(now);
+        } else {
+            t.off_since = None;
+        }
+    }
+
+    /// Records a link's latency (not a trigger on its own).
+    pub fn latency(&mut self, from: &str, to: &str, ms: f64) {
+        let key = Figure::Link {
+            from: from.into(),
+            to: to.into(),
+        };
+        if let Some(t) = self.tracks.get_mut(&key) {
+            if ms.is_finite() && ms >= 0.0 {
+                t.latency_ms = Some(ms);
+            }
+        }
+    }
+
+    /// The changes sustained for long enough at `now`.
+    pub fn changed(&self, now: Instant) -> Vec<Change> {
+        self.tracks
+            .iter()
+            .filter(|(_, t)| {
+                t.off_since
+                    .is_some_and(|s| now.duration_since(s) >= self.sustain)
+            })
+            .map(|(f, t)| Change {
+                figure: f.clone(),
+                was: t.assumed,
+                now: t.latest,
+            })
+            .collect()
+    }
+
+    /// Takes `changes` as the new assumptions.
+    pub fn accept(&mut self, changes: &[Change]) {
+        for c in changes {
+            if let Some(t) = self.tracks.get_mut(&c.figure) {
+                t.assumed = c.now;
+                t.off_since = None;
+            }
+        }
+    }
+
+    /// The links as currently assumed: `base`, with every link whose change was
+    /// taken at its measured speed.
+    pub fn links(&self, base: &Links) -> Links {
+        let mut out = base.clone();
+        for (f, t) in &self.tracks {
+            let Figure::Link { from, to } = f else {
+                continue;
+            };
+            let before = base.between(from, to);
+            if t.assumed == before.mbit_per_s {
+                continue;
+            }
+            out.links.retain(|l| !(l.from == *from && l.to == *to));
+            out.links.push(Link {
+                from: from.clone(),
+                to: to.clone(),
+                mbit_per_s: t.assumed,
+                latency_ms: t.latency_ms.unwrap_or(before.latency_ms),
+            });
+        }
+        out
+    }
+
+    /// A stage's read bandwidth as currently assumed, if a change was taken.
+    pub fn read_bytes_per_s(&self, stage: &str) -> Option<f64> {
+        self.tracks
+            .get(&Figure::Read {
+                stage: stage.into(),
+            })
+            .map(|t| t.assumed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lime_schemas::LinkSpeed;
+
+    fn link() -> Figure {
+        Figure::Link {
+            from: "a".into(),
+            to: "b".into(),
+        }
+    }
+
+    #[test]
+    fn a_change_counts_only_when_sustained() {
+        let t0 = Instant::now();
+        let s = |ms| t0 + Duration::from_millis(ms);
+        let mut c = Conditions::new(1.5, Duration::from_secs(2));
+        c.observe(link(), 1000.0, 900.0, s(0));
+        assert!(c.changed(s(5000)).is_empty(), "within the factor");
+        c.observe(link(), 1000.0, 50.0, s(100));
+        assert!(c.changed(s(1000)).is_empty(), "not yet sustained");
+        // A report back near the assumed value resets the clock.
+        c.observe(link(), 1000.0, 980.0, s(1500));
+        c.observe(link(), 1000.0, 48.0, s(1600));
+        assert!(c.changed(s(3000)).is_empty());
+        let changes = c.changed(s(3700));
+        assert_eq!(changes.len(), 1);
+        assert_eq!((changes[0].was, changes[0].now), (1000.0, 48.0));
+    }
+
+    #[test]
+    fn a_taken_change_is_the_new_baseline() {
+        let t0 = Instant::now();
+        let mut c = Conditions::new(1.5, Duration::ZERO);
+        c.observe(link(), 1000.0, 50.0, t0);
+        let changes = c.changed(t0);
+        c.accept(&changes);
+        assert!(c.changed(t0).is_empty());
+        // 60 is within 1.5× of the new baseline: no flapping.
+        c.observe(link(), 1000.0, 60.0, t0);
+        assert!(c.changed(t0).is_empty());
+        let base = Links::uniform(LinkSpeed {
+            mbit_per_s: 1000.0,
+            latency_ms: 0.2,
+        });
+        c.latency("a", "b", 0.5);
+        let links = c.links(&base);
+        assert_eq!(links.between("a", "b").mbit_per_s, 50.0);
+        assert_eq!(links.between("a", "b").latency_ms, 0.5);
+        assert_eq!(links.between("b", "a").mbit_per_s, 1000.0);
+        // Back up: a change again.
+        c.observe(link(), 1000.0, 940.0, t0);
+        assert_eq!(c.changed(t0).len(), 1);
+    }
+}

@@ -1,0 +1,130 @@
+//! What a stage knows of its link to the next stage: bandwidth samples from large
+//! frames (activations and probes) timed by the receiver, and round trips of
+//! small probes, reduced to the medians of the recent ones for telemetry.
+
+use lime_schemas::LinkMeasurement;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Samples older than this no longer describe the link.
+const RECENT: Duration = Duration::from_secs(4);
+/// Samples kept, newest last.
+const KEPT: usize = 16;
+/// Fewer bytes than this after a frame's first read time too coarsely to count.
+pub const MIN_TIMED_BYTES: usize = 32 << 10;
+
+/// The link's samples, shared by the writer, the reader of acks, and telemetry.
+#[derive(Debug, Clone, Default)]
+pub struct LinkGauge(Arc<Mutex<Samples>>);
+
+#[derive(Debug, Default)]
+struct Samples {
+    to: String,
+    mbit_per_s: VecDeque<(Instant, f64)>,
+    rtt_ms: VecDeque<(Instant, f64)>,
+}
+
+impl LinkGauge {
+    /// Forgets the old link: the stage now sends to `to`.
+    pub fn reset(&self, to: &str) {
+        if let Ok(mut s) = self.0.lock() {
+            *s = Samples {
+                to: to.to_owned(),
+                ..Samples::default()
+            };
+        }
+    }
+
+    /// `bytes` took `took` to arrive.
+    pub fn transfer(&self, bytes: u64, took: Duration) {
+        if (bytes as usize) < MIN_TIMED_BYTES || took.is_zero() {
+            return;
+        }
+        let mbit = bytes as f64 * 8.0 / took.as_secs_f64() / 1e6;
+        if let Ok(mut s) = self.0.lock() {
+            push(&mut s.mbit_per_s, mbit);
+        }
+    }
+
+    pub fn round_trip(&self, rtt: Duration) {
+        if let Ok(mut s) = self.0.lock() {
+            push(&mut s.rtt_ms, rtt.as_secs_f64() * 1e3);
+        }
+    }
+
+    /// Age of the newest bandwidth sample; `None` before the first.
+    pub fn age(&self) -> Option<Duration> {
+        let s = self.0.lock().ok()?;
+        s.mbit_per_s.back().map(|(at, _)| at.elapsed())
+    }
+
+    /// The latest estimate of the bandwidth, Mb/s.
+    pub fn mbit_per_s(&self) -> Option<f64> {
+        self.measurement().map(|m| m.mbit_per_s)
+    }
+
+    /// Medians of the recent samples (the newest three if none is recent).
+    pub fn measurement(&self) -> Option<LinkMeasurement> {
+        let s = self.0.lock().ok()?;
+        let (newest, _) = *s.mbit_per_s.back()?;
+        Some(LinkMeasurement {
+            to: s.to.clone(),
+            rtt_ms: median(&s.rtt_ms).unwrap_or(0.0),
+            mbit_per_s: median(&s.mbit_per_s)?,
+            samples: recent(&s.mbit_per_s).len() as u32,
+            age_ms: newest.elapsed().as_millis() as u64,
+        })
+    }
+}
+
+fn push(q: &mut VecDeque<(Instant, f64)>, v: f64) {
+    if q.len() == KEPT {
+        q.pop_front();
+    }
+    q.push_back((Instant::now(), v));
+}
+
+fn recent(q: &VecDeque<(Instant, f64)>) -> Vec<f64> {
+    let mut v: Vec<f64> = q
+        .iter()
+        .filter(|(at, _)| at.elapsed() < RECENT)
+        .map(|(_, x)| *x)
+        .collect();
+    if v.is_empty() {
+        v = q.iter().rev().take(3).map(|(_, x)| *x).collect();
+    }
+    v
+}
+
+fn median(q: &VecDeque<(Instant, f64)>) -> Option<f64> {
+    let mut v = recent(q);
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_ignores_one_outlier_and_small_frames() {
+        let g = LinkGauge::default();
+        g.reset("s2");
+        assert!(g.measurement().is_none());
+        g.transfer(100, Duration::from_millis(1));
+        assert!(g.measurement().is_none(), "too small to time");
+        for ms in [80, 82, 1, 81] {
+            g.transfer(1_000_000, Duration::from_millis(ms));
+        }
+        g.round_trip(Duration::from_micros(400));
+        let m = g.measurement().unwrap();
+        assert_eq!(m.to, "s2");
+        assert_eq!(m.samples, 4);
+        assert!((m.mbit_per_s - 100.0).abs() < 1e-9, "{m:?}");
+        assert!((m.rtt_ms - 0.4).abs() < 1e-9);
+    }
+}
