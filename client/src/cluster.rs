@@ -543,8 +543,10 @@ impl Cluster {
             StageSettings {
                 name: &stage.name,
                 model: &model,
-                plan_file: spec.planner.is_none().then_some(plan_path.as_path()),
-                listen: spec.planner.is_some().then_some(stage.data_addr.as_str()),
+                plan_file: (spec.planner.is_none() && !spec.plan_over_mqtt)
+                    .then_some(plan_path.as_path()),
+                listen: (spec.planner.is_some() || spec.plan_over_mqtt)
+                    .then_some(stage.data_addr.as_str()),
                 budget: budgets.get(&stage.name).copied().flatten(),
                 read_mb_per_s: spec.memory.stage_read(i),
                 profile_file,

@@ -88,6 +88,11 @@ impl<'t> Scheduler<'t> {
         self.holding = true;
     }
 
+    /// Launches again on the same plan.
+    pub fn resume(&mut self) {
+        self.holding = false;
+    }
+
     /// Nothing is on the ring.
     pub fn drained(&self) -> bool {
         self.launched.is_empty()
@@ -96,7 +101,7 @@ impl<'t> Scheduler<'t> {
     /// The ring moved to a new plan with `stages` stages: every sequence
     /// recomputes its cache from its tokens, in admission order, and the rooms
     /// are learnt again.
-    pub fn rebuild(&mut self, stages: usize, plan_inflight: Option<usize>) {
+    pub fn rebuild(&mut self, stages: usize, plan_inflight: Option<usize>) -> usize {
         self.max_inflight = inflight(&self.limits, stages, plan_inflight);
         let mut ids: Vec<u64> = self.sequences.keys().copied().collect();
         ids.sort_unstable();
@@ -105,9 +110,11 @@ impl<'t> Scheduler<'t> {
                 seq.restart();
             }
         }
+        let rebuilt = ids.len();
         self.ready = ids.into();
         self.ledger.forget_rooms();
         self.holding = false;
+        rebuilt
     }
 
     /// Queues a checked request, or refuses it when the queue is full.

@@ -74,7 +74,7 @@ impl Pipeline<'_> {
             Err(e) => {
                 tracing::error!(error = %e, "the new plan cannot be sent; keeping the old one");
                 if let Some(s) = &mut self.starter {
-                    s.rebuild(self.plan.stages.len(), self.plan.max_inflight);
+                    s.resume();
                 }
                 return;
             }
@@ -127,9 +127,10 @@ impl Pipeline<'_> {
             tracing::error!(error = %format!("{e:#}"), "this stage cannot run its part of the new plan");
         }
         self.next = self.topology.join(&plan);
-        if let Some(s) = &mut self.starter {
-            s.rebuild(plan.stages.len(), plan.max_inflight);
-        }
+        let rebuilt = match &mut self.starter {
+            Some(s) => s.rebuild(plan.stages.len(), plan.max_inflight),
+            None => 0,
+        };
         self.plan = plan;
         self.ring_closed = false;
         if self.next.is_none() {
@@ -147,6 +148,7 @@ impl Pipeline<'_> {
             ?chunks,
             offloaded = ?self.worker.residency_report().offloaded,
             ms = started.elapsed().as_secs_f64() * 1e3,
+            rebuilt,
             "moved to the new plan"
         );
         let _ = self.notes.send(Note::Switched(Box::new(self.plan.clone())));
