@@ -119,25 +119,44 @@ impl Conditions {
         }
     }
 
-    /// The links as currently assumed: `base`, with every link whose change was
-    /// taken at its measured speed.
-    pub fn links(&self, base: &Links) -> Links {
+    /// The links between `stages` as currently assumed: `base`, with every link
+    /// whose change was taken at its measured speed. A link not measured (the
+    /// ring has not used it) from a stage whose measured link changed is taken to
+    /// have changed the same way: a device's network (its Wi-Fi, its port) is
+    /// what usually changes, for all its links at once.
+    pub fn links(&self, base: &Links, stages: &[String]) -> Links {
         let mut out = base.clone();
-        for (f, t) in &self.tracks {
-            let Figure::Link { from, to } = f else {
-                continue;
-            };
-            let before = base.between(from, to);
-            if t.assumed == before.mbit_per_s {
-                continue;
+        for from in stages {
+            let measured: Vec<(&String, &Track)> = self
+                .tracks
+                .iter()
+                .filter_map(|(f, t)| match f {
+                    Figure::Link { from: a, to } if a == from => Some((to, t)),
+                    _ => None,
+                })
+                .collect();
+            for to in stages.iter().filter(|t| *t != from) {
+                let before = base.between(from, to);
+                let track = measured
+                    .iter()
+                    .find(|(t, _)| *t == to)
+                    .or_else(|| {
+                        measured
+                            .iter()
+                            .find(|(_, t)| t.assumed != before.mbit_per_s)
+                    })
+                    .map(|(_, t)| *t);
+                let Some(t) = track.filter(|t| t.assumed != before.mbit_per_s) else {
+                    continue;
+                };
+                out.links.retain(|l| !(l.from == *from && l.to == *to));
+                out.links.push(Link {
+                    from: from.clone(),
+                    to: to.clone(),
+                    mbit_per_s: t.assumed,
+                    latency_ms: t.latency_ms.unwrap_or(before.latency_ms),
+                });
             }
-            out.links.retain(|l| !(l.from == *from && l.to == *to));
-            out.links.push(Link {
-                from: from.clone(),
-                to: to.clone(),
-                mbit_per_s: t.assumed,
-                latency_ms: t.latency_ms.unwrap_or(before.latency_ms),
-            });
         }
         out
     }
@@ -198,10 +217,13 @@ mod tests {
             latency_ms: 0.2,
         });
         c.latency("a", "b", 0.5);
-        let links = c.links(&base);
+        let stages: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let links = c.links(&base, &stages);
         assert_eq!(links.between("a", "b").mbit_per_s, 50.0);
         assert_eq!(links.between("a", "b").latency_ms, 0.5);
         assert_eq!(links.between("b", "a").mbit_per_s, 1000.0);
+        // a's other link, never measured, is taken to have dropped with it.
+        assert_eq!(links.between("a", "c").mbit_per_s, 50.0);
         // Back up: a change again.
         c.observe(link(), 1000.0, 940.0, t0);
         assert_eq!(c.changed(t0).len(), 1);

@@ -81,7 +81,7 @@ impl Default for PlannerConfig {
             max_interleave: 8,
             adapt: true,
             change_factor: 1.5,
-            sustain_ms: 1_500,
+            sustain_ms: 1_000,
             min_gain: 0.1,
             switch_interval_ms: 5_000,
         }

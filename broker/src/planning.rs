@@ -208,7 +208,8 @@ impl Planner {
     fn replan(&mut self, changes: &[Change], now: Instant) -> Option<Plan> {
         let running = self.running.as_ref()?;
         let what = describe(changes);
-        let links = self.conditions.links(&self.links);
+        let stages: Vec<String> = self.profiles.keys().cloned().collect();
+        let links = self.conditions.links(&self.links, &stages);
         let starter = running.plan.starter()?.name.clone();
         let epoch = (running.plan.epoch + 1).max(unix_seconds());
         let (mut planned, kept) = match self.solve(&links, Some((&starter, &running.layout)), epoch)

@@ -50,6 +50,17 @@ pub struct ClusterSpec {
     /// Let lime-broker's planner make the plan from the stages' profiles
     /// (instead of `interleave`, `cuts` and the budget's offloaded sets).
     pub planner: Option<PlannerSpec>,
+    /// Run stage `i` in network namespace `stages[i]`, reaching the broker
+    /// (listening on every address) at `host_ip`.
+    pub namespaces: Option<Namespaces>,
+}
+
+/// Where stages run when each has a network namespace of its own.
+#[derive(Debug, Clone)]
+pub struct Namespaces {
+    pub host_ip: String,
+    /// `(namespace, address)` per stage.
+    pub stages: Vec<(String, String)>,
 }
 
 /// What the broker's planner is told (see `lime_broker::config::PlannerConfig`).
@@ -67,6 +78,8 @@ pub struct PlannerSpec {
     /// The network the planner assumes: Mb/s and latency in ms of every hop.
     pub link_mbit_per_s: f64,
     pub link_latency_ms: f64,
+    /// Re-plan on measured changes (the broker's `planner.adapt`).
+    pub adapt: bool,
 }
 
 impl PlannerSpec {
@@ -87,6 +100,7 @@ impl PlannerSpec {
             profiles: None,
             link_mbit_per_s: 10_000.0,
             link_latency_ms: 0.05,
+            adapt: true,
         }
     }
 }
@@ -241,6 +255,7 @@ impl ClusterSpec {
             telemetry_ms: None,
             compute_threads: None,
             planner: None,
+            namespaces: None,
         }
     }
 }
@@ -486,9 +501,14 @@ impl Cluster {
                 } else {
                     spec.data_port + i as u16
                 };
+                let ip = spec
+                    .namespaces
+                    .as_ref()
+                    .and_then(|n| n.stages.get(i))
+                    .map_or("127.0.0.1", |(_, ip)| ip.as_str());
                 Ok(PlanStage {
                     name: format!("s{i}"),
-                    data_addr: format!("127.0.0.1:{port}"),
+                    data_addr: format!("{ip}:{port}"),
                     offloaded: None,
                 })
             })
@@ -582,8 +602,13 @@ impl Cluster {
                     spec.mqtt_ports.1
                 };
                 let mut cmd = Command::new(sibling_binary("lime-broker")?);
-                cmd.env("LIME_BROKER_V4_LISTEN", format!("127.0.0.1:{v4}"))
-                    .env("LIME_BROKER_V5_LISTEN", format!("127.0.0.1:{v5}"))
+                let listen = if spec.namespaces.is_some() {
+                    "0.0.0.0"
+                } else {
+                    "127.0.0.1"
+                };
+                cmd.env("LIME_BROKER_V4_LISTEN", format!("{listen}:{v4}"))
+                    .env("LIME_BROKER_V5_LISTEN", format!("{listen}:{v5}"))
                     .envs(spec.broker_env.iter().cloned());
                 if let Some(p) = &spec.planner {
                     let memory = spec.memory.config(spec.mode);
@@ -611,6 +636,7 @@ impl Cluster {
                             "LIME_BROKER_PLANNER__DEFAULT_LATENCY_MS",
                             p.link_latency_ms.to_string(),
                         ),
+                        ("LIME_BROKER_PLANNER__ADAPT", p.adapt.to_string()),
                     ]);
                 }
                 cluster.spawn("broker", cmd, &spec.log)?;
@@ -622,12 +648,29 @@ impl Cluster {
         if spec.plan_over_mqtt && spec.planner.is_none() {
             publish_plan(&cluster.broker, &plan).await?;
         }
+        // Stages in namespaces reach the broker through the bridge.
+        let stage_broker = match &spec.namespaces {
+            Some(n) => BrokerAddr {
+                host: n.host_ip.clone(),
+                ..cluster.broker.clone()
+            },
+            None => cluster.broker.clone(),
+        };
         for (i, stage) in plan.stages.iter().enumerate() {
             let config = spec.dir.join(format!("{}.toml", stage.name));
             let profile = profiles.as_ref().and_then(|p| p.get(i)).cloned();
             let settings = settings(i, profile);
-            std::fs::write(&config, settings.to_toml(spec, &cluster.broker))?;
-            let mut cmd = Command::new(sibling_binary("lime-stage")?);
+            std::fs::write(&config, settings.to_toml(spec, &stage_broker))?;
+            let namespace = spec.namespaces.as_ref().and_then(|n| n.stages.get(i));
+            let mut cmd = match namespace {
+                Some((ns, _)) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", ns])
+                        .arg(sibling_binary("lime-stage")?);
+                    c
+                }
+                None => Command::new(sibling_binary("lime-stage")?),
+            };
             cmd.arg("--config")
                 .arg(&config)
                 .envs(spec.stage_env.iter().cloned());

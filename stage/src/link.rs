@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Samples older than this no longer describe the link.
-const RECENT: Duration = Duration::from_secs(4);
+const RECENT: Duration = Duration::from_secs(2);
 /// Samples kept, newest last.
 const KEPT: usize = 16;
 /// Fewer bytes than this after a frame's first read time too coarsely to count.

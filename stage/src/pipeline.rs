@@ -164,7 +164,9 @@ impl Pipeline<'_> {
                     None => break,
                 }
             }
-            let load_wait = (self.worker.load_wait() - load_wait_before).as_secs_f64();
+            // A new plan's worker starts its count afresh.
+            let load_wait =
+                (self.worker.load_wait().saturating_sub(load_wait_before)).as_secs_f64();
             clock.load_wait_s += load_wait;
             clock.compute_s += (working.elapsed().as_secs_f64() - load_wait).max(0.0);
             if last_report.elapsed() >= self.telemetry_every {

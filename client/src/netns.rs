@@ -1,0 +1,161 @@
+//! Network namespaces for field tests: one per stage, each joined by a veth pair
+//! to a bridge in the host's namespace (where the broker and the robots' clients
+//! live), with the stage's outgoing bandwidth shaped by `tc qdisc … tbf`. Needs
+//! root and `ip`/`tc` (iproute2); [`Fabric::unavailable`] says why not.
+
+use anyhow::Context;
+use std::process::Command;
+
+/// The bridge, namespaces and veth pairs; removed when dropped.
+pub struct Fabric {
+    tag: String,
+    /// `10.<subnet>.0.0/24`.
+    subnet: u8,
+    stages: usize,
+}
+
+fn run(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {}", args.join(" ")))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+impl Fabric {
+    /// Why namespaces cannot be made here, if they cannot.
+    pub fn unavailable() -> Option<String> {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        if !root {
+            return Some("network namespaces need root".into());
+        }
+        let probe = format!("lime-probe-{}", std::process::id());
+        if let Err(e) = run(&["ip", "netns", "add", &probe]) {
+            return Some(format!("`ip netns add` is not allowed here: {e:#}"));
+        }
+        let _ = run(&["ip", "netns", "del", &probe]);
+        None
+    }
+
+    /// `stages` namespaces on a fresh bridge; `tag` keeps names unique (≤ 6
+    /// characters: interface names are short).
+    pub fn create(tag: &str, stages: usize) -> anyhow::Result<Self> {
+        let subnet = 100 + (std::process::id() % 100) as u8;
+        let fabric = Self {
+            tag: tag.chars().take(6).collect(),
+            subnet,
+            stages,
+        };
+        let br = fabric.bridge();
+        run(&["ip", "link", "add", &br, "type", "bridge"])?;
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", fabric.host_ip()),
+            "dev",
+            &br,
+        ])?;
+        run(&["ip", "link", "set", &br, "up"])?;
+        for i in 0..stages {
+            let (ns, host_end, ns_end) = (
+                fabric.namespace(i),
+                fabric.veth(i, 'h'),
+                fabric.veth(i, 'n'),
+            );
+            run(&["ip", "netns", "add", &ns])?;
+            run(&[
+                "ip", "link", "add", &host_end, "type", "veth", "peer", "name", &ns_end,
+            ])?;
+            run(&["ip", "link", "set", &ns_end, "netns", &ns])?;
+            run(&["ip", "link", "set", &host_end, "master", &br])?;
+            run(&["ip", "link", "set", &host_end, "up"])?;
+            let inside = |args: &[&str]| {
+                let mut all = vec!["ip", "netns", "exec", &ns];
+                all.extend_from_slice(args);
+                run(&all)
+            };
+            inside(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/24", fabric.stage_ip(i)),
+                "dev",
+                &ns_end,
+            ])?;
+            inside(&["ip", "link", "set", &ns_end, "up"])?;
+            inside(&["ip", "link", "set", "lo", "up"])?;
+        }
+        Ok(fabric)
+    }
+
+    fn bridge(&self) -> String {
+        format!("lbr{}", self.tag)
+    }
+
+    fn veth(&self, i: usize, end: char) -> String {
+        format!("l{}{i}{end}", self.tag)
+    }
+
+    pub fn namespace(&self, i: usize) -> String {
+        format!("lime-{}-{i}", self.tag)
+    }
+
+    /// The bridge's address: where stages reach the broker.
+    pub fn host_ip(&self) -> String {
+        format!("10.{}.0.1", self.subnet)
+    }
+
+    pub fn stage_ip(&self, i: usize) -> String {
+        format!("10.{}.0.{}", self.subnet, 10 + i)
+    }
+
+    /// Limits what stage `i` sends to `mbit_per_s` (a token bucket: bursts of
+    /// about 2 ms of traffic, never less than 32 KiB).
+    pub fn shape(&self, i: usize, mbit_per_s: f64) -> anyhow::Result<()> {
+        let burst = ((mbit_per_s * 1e6 / 8.0 * 0.002) as u64).max(32 << 10);
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.namespace(i),
+            "tc",
+            "qdisc",
+            "replace",
+            "dev",
+            &self.veth(i, 'n'),
+            "root",
+            "tbf",
+            "rate",
+            &format!("{}kbit", (mbit_per_s * 1000.0) as u64),
+            "burst",
+            &burst.to_string(),
+            "latency",
+            "100ms",
+        ])
+    }
+
+    /// Shapes every stage's link.
+    pub fn shape_all(&self, mbit_per_s: f64) -> anyhow::Result<()> {
+        (0..self.stages).try_for_each(|i| self.shape(i, mbit_per_s))
+    }
+}
+
+impl Drop for Fabric {
+    fn drop(&mut self) {
+        for i in 0..self.stages {
+            let _ = run(&["ip", "netns", "del", &self.namespace(i)]);
+            let _ = run(&["ip", "link", "del", &self.veth(i, 'h')]);
+        }
+        let _ = run(&["ip", "link", "del", &self.bridge()]);
+    }
+}
