@@ -13,6 +13,10 @@ const RECENT: Duration = Duration::from_secs(2);
 const KEPT: usize = 16;
 /// Fewer bytes than this after a frame's first read time too coarsely to count.
 pub const MIN_TIMED_BYTES: usize = 32 << 10;
+/// A transfer quicker than this says more about the receiver (it read bytes
+/// that had queued while it was busy) than about the link: not a sample, but a
+/// sign that probes must grow.
+const MIN_TIMED: Duration = Duration::from_millis(2);
 
 /// The link's samples, shared by the writer, the reader of acks, and telemetry.
 #[derive(Debug, Clone, Default)]
@@ -23,6 +27,8 @@ struct Samples {
     to: String,
     mbit_per_s: VecDeque<(Instant, f64)>,
     rtt_ms: VecDeque<(Instant, f64)>,
+    /// The last timed transfer was too quick to measure.
+    too_quick: bool,
 }
 
 impl LinkGauge {
@@ -38,13 +44,23 @@ impl LinkGauge {
 
     /// `bytes` took `took` to arrive.
     pub fn transfer(&self, bytes: u64, took: Duration) {
-        if (bytes as usize) < MIN_TIMED_BYTES || took.is_zero() {
+        if (bytes as usize) < MIN_TIMED_BYTES {
             return;
         }
-        let mbit = bytes as f64 * 8.0 / took.as_secs_f64() / 1e6;
-        if let Ok(mut s) = self.0.lock() {
-            push(&mut s.mbit_per_s, mbit);
+        let Ok(mut s) = self.0.lock() else { return };
+        s.too_quick = took < MIN_TIMED;
+        if !s.too_quick {
+            push(
+                &mut s.mbit_per_s,
+                bytes as f64 * 8.0 / took.as_secs_f64() / 1e6,
+            );
         }
+    }
+
+    /// The last timed transfer was too quick to measure: the next probe should
+    /// be larger.
+    pub fn too_quick(&self) -> bool {
+        self.0.lock().is_ok_and(|s| s.too_quick)
     }
 
     pub fn round_trip(&self, rtt: Duration) {
@@ -70,7 +86,11 @@ impl LinkGauge {
         let (newest, _) = *s.mbit_per_s.back()?;
         Some(LinkMeasurement {
             to: s.to.clone(),
-            rtt_ms: median(&s.rtt_ms).unwrap_or(0.0),
+            // The least recent round trip: the others waited behind activations.
+            rtt_ms: recent(&s.rtt_ms)
+                .into_iter()
+                .reduce(f64::min)
+                .unwrap_or(0.0),
             mbit_per_s: median(&s.mbit_per_s)?,
             samples: recent(&s.mbit_per_s).len() as u32,
             age_ms: newest.elapsed().as_millis() as u64,
@@ -117,10 +137,13 @@ mod tests {
         assert!(g.measurement().is_none());
         g.transfer(100, Duration::from_millis(1));
         assert!(g.measurement().is_none(), "too small to time");
-        for ms in [80, 82, 1, 81] {
+        for ms in [80, 82, 5, 81] {
             g.transfer(1_000_000, Duration::from_millis(ms));
         }
+        g.transfer(1_000_000, Duration::from_micros(300));
+        assert!(g.too_quick(), "300 µs for 1 MB is the receiver catching up");
         g.round_trip(Duration::from_micros(400));
+        g.round_trip(Duration::from_millis(30));
         let m = g.measurement().unwrap();
         assert_eq!(m.to, "s2");
         assert_eq!(m.samples, 4);

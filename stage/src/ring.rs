@@ -53,7 +53,7 @@ pub struct Probing {
 /// Probe sizes: at least enough to time past a first burst, at most what a
 /// multi-gigabit link carries in a few milliseconds.
 const PROBE_MIN_BYTES: usize = 128 << 10;
-const PROBE_MAX_BYTES: usize = 2 << 20;
+const PROBE_MAX_BYTES: usize = 8 << 20;
 
 /// Accepts the previous stage and feeds its frames to the pipeline. A newer
 /// accepted connection replaces the older one.
@@ -205,6 +205,7 @@ pub async fn connect(
     let mut unsent: Option<Vec<u8>> = None;
     let mut wait = backoff.0;
     let mut nonce = 0u64;
+    let mut probe_bytes = PROBE_MIN_BYTES;
     let outstanding = Outstanding::default();
     loop {
         let (reader, mut writer) = match handshake(&addr, &to, &id).await {
@@ -268,7 +269,7 @@ pub async fn connect(
                                 continue;
                             }
                             nonce += 1;
-                            match probe(&mut writer, nonce, &gauge, &outstanding, probing).await {
+                            match probe(&mut writer, nonce, &gauge, &outstanding, probing, &mut probe_bytes).await {
                                 Ok(()) => continue,
                                 Err(e) => {
                                     tracing::warn!(%to, error = %e, "probing the next stage failed; reconnecting");
@@ -297,12 +298,20 @@ async fn probe(
     gauge: &LinkGauge,
     outstanding: &Outstanding,
     probing: Probing,
+    last: &mut usize,
 ) -> std::io::Result<()> {
-    let bytes = gauge
+    let sized = gauge
         .mbit_per_s()
         .map(|m| (m * 1e6 / 8.0 * probing.target.as_secs_f64()) as usize)
-        .unwrap_or(PROBE_MIN_BYTES)
-        .clamp(PROBE_MIN_BYTES, PROBE_MAX_BYTES);
+        .unwrap_or(PROBE_MIN_BYTES);
+    // After a transfer too quick to time, the link is faster than thought.
+    let bytes = if gauge.too_quick() {
+        sized.max(*last * 4)
+    } else {
+        sized
+    }
+    .clamp(PROBE_MIN_BYTES, PROBE_MAX_BYTES);
+    *last = bytes;
     for (n, padding) in [(nonce << 1, Vec::new()), ((nonce << 1) | 1, vec![0; bytes])] {
         let frame = Frame::Probe { nonce: n, padding }
             .encode()
