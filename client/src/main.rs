@@ -80,6 +80,16 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Throughput through a bandwidth swing (1 Gb/s, 50 Mb/s, 1 Gb/s) on four
+    /// stages in network namespaces (needs root): the adaptive planner against
+    /// the first plan held fixed. Writes swing.svg and swing.md to --out.
+    Swing {
+        /// Checkpoint directory; the `small` preset is synthesised there if empty.
+        #[arg(long, default_value = "models/small")]
+        model: PathBuf,
+        #[arg(long, default_value = "swing")]
+        out: PathBuf,
+    },
     /// The cost model against measurement: for several emulated device setups,
     /// the planner's plan, an even split and a memory-proportional split,
     /// predicted and measured side by side.
@@ -519,6 +529,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 let report = block_on(lime::serving::run(&bench))?;
                 print_report(&report, json)
+            }
+            BenchCommand::Swing { model, out } => {
+                lime::synth::ensure(Preset::Small, &model)?;
+                let report = block_on(lime::swing::bench(&std::fs::canonicalize(&model)?, &out))?;
+                println!("{report}");
+                Ok(())
             }
             BenchCommand::ValidatePlan {
                 model,

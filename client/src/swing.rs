@@ -297,6 +297,64 @@ async fn load(
     Ok(out)
 }
 
+/// `lime bench swing`: the scenario with the adaptive planner, then with the
+/// first plan held, side by side; writes `swing.svg` and `swing.md` to `out` and
+/// returns the table.
+pub async fn bench(model: &std::path::Path, out: &std::path::Path) -> anyhow::Result<String> {
+    if let Some(why) = Fabric::unavailable() {
+        anyhow::bail!("the swing needs network namespaces: {why}");
+    }
+    std::fs::create_dir_all(out)?;
+    let fabric = Fabric::create("swb", 4)?;
+    let mut runs = Vec::new();
+    for adapt in [true, false] {
+        let dir = out.join(if adapt { "adaptive" } else { "fixed" });
+        let spec = SwingSpec::standard(model.to_path_buf(), dir, adapt);
+        let mode = if adapt { "adaptive" } else { "fixed" };
+        runs.push(run(&spec, &fabric, |m| eprintln!("swing ({mode}): {m}")).await?);
+    }
+    let phases = SwingSpec::standard(model.to_path_buf(), out.to_path_buf(), true).phases_s;
+    std::fs::write(out.join("swing.svg"), svg(&[&runs[0], &runs[1]], phases))?;
+    let (a, b) = (phases[0], phases[0] + phases[1]);
+    let total: f64 = phases.iter().sum();
+    let windows = [
+        ("1 Gb/s", 2.0, a),
+        ("50 Mb/s", a, b),
+        ("50 Mb/s, from 5 s after the drop", a + 5.0, b),
+        ("1 Gb/s again", b, total),
+        ("1 Gb/s again, from 5 s after", b + 5.0, total),
+        ("whole run", 2.0, total),
+    ];
+    let mut table = String::from(
+        "| window | adaptive tokens/s | initial plan held tokens/s | adaptive / held |\n|---|---|---|---|\n",
+    );
+    for (name, from, to) in windows {
+        let (x, y) = (
+            runs[0].tokens_per_s(from, to),
+            runs[1].tokens_per_s(from, to),
+        );
+        table += &format!("| {name} | {x:.1} | {y:.1} | {:.2}x |\n", x / y.max(1e-9));
+    }
+    for r in &runs {
+        table += &format!(
+            "\n{}: {} answers, {} failed; plans:",
+            if r.adapt { "adaptive" } else { "held" },
+            r.completed,
+            r.failed.len()
+        );
+        for p in &r.plans {
+            let (tps, why) = p
+                .prediction
+                .as_ref()
+                .map_or((0.0, ""), |x| (x.tokens_per_s, x.reason.as_str()));
+            table += &format!(" [{:.1} s: predicted {tps:.1} tokens/s, {why}]", p.at_s);
+        }
+    }
+    table.push('\n');
+    std::fs::write(out.join("swing.md"), &table)?;
+    Ok(table)
+}
+
 /// Throughput over time, adaptive against fixed, as an SVG line chart with the
 /// low-bandwidth phase shaded and new plans marked.
 pub fn svg(runs: &[&SwingRun], phases_s: [f64; 3]) -> String {

@@ -82,17 +82,24 @@ fn a_bandwidth_swing_replans_in_time_and_loses_nothing() {
         );
     }
 
-    // Under the low-bandwidth plan, throughput within 15% of its prediction
-    // (measured from 2 s after the plan, once the caches are rebuilt, to the
-    // end of the phase).
-    let (low_at, _) = run.shaped[0];
-    let plan = run.plan_after(low_at).unwrap();
-    let predicted = plan.prediction.as_ref().unwrap().tokens_per_s;
-    let end = spec.phases_s[0] + spec.phases_s[1];
-    let measured = run.tokens_per_s(plan.at_s + 2.0, end);
-    eprintln!("low bandwidth: measured {measured:.1} tokens/s, predicted {predicted:.1}");
-    assert!(
-        (measured / predicted - 1.0).abs() <= 0.15,
-        "measured {measured:.1} tokens/s against a prediction of {predicted:.1}"
-    );
+    // Under each new plan, throughput against its prediction (from 2 s after
+    // the plan, once the caches are rebuilt, to the end of the phase). The
+    // planner must not over-promise: measured at least 85% of predicted.
+    let ends = [
+        spec.phases_s[0] + spec.phases_s[1],
+        spec.phases_s.iter().sum(),
+    ];
+    for (&(at, mbit), end) in run.shaped.iter().zip(ends) {
+        let plan = run.plan_after(at).unwrap();
+        let predicted = plan.prediction.as_ref().unwrap().tokens_per_s;
+        let measured = run.tokens_per_s(plan.at_s + 2.0, end);
+        eprintln!(
+            "{mbit} Mb/s: measured {measured:.1} tokens/s, predicted {predicted:.1} ({:+.0}%)",
+            (measured / predicted - 1.0) * 100.0
+        );
+        assert!(
+            measured >= 0.85 * predicted,
+            "at {mbit} Mb/s measured {measured:.1} tokens/s against a prediction of {predicted:.1}"
+        );
+    }
 }

@@ -235,16 +235,32 @@ pub async fn connect(
             outstanding.clone(),
             closed_tx,
         ));
+        let mut last_probe: Option<Instant> = None;
         loop {
+            // A stale measurement is refreshed first, busy link or not: the
+            // link may have changed under traffic too small to time.
+            let stale = gauge.age().is_none_or(|a| a >= probing.every);
+            if unsent.is_none() && stale && last_probe.is_none_or(|p| p.elapsed() >= probing.every)
+            {
+                last_probe = Some(Instant::now());
+                nonce += 1;
+                if let Err(e) = probe(
+                    &mut writer,
+                    nonce,
+                    &gauge,
+                    &outstanding,
+                    probing,
+                    &mut probe_bytes,
+                )
+                .await
+                {
+                    tracing::warn!(%to, error = %e, "probing the next stage failed; reconnecting");
+                    break;
+                }
+            }
             let bytes = match unsent.take() {
                 Some(b) => b,
                 None => {
-                    let quiet = gauge.age().is_none_or(|a| a >= probing.every);
-                    let wake = if quiet {
-                        probing.every.min(Duration::from_millis(200))
-                    } else {
-                        probing.every
-                    };
                     tokio::select! {
                         f = frames.recv() => match f {
                             Some(f) => match f.encode() {
@@ -264,19 +280,7 @@ pub async fn connect(
                             tracing::warn!(%to, %reason, "the link to the next stage closed; reconnecting");
                             break;
                         }
-                        _ = tokio::time::sleep(wake) => {
-                            if gauge.age().is_some_and(|a| a < probing.every) {
-                                continue;
-                            }
-                            nonce += 1;
-                            match probe(&mut writer, nonce, &gauge, &outstanding, probing, &mut probe_bytes).await {
-                                Ok(()) => continue,
-                                Err(e) => {
-                                    tracing::warn!(%to, error = %e, "probing the next stage failed; reconnecting");
-                                    break;
-                                }
-                            }
-                        }
+                        _ = tokio::time::sleep(probing.every) => continue,
                     }
                 }
             };
