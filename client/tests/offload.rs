@@ -21,7 +21,9 @@ async fn fresh_telemetry(cluster: &Cluster) -> Vec<Telemetry> {
     t
 }
 
-/// Checks every stage kept within its budget and streamed what it reports.
+/// Checks every stage kept within its budget and streamed what it reports;
+/// returns the layers offloaded at start (stages may since have kept streamed
+/// layers that memory had room for, or streamed more for KV caches).
 fn check_budgets(telemetry: &[Telemetry], what: &str) -> usize {
     let mut offloaded = 0;
     for t in telemetry {
@@ -48,7 +50,7 @@ fn check_budgets(telemetry: &[Telemetry], what: &str) -> usize {
                 r.offloaded
             );
         }
-        offloaded += r.offloaded.len();
+        offloaded += r.offloaded.len() + r.restorations as usize - r.evictions as usize;
     }
     offloaded
 }
