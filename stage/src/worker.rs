@@ -225,17 +225,22 @@ impl Worker {
             1,
             self.dtype.size_in_bytes(),
         );
+        KvRoom {
+            stage: stage.to_owned(),
+            bytes: self.kv_room_bytes(),
+            bytes_per_token,
+        }
+    }
+
+    /// Bytes left for KV caches with every layer streamed; `None` without a budget.
+    fn kv_room_bytes(&self) -> Option<u64> {
         let streaming = if self.layers.is_empty() {
             0
         } else {
             self.costs.read_buffer + self.residency.slots().max(1) as u64 * self.costs.layer
         };
         let floor = self.costs.fixed_weights + self.costs.activations + streaming;
-        KvRoom {
-            stage: stage.to_owned(),
-            bytes: self.budget.limit().map(|l| l.saturating_sub(floor)),
-            bytes_per_token,
-        }
+        self.budget.limit().map(|l| l.saturating_sub(floor))
     }
 
     pub fn config(&self) -> &Config {
@@ -602,7 +607,7 @@ impl Worker {
         let mut resident = self.residency.resident();
         let count = over.div_ceil(w) as usize;
         if count > resident.len() {
-            let floor = self.kv_room("").bytes.unwrap_or(u64::MAX);
+            let floor = self.kv_room_bytes().unwrap_or(u64::MAX);
             return Err(Exhausted {
                 what: "sequence's KV cache, even with every layer streamed,",
                 wanted: bytes,
