@@ -12,6 +12,7 @@ pub mod chat;
 pub mod config;
 pub mod connection;
 pub mod control;
+pub mod demand;
 pub mod intake;
 pub mod link;
 pub mod memory;

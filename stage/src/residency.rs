@@ -9,9 +9,10 @@
 //! micro-batch waiting there through it, and gives the slot back. Without prefetch
 //! (the `naive` and `mdi` baselines) the loader reads a layer only when asked.
 //!
-//! Prediction is "the next offloaded layer in visit order". When micro-batches
-//! arrive out of that order the pipeline asks for another layer: loaded slots that
-//! were not wanted are given back and the loader restarts from the wanted layer.
+//! Prediction is the pattern of the recent asks ([`Demand`]), and until there is
+//! one, "the next offloaded layer in visit order". When a micro-batch asks for a
+//! layer not coming next, loaded slots that were not wanted are given back and
+//! the loader reads the wanted layer first.
 //!
 //! The split moves at run time ([`crate::adaptation`] chooses the layers): a
 //! resident layer is evicted by dropping it and adding it to the loader's order
@@ -19,6 +20,7 @@
 //! becomes resident by keeping the copy a slot was just filled with, so bringing
 //! it back costs no extra read.
 
+use crate::demand::Demand;
 use lime_kernels::{Checkpoint, DecoderLayer, Device, StagingBuffer};
 use std::collections::{HashMap, VecDeque};
 use std::ops::Deref;
@@ -42,9 +44,12 @@ struct State {
     ready: VecDeque<DecoderLayer>,
     /// The layer being read now.
     loading: Option<usize>,
-    /// With prefetch: the position in the visit order of the next layer to read.
+    /// With prefetch and no pattern yet: the position in the visit order of the
+    /// next layer to read.
     cursor: usize,
-    /// Without prefetch: the layer asked for.
+    /// The asks so far, whose pattern says what to read ahead.
+    demand: Demand,
+    /// A layer asked for and not coming: read it first.
     wanted: Option<usize>,
     /// The last read that failed, until the pipeline collects it.
     failed: Option<(usize, String)>,
@@ -119,7 +124,6 @@ impl Deref for LayerRef<'_> {
 struct Streamer {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
-    prefetch: bool,
 }
 
 impl Streamer {
@@ -140,6 +144,7 @@ impl Streamer {
                 ready: VecDeque::new(),
                 loading: None,
                 cursor: 0,
+                demand: Demand::default(),
                 wanted: None,
                 failed: None,
                 stats: LoadStats::default(),
@@ -156,7 +161,6 @@ impl Streamer {
         Ok(Self {
             shared,
             thread: Some(thread),
-            prefetch,
         })
     }
 }
@@ -289,7 +293,10 @@ impl Residency {
         self.offloaded.push(index);
         self.offloaded.sort_unstable();
         if let Some(streamer) = &self.streamer {
-            streamer.shared.lock().order = self.offloaded.clone();
+            let mut st = streamer.shared.lock();
+            st.order = self.offloaded.clone();
+            st.demand.clear();
+            drop(st);
             streamer.shared.changed.notify_all();
         }
         true
@@ -334,6 +341,7 @@ impl Residency {
             let fresh = DecoderLayer::empty(self.ckpt.config(), &Device::Cpu)?;
             let mut st = streamer.shared.lock();
             st.order = self.offloaded.clone();
+            st.demand.clear();
             st.free.push(fresh);
             drop(st);
             streamer.shared.changed.notify_all();
@@ -358,6 +366,7 @@ impl Residency {
         let started = Instant::now();
         let shared = &streamer.shared;
         let mut st = shared.lock();
+        st.demand.record(index);
         loop {
             if let Some(p) = st.ready.iter().position(|l| l.index() == Some(index)) {
                 let skipped: Vec<DecoderLayer> = st.ready.drain(..p).collect();
@@ -381,11 +390,8 @@ impl Residency {
                 // Not coming next: free what was read ahead and point the loader here.
                 let unwanted: Vec<DecoderLayer> = st.ready.drain(..).collect();
                 st.free.extend(unwanted);
-                if streamer.prefetch {
-                    st.cursor = position;
-                } else {
-                    st.wanted = Some(index);
-                }
+                st.cursor = position;
+                st.wanted = Some(index);
                 shared.changed.notify_all();
             }
             st = shared.wait(st);
@@ -446,7 +452,13 @@ fn load_loop(shared: &Shared, ckpt: &Checkpoint, prefetch: bool, mut staging: St
                 if !st.free.is_empty() && !st.order.is_empty() {
                     let next = match st.wanted.take() {
                         Some(w) => Some(w),
-                        None if prefetch => Some(st.order[st.cursor % st.order.len()]),
+                        None if prefetch => {
+                            let held: Vec<usize> =
+                                st.ready.iter().filter_map(DecoderLayer::index).collect();
+                            st.demand
+                                .next_to_read(&st.order, &held)
+                                .or(Some(st.order[st.cursor % st.order.len()]))
+                        }
                         None => None,
                     };
                     if let Some(index) = next {
