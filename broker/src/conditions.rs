@@ -6,6 +6,9 @@
 //! - a figure has *changed* when every report for at least `sustain` puts it off
 //!   the value the running plan assumed by `factor` or more, either way; one noisy
 //!   sample, or a burst of other traffic shorter than `sustain`, changes nothing;
+//! - once one figure's change is sustained, figures whose latest report is off
+//!   by `factor` too are taken with it (one event moves several links, and
+//!   their reports arrive a little apart);
 //! - a change, once taken, becomes the assumed value, so the next change is
 //!   measured from there and a figure hovering near a threshold cannot flap;
 //! - whether a change leads to a new plan is the planner's call ([`crate::planning`]):
@@ -93,14 +96,21 @@ impl Conditions {
         }
     }
 
-    /// The changes sustained for long enough at `now`.
+    /// The changes sustained for long enough at `now`, joined by every figure
+    /// already off in its latest report: one event (a switch port, a shared
+    /// medium) moves several links a few reports apart, and a plan made for the
+    /// first alone would be stale at once.
     pub fn changed(&self, now: Instant) -> Vec<Change> {
+        let sustained = self.tracks.values().any(|t| {
+            t.off_since
+                .is_some_and(|s| now.duration_since(s) >= self.sustain)
+        });
+        if !sustained {
+            return Vec::new();
+        }
         self.tracks
             .iter()
-            .filter(|(_, t)| {
-                t.off_since
-                    .is_some_and(|s| now.duration_since(s) >= self.sustain)
-            })
+            .filter(|(_, t)| t.off_since.is_some())
             .map(|(f, t)| Change {
                 figure: f.clone(),
                 was: t.assumed,
@@ -227,5 +237,24 @@ mod tests {
         // Back up: a change again.
         c.observe(link(), 1000.0, 940.0, t0);
         assert_eq!(c.changed(t0).len(), 1);
+    }
+
+    #[test]
+    fn figures_already_off_join_a_sustained_change() {
+        let t0 = Instant::now();
+        let s = |ms| t0 + Duration::from_millis(ms);
+        let other = Figure::Link {
+            from: "b".into(),
+            to: "c".into(),
+        };
+        let mut c = Conditions::new(1.5, Duration::from_secs(1));
+        c.observe(link(), 50.0, 50.0, s(0));
+        c.observe(other.clone(), 50.0, 50.0, s(0));
+        c.observe(link(), 50.0, 990.0, s(100));
+        c.observe(other.clone(), 50.0, 1010.0, s(900));
+        assert!(c.changed(s(1000)).is_empty(), "neither sustained yet");
+        let changes = c.changed(s(1100));
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        assert!(changes.iter().any(|c| c.figure == other && c.now == 1010.0));
     }
 }

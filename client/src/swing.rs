@@ -7,7 +7,7 @@
 use crate::cluster::{Cluster, ClusterSpec, MemorySpec, Namespaces, PlannerSpec};
 use crate::mqtt::BrokerAddr;
 use crate::netns::Fabric;
-use lime_schemas::{topics, Plan, PlanPrediction, Reply, Request};
+use lime_schemas::{topics, Plan, PlanPrediction, Reply, Request, Telemetry};
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::Event;
@@ -61,6 +61,10 @@ pub struct PlanSeen {
     pub at_s: f64,
     pub epoch: u64,
     pub prediction: Option<PlanPrediction>,
+    pub starter: String,
+    /// When the starter first reported every sequence's cache rebuilt under
+    /// this plan: from then on the plan runs at its own pace.
+    pub rebuilt_at_s: Option<f64>,
 }
 
 /// What happened.
@@ -164,6 +168,9 @@ async fn load(
     let reply_topic = format!("lime/reply/{id}");
     client.subscribe(&reply_topic, QoS::AtLeastOnce).await?;
     client.subscribe(topics::PLAN, QoS::AtLeastOnce).await?;
+    client
+        .subscribe(topics::TELEMETRY_ALL, QoS::AtMostOnce)
+        .await?;
     let mut out = SwingRun {
         adapt: spec.adapt,
         ..SwingRun::default()
@@ -238,8 +245,25 @@ async fn load(
                 out.plans.push(PlanSeen {
                     at_s: now,
                     epoch: plan.epoch,
+                    starter: plan.starter().map(|s| s.name.clone()).unwrap_or_default(),
                     prediction: plan.prediction,
+                    rebuilt_at_s: None,
                 });
+            }
+            continue;
+        }
+        if let Ok(t) = serde_json::from_slice::<Telemetry>(&p.payload) {
+            if let Some(plan) = out.plans.last_mut().filter(|plan| {
+                plan.rebuilt_at_s.is_none()
+                    && plan.epoch == t.epoch
+                    && plan.starter == t.stage
+                    && t.rebuilding == 0
+            }) {
+                progress(&format!(
+                    "{now:.1} s: caches rebuilt under epoch {}",
+                    plan.epoch
+                ));
+                plan.rebuilt_at_s = Some(now);
             }
             continue;
         }

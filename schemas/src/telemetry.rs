@@ -20,6 +20,10 @@ pub struct Telemetry {
     /// large frames and from probes while the link is idle.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_out: Option<LinkMeasurement>,
+    /// Sequences still recomputing their KV caches after a plan change (the
+    /// starter only): the switch costs throughput until this is back to 0.
+    #[serde(default)]
+    pub rebuilding: u32,
 }
 
 /// A data-plane link as its sender measured it: the median of the recent

@@ -29,6 +29,9 @@ struct Samples {
     rtt_ms: VecDeque<(Instant, f64)>,
     /// The last timed transfer was too quick to measure.
     too_quick: bool,
+    /// A transfer arrived in less time than the estimate allows for its bytes:
+    /// the link got faster, and the samples before it describe the old link.
+    outpaced: bool,
 }
 
 impl LinkGauge {
@@ -49,12 +52,26 @@ impl LinkGauge {
         }
         let Ok(mut s) = self.0.lock() else { return };
         s.too_quick = took < MIN_TIMED;
-        if !s.too_quick {
-            push(
-                &mut s.mbit_per_s,
-                bytes as f64 * 8.0 / took.as_secs_f64() / 1e6,
-            );
+        if s.too_quick {
+            // Waiting receivers only make transfers look quicker, never slower,
+            // so this is a hint, confirmed or not by the next timed transfer.
+            let expected = median(&s.mbit_per_s).map(|m| bytes as f64 * 8.0 / (m * 1e6));
+            s.outpaced |= expected.is_some_and(|e| e >= MIN_TIMED.as_secs_f64());
+            return;
         }
+        if std::mem::take(&mut s.outpaced) {
+            s.mbit_per_s.clear();
+        }
+        push(
+            &mut s.mbit_per_s,
+            bytes as f64 * 8.0 / took.as_secs_f64() / 1e6,
+        );
+    }
+
+    /// A transfer outpaced the estimate: it should be measured again now rather
+    /// than when it is due.
+    pub fn outpaced(&self) -> bool {
+        self.0.lock().is_ok_and(|s| s.outpaced)
     }
 
     /// The last timed transfer was too quick to measure: the next probe should
@@ -142,6 +159,7 @@ mod tests {
         }
         g.transfer(1_000_000, Duration::from_micros(300));
         assert!(g.too_quick(), "300 µs for 1 MB is the receiver catching up");
+        assert!(g.outpaced(), "1 MB at 100 Mb/s takes 80 ms: measure again");
         g.round_trip(Duration::from_micros(400));
         g.round_trip(Duration::from_millis(30));
         let m = g.measurement().unwrap();
@@ -149,5 +167,23 @@ mod tests {
         assert_eq!(m.samples, 4);
         assert!((m.mbit_per_s - 100.0).abs() < 1e-9, "{m:?}");
         assert!((m.rtt_ms - 0.4).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_link_that_got_faster_is_measured_afresh() {
+        let g = LinkGauge::default();
+        g.reset("s1");
+        for _ in 0..10 {
+            g.transfer(64 << 10, Duration::from_millis(10)); // about 52 Mb/s
+        }
+        // At the old estimate 64 KiB takes 10 ms; it came in 300 µs.
+        g.transfer(64 << 10, Duration::from_micros(300));
+        assert!(g.outpaced() && g.too_quick());
+        // The probe that follows confirms it: the old samples are dropped.
+        g.transfer(4 << 20, Duration::from_millis(34));
+        assert!(!g.outpaced());
+        let m = g.measurement().unwrap();
+        assert_eq!(m.samples, 1);
+        assert!((m.mbit_per_s - 986.8).abs() < 1.0, "{m:?}");
     }
 }

@@ -198,6 +198,7 @@ impl Pipeline<'_> {
                 read_mb_per_s,
             },
             link_out: self.topology.gauge().measurement(),
+            rebuilding: self.starter.as_ref().map_or(0, Scheduler::rebuilding),
         }
     }
 

@@ -239,9 +239,12 @@ pub async fn connect(
         loop {
             // A stale measurement is refreshed first, busy link or not: the
             // link may have changed under traffic too small to time.
+            // A frame that outpaced the estimate asks for a probe sooner.
             let stale = gauge.age().is_none_or(|a| a >= probing.every);
-            if unsent.is_none() && stale && last_probe.is_none_or(|p| p.elapsed() >= probing.every)
-            {
+            let since = last_probe.map(|p| p.elapsed());
+            let due = (stale && since.is_none_or(|e| e >= probing.every))
+                || (gauge.outpaced() && since.is_none_or(|e| e >= probing.every / 4));
+            if unsent.is_none() && due {
                 last_probe = Some(Instant::now());
                 nonce += 1;
                 if let Err(e) = probe(

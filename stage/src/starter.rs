@@ -9,7 +9,7 @@ use crate::sequence::{Sequence, Step};
 use crate::worker::Worker;
 use lime_kernels::TextTokenizer;
 use lime_schemas::{Activations, ErrorCode, ErrorReply, KvRoom, Queued};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -39,6 +39,9 @@ pub struct Scheduler<'t> {
     ledger: Ledger,
     /// No launches: a new plan waits for the ring to empty.
     holding: bool,
+    /// Since when, and which sequences are still recomputing their caches after
+    /// the last plan change: the switch's cost, which telemetry reports.
+    rebuilding: Option<(Instant, HashSet<u64>)>,
 }
 
 impl<'t> Scheduler<'t> {
@@ -73,6 +76,7 @@ impl<'t> Scheduler<'t> {
             outbox,
             ledger: Ledger::default(),
             holding: false,
+            rebuilding: None,
         }
     }
 
@@ -93,6 +97,27 @@ impl<'t> Scheduler<'t> {
         self.holding = false;
     }
 
+    /// Sequences still recomputing their caches after the last plan change.
+    pub fn rebuilding(&self) -> u32 {
+        self.rebuilding
+            .as_ref()
+            .map_or(0, |(_, ids)| ids.len() as u32)
+    }
+
+    /// Sequence `id` no longer needs its cache rebuilt (it caught up or ended).
+    fn caught_up(&mut self, id: u64) {
+        let Some((since, ids)) = &mut self.rebuilding else {
+            return;
+        };
+        if ids.remove(&id) && ids.is_empty() {
+            tracing::info!(
+                ms = since.elapsed().as_secs_f64() * 1e3,
+                "caches rebuilt: every sequence caught up with the new plan"
+            );
+            self.rebuilding = None;
+        }
+    }
+
     /// Nothing is on the ring.
     pub fn drained(&self) -> bool {
         self.launched.is_empty()
@@ -111,6 +136,7 @@ impl<'t> Scheduler<'t> {
             }
         }
         let rebuilt = ids.len();
+        self.rebuilding = (rebuilt > 0).then(|| (Instant::now(), ids.iter().copied().collect()));
         self.ready = ids.into();
         self.ledger.forget_rooms();
         self.holding = false;
@@ -257,6 +283,7 @@ impl<'t> Scheduler<'t> {
                 Some(true) => {
                     rows.push(row - 1);
                     sampled.push(slot.id);
+                    self.caught_up(slot.id);
                 }
                 Some(false) => self.ready.push_back(slot.id),
                 None => tracing::warn!(seq = slot.id, "a returning sequence is unknown"),
@@ -378,6 +405,7 @@ impl<'t> Scheduler<'t> {
         for id in seqs {
             if let Some(seq) = self.sequences.remove(id) {
                 self.ledger.free(*id);
+                self.caught_up(*id);
                 tracing::error!(id = %seq.job.id, %message, "request failed");
                 let err = ErrorReply::new(Some(seq.job.id.clone()), ErrorCode::Internal, message);
                 self.publish(&seq.job.reply, &err);
