@@ -59,8 +59,11 @@ pub struct PlannerConfig {
     /// ...once every report for this long says so.
     pub sustain_ms: u64,
     /// A new plan is published only if predicted at least this much better
-    /// (0.1: 10% more tokens/s, or 10% less time per token)...
+    /// (0.05: 5% more tokens/s, or 5% less time per token)...
     pub min_gain: f64,
+    /// ...if what it gains repays, within this many seconds, the output lost
+    /// while every sequence's cache is recomputed on the new ring...
+    pub payback_s: f64,
     /// ...and not sooner than this after the last one.
     pub switch_interval_ms: u64,
 }
@@ -82,7 +85,8 @@ impl Default for PlannerConfig {
             adapt: true,
             change_factor: 1.5,
             sustain_ms: 1_000,
-            min_gain: 0.1,
+            min_gain: 0.05,
+            payback_s: 30.0,
             switch_interval_ms: 5_000,
         }
     }
@@ -159,6 +163,10 @@ impl BrokerConfig {
         anyhow::ensure!(
             p.min_gain.is_finite() && (0.0..1.0).contains(&p.min_gain),
             "planner.min_gain must be in [0, 1)"
+        );
+        anyhow::ensure!(
+            p.payback_s.is_finite() && p.payback_s > 0.0,
+            "planner.payback_s must be positive"
         );
         if let Some(users) = &self.users {
             anyhow::ensure!(!users.is_empty(), "`users` is set but empty");

@@ -6,10 +6,13 @@
 //! Then it follows `lime/telemetry/+`. When a measured link or read bandwidth
 //! has changed for good ([`crate::conditions`] says when), it solves again under
 //! the measured figures, keeping the running starter (it holds the requests). The
-//! new plan is published as the next epoch only if it differs from the running one
-//! and the cost model predicts it `min_gain` better than the running plan under
-//! the same new figures, and not within `switch_interval_ms` of the last switch.
-//! The starter moves the ring to it between token steps.
+//! new plan is published as the next epoch only if it differs from the running one,
+//! the cost model predicts it `min_gain` better than the running plan under the
+//! same new figures, the gain repays the switch within `payback_s` (while the
+//! ring recomputes the caches of the sequences in flight it produces nothing;
+//! that takes about a prefill of all their tokens on the new plan), and not
+//! within `switch_interval_ms` of the last switch. The starter moves the ring to
+//! it between token steps.
 
 use crate::conditions::{Change, Conditions, Figure};
 use crate::config::{BrokerConfig, PlannerConfig};
@@ -108,6 +111,8 @@ pub struct Planner {
     conditions: Conditions,
     /// Each stage's last loader counters: streamed bytes and busy seconds.
     reads: HashMap<String, (u64, f64)>,
+    /// Tokens in the caches of the sequences generating, from the starter.
+    context_tokens: u64,
 }
 
 impl Planner {
@@ -120,6 +125,7 @@ impl Planner {
             running: None,
             conditions,
             reads: HashMap::new(),
+            context_tokens: 0,
         }
     }
 
@@ -167,6 +173,9 @@ impl Planner {
         let running = self.running.as_ref()?;
         if !self.cfg.adapt || t.epoch != running.plan.epoch {
             return None;
+        }
+        if running.plan.starter().is_some_and(|s| s.name == t.stage) {
+            self.context_tokens = t.context_tokens;
         }
         if let Some(l) = &t.link_out {
             if l.samples >= 2 && l.age_ms < 5_000 {
@@ -223,17 +232,30 @@ impl Planner {
         let new = score(&self.cfg, &planned.prediction);
         let old = kept.as_ref().map(|p| score(&self.cfg, p));
         let better = old.is_none_or(|old| new < old * (1.0 - self.cfg.min_gain));
-        if planned.layout == running.layout || !better {
+        let rebuild = rebuild_s(
+            &planned.prediction,
+            self.context_tokens,
+            self.cfg.prompt_tokens,
+        );
+        let payback = old.map_or(Some(0.0), |old| payback_s(old, new, rebuild));
+        let repays = payback.is_some_and(|p| p <= self.cfg.payback_s);
+        if planned.layout == running.layout || !better || !repays {
             tracing::info!(
                 changes = %what,
                 running_s = old,
                 best_s = new,
+                rebuild_s = rebuild,
+                payback_s = payback,
                 "conditions changed; the running plan stays"
             );
             return None;
         }
         if let Some(p) = &mut planned.plan.prediction {
-            p.reason = what.clone();
+            p.reason = format!(
+                "{what}; recomputing {} cached tokens takes about {rebuild:.1} s, repaid in {:.1} s",
+                self.context_tokens,
+                payback.unwrap_or(0.0)
+            );
         }
         tracing::info!(
             changes = %what,
@@ -241,6 +263,8 @@ impl Planner {
             to = epoch,
             running_s = old,
             new_s = new,
+            rebuild_s = rebuild,
+            payback_s = payback,
             "conditions changed: publishing a new plan"
         );
         let plan = planned.plan.clone();
@@ -308,6 +332,20 @@ impl Planner {
 }
 
 /// Seconds per generated token, the figure both workloads minimise.
+/// Seconds to recompute `context_tokens` of cache on the plan `p` predicts
+/// for: prefills of `prompt_tokens` at its predicted TTFT.
+fn rebuild_s(p: &Prediction, context_tokens: u64, prompt_tokens: usize) -> f64 {
+    p.ttft_s * context_tokens as f64 / prompt_tokens.max(1) as f64
+}
+
+/// How long a switch from a plan scoring `old` to one scoring `new` (seconds per
+/// token, lower is better) takes to make up for `rebuild` seconds without
+/// output; `None` when the new plan is not faster.
+fn payback_s(old: f64, new: f64, rebuild: f64) -> Option<f64> {
+    let (old_rate, new_rate) = (1.0 / old, 1.0 / new);
+    (new_rate > old_rate).then(|| rebuild * old_rate / (new_rate - old_rate))
+}
+
 fn score(cfg: &PlannerConfig, p: &Prediction) -> f64 {
     match cfg.workload.parse::<WorkloadKind>() {
         Ok(WorkloadKind::Bursty) => 1.0 / p.tokens_per_s.max(f64::MIN_POSITIVE),
@@ -360,5 +398,19 @@ fn load_links(cfg: &PlannerConfig) -> anyhow::Result<Links> {
             mbit_per_s: cfg.default_mbit_per_s,
             latency_ms: cfg.default_latency_ms,
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_switch_pays_back_its_rebuild_from_what_it_gains() {
+        // 240 → 291 tokens/s, 5.5 s without output: 26 s to make up 1320 tokens.
+        let p = payback_s(1.0 / 240.0, 1.0 / 291.0, 5.5).unwrap();
+        assert!((p - 5.5 * 240.0 / 51.0).abs() < 1e-9, "{p}");
+        assert_eq!(payback_s(1.0 / 300.0, 1.0 / 290.0, 1.0), None);
+        assert_eq!(payback_s(1.0 / 300.0, 1.0 / 400.0, 0.0), Some(0.0));
     }
 }

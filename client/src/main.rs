@@ -89,6 +89,12 @@ enum BenchCommand {
         model: PathBuf,
         #[arg(long, default_value = "swing")]
         out: PathBuf,
+        /// The bandwidth of the middle phase, Mb/s.
+        #[arg(long, default_value_t = 50.0)]
+        low_mbit: f64,
+        /// How long the middle phase lasts, seconds.
+        #[arg(long, default_value_t = 16.0)]
+        low_s: f64,
     },
     /// The cost model against measurement: for several emulated device setups,
     /// the planner's plan, an even split and a memory-proportional split,
@@ -530,9 +536,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let report = block_on(lime::serving::run(&bench))?;
                 print_report(&report, json)
             }
-            BenchCommand::Swing { model, out } => {
+            BenchCommand::Swing {
+                model,
+                out,
+                low_mbit,
+                low_s,
+            } => {
                 lime::synth::ensure(Preset::Small, &model)?;
-                let report = block_on(lime::swing::bench(&std::fs::canonicalize(&model)?, &out))?;
+                let model = std::fs::canonicalize(&model)?;
+                let report = block_on(lime::swing::bench(&model, &out, low_mbit, low_s))?;
                 println!("{report}");
                 Ok(())
             }

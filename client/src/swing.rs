@@ -321,10 +321,25 @@ async fn load(
     Ok(out)
 }
 
-/// `lime bench swing`: the scenario with the adaptive planner, then with the
-/// first plan held, side by side; writes `swing.svg` and `swing.md` to `out` and
-/// returns the table.
-pub async fn bench(model: &std::path::Path, out: &std::path::Path) -> anyhow::Result<String> {
+/// `lime bench swing`: the scenario (its middle phase at `low_mbit` for `low_s`)
+/// with the adaptive planner, then with the first plan held, side by side;
+/// writes `swing.svg` and `swing.md` to `out` and returns the table.
+pub async fn bench(
+    model: &std::path::Path,
+    out: &std::path::Path,
+    low_mbit: f64,
+    low_s: f64,
+) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        low_mbit.is_finite() && low_mbit >= 1.0 && low_s.is_finite() && low_s >= 5.0,
+        "the middle phase needs at least 1 Mb/s and 5 s"
+    );
+    let scenario = |dir: PathBuf, adapt: bool| {
+        let mut spec = SwingSpec::standard(model.to_path_buf(), dir, adapt);
+        spec.low_mbit_per_s = low_mbit;
+        spec.phases_s[1] = low_s;
+        spec
+    };
     if let Some(why) = Fabric::unavailable() {
         anyhow::bail!("the swing needs network namespaces: {why}");
     }
@@ -333,21 +348,22 @@ pub async fn bench(model: &std::path::Path, out: &std::path::Path) -> anyhow::Re
     let mut runs = Vec::new();
     for adapt in [true, false] {
         let dir = out.join(if adapt { "adaptive" } else { "fixed" });
-        let spec = SwingSpec::standard(model.to_path_buf(), dir, adapt);
+        let spec = scenario(dir, adapt);
         let mode = if adapt { "adaptive" } else { "fixed" };
         runs.push(run(&spec, &fabric, |m| eprintln!("swing ({mode}): {m}")).await?);
     }
-    let phases = SwingSpec::standard(model.to_path_buf(), out.to_path_buf(), true).phases_s;
+    let phases = scenario(out.to_path_buf(), true).phases_s;
+    let low = format!("{low_mbit} Mb/s");
     std::fs::write(out.join("swing.svg"), svg(&[&runs[0], &runs[1]], phases))?;
     let (a, b) = (phases[0], phases[0] + phases[1]);
     let total: f64 = phases.iter().sum();
     let windows = [
-        ("1 Gb/s", 2.0, a),
-        ("50 Mb/s", a, b),
-        ("50 Mb/s, from 5 s after the drop", a + 5.0, b),
-        ("1 Gb/s again", b, total),
-        ("1 Gb/s again, from 5 s after", b + 5.0, total),
-        ("whole run", 2.0, total),
+        ("1 Gb/s".to_string(), 2.0, a),
+        (low.clone(), a, b),
+        (format!("{low}, from 10 s after the drop"), a + 10.0, b),
+        ("1 Gb/s again".to_string(), b, total),
+        ("1 Gb/s again, from 5 s after".to_string(), b + 5.0, total),
+        ("whole run".to_string(), 2.0, total),
     ];
     let mut table = String::from(
         "| window | adaptive tokens/s | initial plan held tokens/s | adaptive / held |\n|---|---|---|---|\n",
@@ -371,7 +387,14 @@ pub async fn bench(model: &std::path::Path, out: &std::path::Path) -> anyhow::Re
                 .prediction
                 .as_ref()
                 .map_or((0.0, ""), |x| (x.tokens_per_s, x.reason.as_str()));
-            table += &format!(" [{:.1} s: predicted {tps:.1} tokens/s, {why}]", p.at_s);
+            let rebuilt = p
+                .rebuilt_at_s
+                .map(|r| format!(", caches rebuilt {:.1} s later", r - p.at_s))
+                .unwrap_or_default();
+            table += &format!(
+                " [{:.1} s: predicted {tps:.1} tokens/s, {why}{rebuilt}]",
+                p.at_s
+            );
         }
     }
     table.push('\n');

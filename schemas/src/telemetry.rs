@@ -24,6 +24,10 @@ pub struct Telemetry {
     /// starter only): the switch costs throughput until this is back to 0.
     #[serde(default)]
     pub rebuilding: u32,
+    /// Tokens in the KV caches of the sequences generating (the starter only):
+    /// what a plan change would have to recompute.
+    #[serde(default)]
+    pub context_tokens: u64,
 }
 
 /// A data-plane link as its sender measured it: the median of the recent

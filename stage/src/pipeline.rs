@@ -199,6 +199,7 @@ impl Pipeline<'_> {
             },
             link_out: self.topology.gauge().measurement(),
             rebuilding: self.starter.as_ref().map_or(0, Scheduler::rebuilding),
+            context_tokens: self.starter.as_ref().map_or(0, Scheduler::context_tokens),
         }
     }
 

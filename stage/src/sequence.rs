@@ -47,6 +47,11 @@ impl<'t> Sequence<'t> {
         }
     }
 
+    /// Prompt and generated tokens so far.
+    pub fn tokens(&self) -> usize {
+        self.history.len()
+    }
+
     /// Tokens of the cache this sequence may fill.
     pub fn capacity(&self) -> usize {
         self.job.prompt.len() + self.job.max_tokens

@@ -97,6 +97,11 @@ impl<'t> Scheduler<'t> {
         self.holding = false;
     }
 
+    /// Tokens of every generating sequence: what a plan change recomputes.
+    pub fn context_tokens(&self) -> u64 {
+        self.sequences.values().map(|s| s.tokens() as u64).sum()
+    }
+
     /// Sequences still recomputing their caches after the last plan change.
     pub fn rebuilding(&self) -> u32 {
         self.rebuilding
