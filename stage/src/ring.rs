@@ -54,6 +54,8 @@ pub struct Probing {
 /// multi-gigabit link carries in a few milliseconds.
 const PROBE_MIN_BYTES: usize = 128 << 10;
 const PROBE_MAX_BYTES: usize = 8 << 20;
+/// A probe not acked within this is taken as lost (the link broke or stalled).
+const PROBE_ACK_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Accepts the previous stage and feeds its frames to the pipeline. A newer
 /// accepted connection replaces the older one.
@@ -244,7 +246,13 @@ pub async fn connect(
             let since = last_probe.map(|p| p.elapsed());
             let due = (stale && since.is_none_or(|e| e >= probing.every))
                 || (gauge.outpaced() && since.is_none_or(|e| e >= probing.every / 4));
-            if unsent.is_none() && due {
+            // One probe at a time: on a link that just got much slower, probes
+            // sized for the old speed would otherwise queue up behind each other
+            // and starve the activations.
+            let probing_now = outstanding
+                .lock()
+                .is_ok_and(|o| o.values().any(|at| at.elapsed() < PROBE_ACK_PATIENCE));
+            if unsent.is_none() && due && !probing_now {
                 last_probe = Some(Instant::now());
                 nonce += 1;
                 if let Err(e) = probe(
@@ -324,7 +332,7 @@ async fn probe(
             .encode()
             .map_err(std::io::Error::other)?;
         if let Ok(mut o) = outstanding.lock() {
-            o.retain(|_, at| at.elapsed() < Duration::from_secs(30));
+            o.retain(|_, at| at.elapsed() < PROBE_ACK_PATIENCE);
             o.insert(n, Instant::now());
         }
         write_bytes(writer, &frame).await?;
