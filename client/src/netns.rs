@@ -47,11 +47,16 @@ impl Fabric {
     }
 
     /// `stages` namespaces on a fresh bridge; `tag` keeps names unique (≤ 6
-    /// characters: interface names are short).
+    /// characters: interface names are short). Fabrics of one process with
+    /// different tags get different subnets, so they can coexist.
     pub fn create(tag: &str, stages: usize) -> anyhow::Result<Self> {
-        let subnet = 100 + (std::process::id() % 100) as u8;
+        let tag: String = tag.chars().take(6).collect();
+        let salt = tag.bytes().fold(std::process::id(), |h, b| {
+            h.wrapping_mul(31).wrapping_add(u32::from(b))
+        });
+        let subnet = 100 + (salt % 100) as u8;
         let fabric = Self {
-            tag: tag.chars().take(6).collect(),
+            tag,
             subnet,
             stages,
         };

@@ -42,6 +42,7 @@ fn profile(cfg: lime_stage::config::StageConfig, out: Option<PathBuf>) -> anyhow
 }
 
 fn main() {
+    lime_stage::memory::return_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

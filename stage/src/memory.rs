@@ -322,6 +322,22 @@ pub fn kv_bytes(cfg: &Config, layers: usize, tokens: usize, dtype_bytes: usize) 
     (2 * layers * cfg.num_key_value_heads * tokens * cfg.head_dim * dtype_bytes) as u64
 }
 
+/// Makes the allocator hand freed blocks of 128 KiB and more back to the
+/// system at once, so that RSS follows the account. glibc otherwise raises its
+/// mmap threshold every time such a block is freed (up to 32 MiB): evicted
+/// layers, finished caches and large activations then stay in its heaps, and a
+/// stage that streamed layers to make room for caches was measured at twice its
+/// budget. A `MALLOC_MMAP_THRESHOLD_` in the environment is left to rule.
+pub fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: mallopt only changes glibc's tuning parameters, under the
+        // allocator's own lock; it touches no memory of ours and answers a value
+        // it cannot take with 0 instead of failing.
+        let _ = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
+    }
+}
+
 /// This process's resident set size and its high-water mark, from
 /// `/proc/self/status` (Linux).
 pub fn rss() -> Option<(u64, u64)> {

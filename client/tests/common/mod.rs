@@ -1,4 +1,4 @@
-//! Shared pieces of the cluster tests: a tiny synthetic model, the single-process
+//! Shared pieces of the cluster tests: synthetic models, the single-process
 //! reference answers, and clusters of real lime processes on loopback.
 #![allow(dead_code)]
 
@@ -21,13 +21,13 @@ pub struct Reference {
 
 impl Reference {
     pub fn tiny() -> Self {
+        Self::synthesized(&SynthSpec::preset(Preset::Tiny, StoredDtype::F32, 11))
+    }
+
+    /// Any synthetic model, loaded whole in this process.
+    pub fn synthesized(spec: &SynthSpec) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        synth::synthesize(
-            &SynthSpec::preset(Preset::Tiny, StoredDtype::F32, 11),
-            dir.path(),
-            &mut |_, _| {},
-        )
-        .unwrap();
+        synth::synthesize(spec, dir.path(), &mut |_, _| {}).unwrap();
         let ckpt = Checkpoint::open(dir.path()).unwrap();
         let model = Model::load(&ckpt, &Device::Cpu, |_, _| {}).unwrap();
         let tokenizer = TextTokenizer::from_path(dir.path()).unwrap();
