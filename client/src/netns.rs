@@ -5,6 +5,7 @@
 
 use anyhow::Context;
 use std::process::Command;
+use std::sync::Mutex;
 
 /// The bridge, namespaces and veth pairs; removed when dropped.
 pub struct Fabric {
@@ -12,6 +13,8 @@ pub struct Fabric {
     /// `10.<subnet>.0.0/24`.
     subnet: u8,
     stages: usize,
+    /// Per stage, the handle and bucket of the shaping qdisc in place.
+    shaping: Mutex<Vec<Option<(u32, u64)>>>,
 }
 
 fn run(args: &[&str]) -> anyhow::Result<()> {
@@ -59,6 +62,7 @@ impl Fabric {
             tag,
             subnet,
             stages,
+            shaping: Mutex::new(vec![None; stages]),
         };
         let br = fabric.bridge();
         run(&["ip", "link", "add", &br, "type", "bridge"])?;
@@ -128,8 +132,23 @@ impl Fabric {
     /// about 1 ms of traffic (never less than two full Ethernet frames): a
     /// bigger bucket lets a whole activation frame out at the veth's line rate
     /// whenever the link has been idle, which no real 50 Mb/s link does.
+    ///
+    /// A smaller bucket gets a fresh qdisc, dropping what was queued (as a real
+    /// link's rate drop would): tbf changed in place keeps the packets queued
+    /// under the old settings, and one larger than the new bucket (a 64 KiB
+    /// segmentation-offload packet queued at a gigabit) can never be sent, so
+    /// the link stalls until the next change.
     pub fn shape(&self, i: usize, mbit_per_s: f64) -> anyhow::Result<()> {
         let burst = ((mbit_per_s * 1e6 / 8.0 * 0.001) as u64).max(2 * 1514);
+        let mut shaping = self.shaping.lock().unwrap_or_else(|e| e.into_inner());
+        let current = shaping
+            .get_mut(i)
+            .with_context(|| format!("the fabric has no stage {i}"))?;
+        let handle = match *current {
+            Some((handle, old_burst)) if burst >= old_burst => handle,
+            Some((handle, _)) => handle % 2 + 1,
+            None => 1,
+        };
         run(&[
             "ip",
             "netns",
@@ -141,6 +160,8 @@ impl Fabric {
             "dev",
             &self.veth(i, 'n'),
             "root",
+            "handle",
+            &format!("{handle}:"),
             "tbf",
             "rate",
             &format!("{}kbit", (mbit_per_s * 1000.0) as u64),
@@ -148,7 +169,9 @@ impl Fabric {
             &burst.to_string(),
             "latency",
             "100ms",
-        ])
+        ])?;
+        *current = Some((handle, burst));
+        Ok(())
     }
 
     /// Shapes every stage's link.
