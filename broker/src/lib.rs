@@ -8,6 +8,7 @@ pub mod config;
 pub mod membership;
 pub mod planner;
 pub mod planning;
+pub mod service;
 
 use anyhow::Context;
 use config::BrokerConfig;
@@ -47,6 +48,17 @@ pub fn run(cfg: &BrokerConfig) -> anyhow::Result<()> {
                         return;
                     }
                 }
+            }
+        })?;
+    let (watch_tx, watch_rx) = broker
+        .link("lime-broker-watchdog")
+        .context("linking the service watchdog")?;
+    let watch_cfg = cfg.clone();
+    std::thread::Builder::new()
+        .name("service".into())
+        .spawn(move || {
+            if let Err(e) = service::watch(&watch_cfg, watch_tx, watch_rx) {
+                tracing::error!(error = %e, "the service watchdog stopped");
             }
         })?;
     if cfg.planner.stages > 0 {

@@ -54,5 +54,6 @@ fn main() {
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
         }
     });
+    lime_broker::service::stopping();
     tracing::info!("lime-broker shutting down");
 }

@@ -21,6 +21,7 @@ pub mod profile;
 pub mod residency;
 pub mod ring;
 pub mod sequence;
+pub mod service;
 pub mod starter;
 pub mod switch;
 pub mod topology;
@@ -53,6 +54,9 @@ pub fn run(cfg: StageConfig) -> anyhow::Result<()> {
 }
 
 async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
+    let mut service = service::Service::from_env();
+    let starting = tokio::spawn(service.keep_alive_while_starting());
+    service.status("connecting to the broker");
     let (client, eventloop) = rumqttc::v5::AsyncClient::new(control::options(&cfg), 256);
     let (inbox, plan_rx) = Inbox::new(cfg.plan_file.is_none());
     tokio::spawn(control::drive(eventloop, client.clone(), inbox.clone()));
@@ -65,6 +69,7 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
     control::publish_status(&client, &inbox, status.clone()).await;
 
     if cfg.plan_file.is_none() {
+        service.status("measuring this device for the planner");
         let announced = own_profile(&cfg).await?;
         control::publish_profile(&client, &announced).await;
         tracing::info!(
@@ -86,6 +91,7 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
                 "waiting for the retained plan on {}",
                 lime_schemas::topics::PLAN
             );
+            service.status("waiting for the plan on lime/control/plan");
             let adopted = loop {
                 if let Some(p) = rx.borrow_and_update().clone() {
                     if p.position(&cfg.name).is_some() {
@@ -179,6 +185,16 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
         });
     }
 
+    service.status(&format!(
+        "loading layers {} (plan epoch {})",
+        status
+            .chunks
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        plan.epoch
+    ));
     let worker = {
         let (plan, name, memory, ckpt) = (
             plan.clone(),
@@ -262,6 +278,18 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
         control::publish_status(&client, &inbox, status.clone()).await;
         tracing::info!("stage online");
     }
+    starting.abort();
+    service.ready(&format!(
+        "{} of plan epoch {}, weights loaded{}",
+        if starter { "starter" } else { "stage" },
+        plan.epoch,
+        if starter {
+            "; waiting for the ring to close"
+        } else {
+            ""
+        }
+    ));
+    let mut watchdog = tokio::time::interval(service.tick_every());
 
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -271,6 +299,7 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = watchdog.tick() => service.tick(),
             _ = refresh.tick() => {
                 if memory_changed && status.state == StageState::Online {
                     control::publish_status(&client, &inbox, status.clone()).await;
@@ -282,13 +311,16 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
                     status.state = StageState::Online;
                     control::publish_status(&client, &inbox, status.clone()).await;
                     tracing::info!("starter online: taking requests");
+                    service.status(&format!("starter of plan epoch {}: taking requests", plan.epoch));
                 }
                 Some(Note::Switched(p)) => {
+                    service.status(&format!("moved to plan epoch {}", p.epoch));
                     status.epoch = Some(p.epoch);
                     status.chunks = p.chunks_of(&cfg.name).into_iter().map(|c| c.1).collect();
                     control::publish_status(&client, &inbox, status.clone()).await;
                 }
                 Some(Note::Telemetry(t)) => {
+                    service.pipeline_alive();
                     let use_now = MemoryUse {
                         weights_bytes: t.memory.weights_bytes,
                         kv_bytes: t.memory.kv_bytes,
@@ -305,6 +337,7 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
         }
     }
     tracing::info!("shutting down");
+    service.stopping();
     status.state = StageState::Offline;
     control::publish_status(&client, &inbox, status).await;
     let _ = events_tx.send(Event::Stop);
