@@ -36,11 +36,15 @@ fn garbage(addr: &str, epoch: u64) {
     );
     // Hellos from the wrong stage, and from the right stage on another plan.
     send(
-        &Frame::Hello(Hello::new(epoch, "intruder"))
+        &Frame::Hello(Hello::new(epoch, "intruder", [1; 32]))
             .encode()
             .unwrap(),
     );
-    send(&Frame::Hello(Hello::new(epoch + 1, "s0")).encode().unwrap());
+    send(
+        &Frame::Hello(Hello::new(epoch + 1, "s0", [1; 32]))
+            .encode()
+            .unwrap(),
+    );
     // A length far beyond the limit.
     send(&u32::MAX.to_le_bytes());
 }

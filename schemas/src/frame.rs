@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 /// First bytes of every hello.
 pub const MAGIC: [u8; 4] = *b"LIME";
 /// Bumped whenever a frame's layout changes.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
+/// Frames before a peer has proven itself may not be larger than this.
+pub const MAX_HANDSHAKE_BYTES: usize = 4 << 10;
 /// Larger frames are refused unread: no honest micro-batch comes near this.
 pub const MAX_FRAME_BYTES: usize = 512 << 20;
 /// Bytes of the length prefix.
@@ -18,6 +20,12 @@ pub const PREFIX_BYTES: usize = 4;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Frame {
     Hello(Hello),
+    /// The connecting stage's answer to the listener's challenge, when the ring
+    /// has a key: proof that it holds the key too. Nothing else is accepted
+    /// from it before this.
+    Proof {
+        mac: [u8; 32],
+    },
     Activations(Activations),
     /// These sequences finished: free their caches. Goes round the ring once.
     Release {
@@ -79,15 +87,22 @@ pub struct Hello {
     pub epoch: u64,
     /// The sender's stage name.
     pub from: String,
+    /// Fresh random bytes: the challenge the other end's proof must cover.
+    pub nonce: [u8; 32],
+    /// The listener's proof that it holds the ring key, over both hellos'
+    /// nonces (its reply only, and only when the ring has a key).
+    pub proof: Option<[u8; 32]>,
 }
 
 impl Hello {
-    pub fn new(epoch: u64, from: &str) -> Self {
+    pub fn new(epoch: u64, from: &str, nonce: [u8; 32]) -> Self {
         Self {
             magic: MAGIC,
             version: PROTOCOL_VERSION,
             epoch,
             from: from.to_owned(),
+            nonce,
+            proof: None,
         }
     }
 }
@@ -254,7 +269,12 @@ mod tests {
     #[test]
     fn frames_round_trip() {
         for f in [
-            Frame::Hello(Hello::new(9, "s1")),
+            Frame::Hello(Hello::new(9, "s1", [7; 32])),
+            Frame::Hello(Hello {
+                proof: Some([9; 32]),
+                ..Hello::new(9, "s1", [7; 32])
+            }),
+            Frame::Proof { mac: [3; 32] },
             sample(),
             Frame::Release { seqs: vec![1, 2] },
             Frame::Ping {

@@ -130,6 +130,11 @@ pub struct DataConfig {
     pub probe_every_ms: u64,
     /// How long a probe should occupy the link at its last measured bandwidth.
     pub probe_target_ms: u64,
+    /// The ring's pre-shared key (hex, at least 16 bytes: `openssl rand -hex
+    /// 32`), the same file on every stage. With it, every link proves both ends
+    /// hold the key before any activation moves; without it, any host that can
+    /// reach the data port can join.
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for DataConfig {
@@ -142,6 +147,7 @@ impl Default for DataConfig {
             backoff_max_ms: 5_000,
             probe_every_ms: 1_000,
             probe_target_ms: 20,
+            key_file: None,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Frames on a byte stream: the length prefix, the size limit, postcard.
 
-use lime_schemas::frame::{Frame, FrameError, PREFIX_BYTES};
+use lime_schemas::frame::{Frame, FrameError, MAX_HANDSHAKE_BYTES, PREFIX_BYTES};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Why a peer's stream ended or was cut.
@@ -10,6 +10,28 @@ pub enum ReadError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Frame(#[from] FrameError),
+    #[error(
+        "a handshake frame of {0} bytes (at most {MAX_HANDSHAKE_BYTES} before the peer is known)"
+    )]
+    HandshakeTooLarge(usize),
+}
+
+/// Reads one frame of the handshake, when the peer is not known yet: anything
+/// larger than a hello is refused before a byte of it is read.
+pub async fn read_handshake<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, ReadError> {
+    let mut prefix = [0u8; PREFIX_BYTES];
+    match r.read_exact(&mut prefix).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = Frame::body_len(prefix)?;
+    if len > MAX_HANDSHAKE_BYTES {
+        return Err(ReadError::HandshakeTooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    Ok(Some(Frame::decode(&body)?))
 }
 
 /// Reads one frame; `Ok(None)` when the peer closed between frames.
@@ -79,7 +101,7 @@ mod tests {
     #[tokio::test]
     async fn frames_cross_a_stream() {
         let (mut a, mut b) = tokio::io::duplex(64);
-        let hello = Frame::Hello(Hello::new(3, "s0"));
+        let hello = Frame::Hello(Hello::new(3, "s0", [1; 32]));
         let bytes = hello.encode().unwrap();
         let writer = tokio::spawn(async move {
             write_bytes(&mut a, &bytes).await.unwrap();
@@ -87,6 +109,16 @@ mod tests {
         assert_eq!(read_frame(&mut b).await.unwrap(), Some(hello));
         writer.await.unwrap();
         assert_eq!(read_frame(&mut b).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_is_no_handshake() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(&(1u32 << 20).to_le_bytes()).await.unwrap();
+        assert!(matches!(
+            read_handshake(&mut b).await,
+            Err(ReadError::HandshakeTooLarge(n)) if n == 1 << 20
+        ));
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@
 
 pub mod adaptation;
 pub mod admission;
+pub mod auth;
 pub mod chat;
 pub mod config;
 pub mod connection;
@@ -54,6 +55,15 @@ pub fn run(cfg: StageConfig) -> anyhow::Result<()> {
 }
 
 async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
+    let key = cfg
+        .data
+        .key_file
+        .as_deref()
+        .map(auth::RingKey::load)
+        .transpose()?;
+    if key.is_none() {
+        tracing::warn!("no data.key_file: any host that can reach the data port can join the ring");
+    }
     let mut service = service::Service::from_env();
     let starting = tokio::spawn(service.keep_alive_while_starting());
     service.status("connecting to the broker");
@@ -159,6 +169,7 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
             listener,
             cfg.name.clone(),
             Duration::from_millis(cfg.data.hello_timeout_ms),
+            key.clone(),
             route_rx,
             events_tx.clone(),
         ));
@@ -167,6 +178,7 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
         tokio::runtime::Handle::current(),
         &cfg.name,
         &cfg.data,
+        key,
         route_tx,
     );
     let next_tx = topology.join(&plan);

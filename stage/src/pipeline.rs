@@ -272,7 +272,8 @@ impl Pipeline<'_> {
                 message,
             }) => self.fail(seqs, batches, message),
             Event::Frame(Frame::Switch { plan }) => self.switch_on(&plan),
-            Event::Frame(Frame::Hello(_) | Frame::Activations(_)) | Event::Stop => {}
+            Event::Frame(Frame::Hello(_) | Frame::Proof { .. } | Frame::Activations(_))
+            | Event::Stop => {}
         }
     }
 

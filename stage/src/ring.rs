@@ -2,7 +2,8 @@
 //! stage, and the long-lived connection to the next one.
 //!
 //! Both ends exchange a `Hello` first (magic, protocol version, plan epoch, stage
-//! name); a peer that sends anything else, or the wrong hello, is logged and
+//! name, a nonce), and with a ring key prove they hold it ([`crate::auth`]); a
+//! peer that sends anything else, the wrong hello or no proof is logged and
 //! dropped while the ring goes on serving. After the hellos frames flow forwards,
 //! and the receiver answers each large one with an `Ack` saying how long its bytes
 //! took to arrive, which is how the sender measures its link ([`LinkGauge`]). When
@@ -11,7 +12,8 @@
 //! The listener outlives plans: which epoch and predecessor it accepts is a
 //! [`Route`] the pipeline changes when the ring moves to a new plan.
 
-use crate::connection::{read_frame, read_timed, write_bytes};
+use crate::auth::{self, RingKey, Side};
+use crate::connection::{read_frame, read_handshake, read_timed, write_bytes};
 use crate::link::{LinkGauge, MIN_TIMED_BYTES};
 use crate::pipeline::Event;
 use lime_schemas::frame::{Frame, MAGIC, PROTOCOL_VERSION};
@@ -31,6 +33,8 @@ pub struct LinkIdentity {
     pub me: String,
     pub epoch: u64,
     pub hello_timeout: Duration,
+    /// The ring's pre-shared key, when links must authenticate.
+    pub key: Option<RingKey>,
 }
 
 /// Whom the listener accepts: the plan's epoch and this stage's predecessor.
@@ -63,6 +67,7 @@ pub async fn listen(
     listener: TcpListener,
     me: String,
     hello_timeout: Duration,
+    key: Option<RingKey>,
     route: watch::Receiver<Route>,
     events: std::sync::mpsc::Sender<Event>,
 ) {
@@ -76,14 +81,21 @@ pub async fn listen(
                 continue;
             }
         };
-        let (me, route, events, generation) = (
+        let (me, route, events, generation, key) = (
             me.clone(),
             route.clone(),
             events.clone(),
             generation.clone(),
+            key.clone(),
         );
         tokio::spawn(async move {
-            let served = serve_peer(stream, &me, hello_timeout, &route, &events, &generation);
+            let id = LinkIdentity {
+                me,
+                epoch: 0,
+                hello_timeout,
+                key,
+            };
+            let served = serve_peer(stream, &id, &route, &events, &generation);
             if let Err(reason) = served.await {
                 tracing::error!(%peer, %reason, "dropped data-plane peer");
             }
@@ -91,16 +103,14 @@ pub async fn listen(
     }
 }
 
-async fn serve_peer(
-    mut stream: TcpStream,
-    me: &str,
-    hello_timeout: Duration,
-    route: &watch::Receiver<Route>,
-    events: &std::sync::mpsc::Sender<Event>,
-    generation: &AtomicU64,
-) -> Result<(), String> {
-    let _ = stream.set_nodelay(true);
-    let first = tokio::time::timeout(hello_timeout, read_frame(&mut stream))
+/// The listener's side of the handshake: the peer's hello, our hello (with our
+/// proof when the ring has a key), then the peer's proof.
+async fn accept_peer(
+    stream: &mut TcpStream,
+    id: &LinkIdentity,
+    accepted: &Route,
+) -> Result<Hello, String> {
+    let first = tokio::time::timeout(id.hello_timeout, read_handshake(stream))
         .await
         .map_err(|_| "no hello within the timeout".to_string())?
         .map_err(|e| e.to_string())?;
@@ -109,14 +119,53 @@ async fn serve_peer(
         Some(_) => return Err("first frame is not a hello".into()),
         None => return Err("closed before saying hello".into()),
     };
-    let accepted = route.borrow().clone();
     check_hello(&hello, accepted.epoch, &accepted.prev)?;
-    let reply = Frame::Hello(Hello::new(accepted.epoch, me))
+    let mut reply = Hello::new(accepted.epoch, &id.me, auth::nonce());
+    reply.proof = id
+        .key
+        .as_ref()
+        .map(|k| k.proof(Side::Listener, &hello, &reply));
+    let bytes = Frame::Hello(reply.clone())
         .encode()
         .map_err(|e| e.to_string())?;
-    write_bytes(&mut stream, &reply)
+    write_bytes(stream, &bytes)
         .await
         .map_err(|e| e.to_string())?;
+    let Some(key) = &id.key else {
+        return Ok(hello);
+    };
+    let answer = tokio::time::timeout(id.hello_timeout, read_handshake(stream))
+        .await
+        .map_err(|_| format!("{} sent no proof of the ring key in time", hello.from))?
+        .map_err(|e| e.to_string())?;
+    match answer {
+        Some(Frame::Proof { mac })
+            if auth::plausible(&hello.nonce)
+                && key.verify(Side::Connector, &hello, &reply, &mac) =>
+        {
+            Ok(hello)
+        }
+        Some(Frame::Proof { .. }) => Err(format!(
+            "failed authentication: a peer calling itself {} does not hold the ring key",
+            hello.from
+        )),
+        _ => Err(format!(
+            "failed authentication: a peer calling itself {} sent no proof of the ring key",
+            hello.from
+        )),
+    }
+}
+
+async fn serve_peer(
+    mut stream: TcpStream,
+    id: &LinkIdentity,
+    route: &watch::Receiver<Route>,
+    events: &std::sync::mpsc::Sender<Event>,
+    generation: &AtomicU64,
+) -> Result<(), String> {
+    let _ = stream.set_nodelay(true);
+    let accepted = route.borrow().clone();
+    let hello = accept_peer(&mut stream, id, &accepted).await?;
     let mine = generation.fetch_add(1, Ordering::SeqCst) + 1;
     tracing::info!(from = %hello.from, epoch = hello.epoch, "previous stage connected");
     loop {
@@ -150,6 +199,7 @@ async fn serve_peer(
         }
         match frame {
             Frame::Hello(_) => return Err("a second hello".into()),
+            Frame::Proof { .. } => return Err("a proof after the handshake".into()),
             Frame::Probe { .. } | Frame::Ack { .. } => {}
             f => {
                 if events.send(Event::Frame(f)).is_err() {
@@ -384,22 +434,50 @@ async fn handshake(
         .map_err(|e| (e.to_string(), false))?;
     let refused = |e: String| (e, true);
     let _ = stream.set_nodelay(true);
-    let hello = Frame::Hello(Hello::new(id.epoch, &id.me))
+    let hello = Hello::new(id.epoch, &id.me, auth::nonce());
+    let bytes = Frame::Hello(hello.clone())
         .encode()
         .map_err(|e| refused(e.to_string()))?;
     let sent = Instant::now();
-    write_bytes(&mut stream, &hello)
+    write_bytes(&mut stream, &bytes)
         .await
         .map_err(|e| refused(e.to_string()))?;
-    let reply = tokio::time::timeout(id.hello_timeout, read_frame(&mut stream))
+    let reply = tokio::time::timeout(id.hello_timeout, read_handshake(&mut stream))
         .await
         .map_err(|_| refused("no hello back".to_string()))?
         .map_err(|e| refused(e.to_string()))?;
-    match reply {
-        Some(Frame::Hello(h)) => {
-            check_hello(&h, id.epoch, to).map_err(refused)?;
-            Ok((stream, sent.elapsed()))
+    let Some(Frame::Hello(reply)) = reply else {
+        return Err(refused("the next stage refused the hello".into()));
+    };
+    let round_trip = sent.elapsed();
+    check_hello(&reply, id.epoch, to).map_err(refused)?;
+    match (&id.key, &reply.proof) {
+        (None, None) => {}
+        (None, Some(_)) => {
+            return Err(refused(
+                "the next stage requires the ring key (data.key_file); this stage has none".into(),
+            ))
         }
-        _ => Err(refused("the next stage refused the hello".into())),
+        (Some(_), None) => {
+            return Err(refused(
+                "the next stage does not authenticate (no data.key_file there); not sending it activations"
+                    .into(),
+            ))
+        }
+        (Some(key), Some(proof)) => {
+            if !auth::plausible(&reply.nonce) || !key.verify(Side::Listener, &hello, &reply, proof) {
+                return Err(refused(
+                    "failed authentication: the next stage does not hold the ring key".into(),
+                ));
+            }
+            let mac = key.proof(Side::Connector, &hello, &reply);
+            let bytes = Frame::Proof { mac }
+                .encode()
+                .map_err(|e| refused(e.to_string()))?;
+            write_bytes(&mut stream, &bytes)
+                .await
+                .map_err(|e| refused(e.to_string()))?;
+        }
     }
+    Ok((stream, round_trip))
 }

@@ -2,6 +2,7 @@
 //! epoch its listener accepts, and the link to its successor. Moving to a new
 //! plan re-points both; the listening socket stays.
 
+use crate::auth::RingKey;
 use crate::config::DataConfig;
 use crate::link::LinkGauge;
 use crate::ring::{self, LinkIdentity, Probing, Route};
@@ -14,6 +15,7 @@ pub struct Topology {
     runtime: tokio::runtime::Handle,
     me: String,
     data: DataConfig,
+    key: Option<RingKey>,
     route: watch::Sender<Route>,
     gauge: LinkGauge,
 }
@@ -24,12 +26,14 @@ impl Topology {
         runtime: tokio::runtime::Handle,
         me: &str,
         data: &DataConfig,
+        key: Option<RingKey>,
         route: watch::Sender<Route>,
     ) -> Self {
         Self {
             runtime,
             me: me.to_owned(),
             data: data.clone(),
+            key,
             route,
             gauge: LinkGauge::default(),
         }
@@ -64,6 +68,7 @@ impl Topology {
             me: self.me.clone(),
             epoch: plan.epoch,
             hello_timeout: Duration::from_millis(self.data.hello_timeout_ms),
+            key: self.key.clone(),
         };
         let backoff = (
             Duration::from_millis(self.data.backoff_min_ms),
