@@ -478,3 +478,63 @@ fn the_broker_can_require_a_password() {
         assert_eq!(f.usage.completion_tokens, 3);
     });
 }
+
+#[test]
+fn a_request_delivered_twice_is_served_once_and_another_under_its_id_is_refused() {
+    let reference = Reference::tiny();
+    let work = tempfile::tempdir().unwrap();
+    let spec = ClusterSpec::new(reference.path(), 2, work.path());
+    runtime().block_on(async {
+        let cluster = up(&spec).await;
+        let v4 = cluster.v4_port.unwrap().to_string();
+        let request = Request {
+            id: Some("robot-dup".into()),
+            prompt: Some("Robot arm, stop at the obstacle".into()),
+            max_tokens: Some(24),
+            ignore_eos: true,
+            return_token_ids: true,
+            return_logits: true,
+            ..Default::default()
+        };
+        let body = serde_json::to_string(&request).unwrap();
+        let sub = Sub::start(&["-V", "mqttv311", "-p", &v4, "-t", "lime/response/robot-dup"]);
+        let send = |body: &str| {
+            let out = publish(&[
+                "-V",
+                "mqttv311",
+                "-p",
+                &v4,
+                "-t",
+                "lime/request",
+                "-q",
+                "1",
+                "-m",
+                body,
+            ]);
+            assert!(out.status.success());
+        };
+        // What a robot does when its QoS 1 publish is not acknowledged in time.
+        send(&body);
+        send(&body);
+        let (_, f) = read_stream(&sub.until_done());
+        assert_identical(&reference, &request, &f, "a redelivered request");
+        // A different request under the same id.
+        let other = Request {
+            max_tokens: Some(3),
+            ..request.clone()
+        };
+        send(&serde_json::to_string(&other).unwrap());
+        let lines = sub.until_done();
+        let Ok(Reply::Error(e)) = Reply::parse(lines.last().unwrap().as_bytes()) else {
+            panic!("no error for a reused id: {lines:?}")
+        };
+        assert_eq!(e.error.code, ErrorCode::DuplicateId, "{e:?}");
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        // Nothing else arrives: the redelivery produced no second answer.
+        std::thread::sleep(Duration::from_millis(500));
+        let extra: Vec<String> = sub.lines.try_iter().filter(|l| l.contains("{\"")).collect();
+        assert!(extra.is_empty(), "a second answer: {extra:?}");
+        let log = std::fs::read_to_string(work.path().join("s0.log")).unwrap();
+        assert_eq!(log.matches("request done").count(), 1, "{log}");
+    });
+}

@@ -75,6 +75,8 @@ pub enum ErrorCode {
     /// The request's KV cache can never fit some stage's memory, even with every
     /// layer streamed; a smaller `max_tokens` (or prompt) may.
     ExceedsMemory,
+    /// Another request with this id was taken lately; ids must be unique.
+    DuplicateId,
     /// The request was accepted but could not be completed.
     Internal,
 }

@@ -168,6 +168,12 @@ pub struct StarterConfig {
     pub max_inflight: usize,
     /// A micro-batch not back after this long is given up, its requests failed.
     pub stall_timeout_ms: u64,
+    /// How long a request's id is remembered: the same request again within it
+    /// is served once (QoS 1 redelivers), another under that id is refused with
+    /// `duplicate_id`...
+    pub id_memory_s: u64,
+    /// ...and how many ids at most (the oldest are forgotten first).
+    pub id_memory_count: usize,
 }
 
 impl Default for StarterConfig {
@@ -179,6 +185,8 @@ impl Default for StarterConfig {
             max_batch_tokens: 512,
             max_inflight: 0,
             stall_timeout_ms: 60_000,
+            id_memory_s: 3_600,
+            id_memory_count: 65_536,
         }
     }
 }

@@ -189,10 +189,11 @@ fn handle_request(
         .intake
         .accept(payload, response_topic, correlation, received)
     {
-        Ok(job) => {
+        Ok(Some(job)) => {
             tracing::debug!(id = %job.id, prompt = job.prompt.len(), "request accepted");
             let _ = sink.events.send(Event::Job(Box::new(job)));
         }
+        Ok(None) => tracing::info!("a request taken lately arrived again; served once"),
         Err(refusal) => {
             tracing::warn!(
                 id = ?refusal.error.id,

@@ -3,6 +3,7 @@
 //! anything is queued, so a bad request costs the cluster nothing.
 
 use crate::chat::ChatTemplate;
+use crate::recent::{fingerprint, RecentIds, Seen};
 use lime_kernels::TextTokenizer;
 use lime_schemas::request::Input;
 use lime_schemas::{topics, ErrorCode, ErrorReply, Invalid, Request, SamplingParams};
@@ -47,6 +48,8 @@ pub struct Intake {
     max_request_bytes: usize,
     id_prefix: String,
     next_id: AtomicU64,
+    /// Ids robots gave their requests lately (generated ids never repeat).
+    recent: std::sync::Mutex<RecentIds>,
 }
 
 impl Intake {
@@ -55,6 +58,7 @@ impl Intake {
         template: Option<ChatTemplate>,
         max_context: usize,
         max_request_bytes: usize,
+        recent: RecentIds,
     ) -> Self {
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -67,17 +71,19 @@ impl Intake {
             max_request_bytes,
             id_prefix: format!("{started:x}"),
             next_id: AtomicU64::new(0),
+            recent: std::sync::Mutex::new(recent),
         }
     }
 
     /// Checks one publish. `response_topic`/`correlation` are its MQTT 5 properties.
+    /// `Ok(None)`: the same request was taken lately (a QoS 1 redelivery).
     pub fn accept(
         &self,
         payload: &[u8],
         response_topic: Option<&str>,
         correlation: Option<&[u8]>,
         received: Instant,
-    ) -> Result<Job, Box<Refusal>> {
+    ) -> Result<Option<Job>, Box<Refusal>> {
         let v5_reply = response_topic
             .filter(|t| lime_schemas::request::is_publish_topic(t))
             .map(|t| ReplyTo {
@@ -125,10 +131,35 @@ impl Intake {
             topic: topics::response(&id),
             correlation: None,
         });
-        match self.job(&request, id.clone(), reply.clone(), received) {
-            Ok(job) => Ok(job),
-            Err(e) => Err(refuse(Some(reply), Some(id), e)),
+        let job = match self.job(&request, id.clone(), reply.clone(), received) {
+            Ok(job) => job,
+            Err(e) => return Err(refuse(Some(reply), Some(id), e)),
+        };
+        if request.id.is_some() {
+            let print = fingerprint(payload, response_topic, correlation);
+            let seen = self
+                .recent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .note(&id, print, received);
+            match seen {
+                Seen::New => {}
+                Seen::Redelivery => return Ok(None),
+                Seen::Conflict => {
+                    return Err(refuse(
+                        Some(reply),
+                        Some(id.clone()),
+                        Invalid::new(
+                            ErrorCode::DuplicateId,
+                            format!(
+                                "another request with id {id:?} was taken lately; give each request its own id"
+                            ),
+                        ),
+                    ))
+                }
+            }
         }
+        Ok(Some(job))
     }
 
     fn job(

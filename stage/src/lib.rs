@@ -19,6 +19,7 @@ pub mod link;
 pub mod memory;
 pub mod pipeline;
 pub mod profile;
+pub mod recent;
 pub mod residency;
 pub mod ring;
 pub mod sequence;
@@ -252,6 +253,10 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
             template,
             parts.worker.config().max_context(),
             cfg.starter.max_request_bytes,
+            recent::RecentIds::new(
+                Duration::from_secs(cfg.starter.id_memory_s),
+                cfg.starter.id_memory_count,
+            ),
         ));
         let (outbox_tx, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(control::publish_replies(client.clone(), outbox_rx));
