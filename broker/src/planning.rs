@@ -54,7 +54,7 @@ pub async fn run(cfg: BrokerConfig) {
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                for topic in [topics::PROFILE_ALL, topics::TELEMETRY_ALL] {
+                for topic in [topics::PROFILE_ALL, topics::TELEMETRY_ALL, topics::PLAN] {
                     if let Err(e) = client.subscribe(topic, QoS::AtMostOnce).await {
                         tracing::warn!(error = %e, %topic, "planner cannot subscribe");
                     }
@@ -62,7 +62,10 @@ pub async fn run(cfg: BrokerConfig) {
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                let plan = if let Some(stage) = topics::stage_of_profile(&topic) {
+                let plan = if topic == topics::PLAN {
+                    planner.plan_seen(&p.payload);
+                    None
+                } else if let Some(stage) = topics::stage_of_profile(&topic) {
                     planner.profile(stage, &p.payload)
                 } else if topics::stage_of_telemetry(&topic).is_some() {
                     match serde_json::from_slice::<Telemetry>(&p.payload) {
@@ -113,6 +116,9 @@ pub struct Planner {
     reads: HashMap<String, (u64, f64)>,
     /// Tokens in the caches of the sequences generating, from the starter.
     context_tokens: u64,
+    /// A plan found on the retained topic before this planner made one: the
+    /// ring's, republished by its starter after this broker restarted.
+    found: Option<Plan>,
 }
 
 impl Planner {
@@ -126,7 +132,46 @@ impl Planner {
             conditions,
             reads: HashMap::new(),
             context_tokens: 0,
+            found: None,
         }
+    }
+
+    /// A plan on the retained topic (this planner's own included).
+    pub fn plan_seen(&mut self, payload: &[u8]) {
+        let Ok(plan) = serde_json::from_slice::<Plan>(payload) else {
+            return;
+        };
+        match &self.running {
+            Some(r) if r.plan.epoch >= plan.epoch => {}
+            Some(_) => {
+                tracing::warn!(
+                    epoch = plan.epoch,
+                    "a newer plan was published by someone else; following it"
+                );
+                if let Err(e) = self.adopt(plan) {
+                    tracing::error!("cannot follow it: {e:#}");
+                }
+            }
+            None => {
+                tracing::info!(epoch = plan.epoch, "found the plan the ring runs");
+                self.found = Some(plan);
+            }
+        }
+    }
+
+    /// Takes `plan` as the running one, in the cost model's terms.
+    fn adopt(&mut self, plan: Plan) -> anyhow::Result<()> {
+        let micro_batches = plan.max_inflight.unwrap_or(1).max(1);
+        let links = self.links.clone();
+        let layout = self.with_problem(&links, None, |problem| {
+            planner::layout_of(problem, &plan, micro_batches).map_err(anyhow::Error::msg)
+        })?;
+        self.running = Some(Running {
+            plan,
+            layout,
+            switched: Instant::now(),
+        });
+        Ok(())
     }
 
     /// A stage's profile; the first plan once every expected stage has one.
@@ -148,6 +193,18 @@ impl Planner {
         }
         if self.running.is_some() || self.profiles.len() < self.cfg.stages {
             return None;
+        }
+        if let Some(found) = self.found.take() {
+            let epoch = found.epoch;
+            match self.adopt(found) {
+                Ok(()) => {
+                    tracing::info!(epoch, "every stage reported; the ring's plan stays");
+                    return None;
+                }
+                Err(e) => tracing::warn!(
+                    "the plan found does not fit the profiles ({e:#}); planning afresh"
+                ),
+            }
         }
         let epoch = unix_seconds();
         match self.solve(&self.links.clone(), None, epoch) {
@@ -278,12 +335,14 @@ impl Planner {
 
     /// The best plan under `links` (and the measured read rates), with what
     /// `keep`'s layout would give under them; `keep` also fixes the starter.
-    fn solve(
+    /// Runs `f` on the planning problem of the profiles and `links`, with the
+    /// starter fixed when given.
+    fn with_problem<T>(
         &self,
         links: &Links,
-        keep: Option<(&str, &Layout)>,
-        epoch: u64,
-    ) -> anyhow::Result<(planner::Planned, Option<Prediction>)> {
+        starter: Option<&str>,
+        f: impl FnOnce(&planner::Problem) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
         let first = self
             .profiles
             .values()
@@ -310,7 +369,7 @@ impl Planner {
                 d
             })
             .collect();
-        let starter = keep.and_then(|(name, _)| devices.iter().position(|d| d.name == name));
+        let starter = starter.and_then(|name| devices.iter().position(|d| d.name == name));
         let problem = planner::Problem {
             shape,
             devices: &devices,
@@ -323,11 +382,22 @@ impl Planner {
             },
             starter,
         };
-        let planned = planner::plan(&problem, epoch)?;
-        tracing::info!(epoch, "plan made:\n{}", planner::render(&problem, &planned));
-        planned.plan.validate(shape.layers)?;
-        let kept = keep.and_then(|(_, layout)| planner::evaluate(&problem, layout).ok());
-        Ok((planned, kept))
+        f(&problem)
+    }
+
+    fn solve(
+        &self,
+        links: &Links,
+        keep: Option<(&str, &Layout)>,
+        epoch: u64,
+    ) -> anyhow::Result<(planner::Planned, Option<Prediction>)> {
+        self.with_problem(links, keep.map(|(name, _)| name), |problem| {
+            let planned = planner::plan(problem, epoch)?;
+            tracing::info!(epoch, "plan made:\n{}", planner::render(problem, &planned));
+            planned.plan.validate(problem.shape.layers)?;
+            let kept = keep.and_then(|(_, layout)| planner::evaluate(problem, layout).ok());
+            Ok((planned, kept))
+        })
     }
 }
 

@@ -270,6 +270,8 @@ pub struct Cluster {
     pub plan: Plan,
     pub dir: PathBuf,
     stage_env: Vec<(String, String)>,
+    /// lime-broker's environment (its settings), to start it again.
+    broker_env: Vec<(String, String)>,
     log: String,
 }
 
@@ -554,6 +556,7 @@ impl Cluster {
             plan: plan.clone(),
             dir: spec.dir.clone(),
             stage_env: spec.stage_env.clone(),
+            broker_env: Vec::new(),
             log: spec.log.clone(),
         };
         // Stage configs first: the broker's planner needs their profiles.
@@ -601,45 +604,56 @@ impl Cluster {
                 } else {
                     spec.mqtt_ports.1
                 };
-                let mut cmd = Command::new(sibling_binary("lime-broker")?);
                 let listen = if spec.namespaces.is_some() {
                     "0.0.0.0"
                 } else {
                     "127.0.0.1"
                 };
-                cmd.env("LIME_BROKER_V4_LISTEN", format!("{listen}:{v4}"))
-                    .env("LIME_BROKER_V5_LISTEN", format!("{listen}:{v5}"))
-                    .envs(spec.broker_env.iter().cloned());
+                let mut env = vec![
+                    (
+                        "LIME_BROKER_V4_LISTEN".to_string(),
+                        format!("{listen}:{v4}"),
+                    ),
+                    (
+                        "LIME_BROKER_V5_LISTEN".to_string(),
+                        format!("{listen}:{v5}"),
+                    ),
+                ];
+                env.extend(spec.broker_env.iter().cloned());
                 if let Some(p) = &spec.planner {
                     let memory = spec.memory.config(spec.mode);
-                    cmd.envs([
-                        ("LIME_BROKER_PLANNER__STAGES", spec.stages.to_string()),
-                        ("LIME_BROKER_PLANNER__WORKLOAD", p.workload.clone()),
-                        (
-                            "LIME_BROKER_PLANNER__CONCURRENCY",
-                            p.concurrency.to_string(),
-                        ),
-                        ("LIME_BROKER_PLANNER__CONTEXT", p.context.to_string()),
-                        (
-                            "LIME_BROKER_PLANNER__MAX_SLOTS",
-                            memory.max_slots.to_string(),
-                        ),
-                        (
-                            "LIME_BROKER_PLANNER__ACTIVATION_TOKENS",
-                            memory.activation_tokens.to_string(),
-                        ),
-                        (
-                            "LIME_BROKER_PLANNER__DEFAULT_MBIT_PER_S",
-                            p.link_mbit_per_s.to_string(),
-                        ),
-                        (
-                            "LIME_BROKER_PLANNER__DEFAULT_LATENCY_MS",
-                            p.link_latency_ms.to_string(),
-                        ),
-                        ("LIME_BROKER_PLANNER__ADAPT", p.adapt.to_string()),
-                    ]);
+                    env.extend(
+                        [
+                            ("LIME_BROKER_PLANNER__STAGES", spec.stages.to_string()),
+                            ("LIME_BROKER_PLANNER__WORKLOAD", p.workload.clone()),
+                            (
+                                "LIME_BROKER_PLANNER__CONCURRENCY",
+                                p.concurrency.to_string(),
+                            ),
+                            ("LIME_BROKER_PLANNER__CONTEXT", p.context.to_string()),
+                            (
+                                "LIME_BROKER_PLANNER__MAX_SLOTS",
+                                memory.max_slots.to_string(),
+                            ),
+                            (
+                                "LIME_BROKER_PLANNER__ACTIVATION_TOKENS",
+                                memory.activation_tokens.to_string(),
+                            ),
+                            (
+                                "LIME_BROKER_PLANNER__DEFAULT_MBIT_PER_S",
+                                p.link_mbit_per_s.to_string(),
+                            ),
+                            (
+                                "LIME_BROKER_PLANNER__DEFAULT_LATENCY_MS",
+                                p.link_latency_ms.to_string(),
+                            ),
+                            ("LIME_BROKER_PLANNER__ADAPT", p.adapt.to_string()),
+                        ]
+                        .map(|(k, v)| (k.to_owned(), v)),
+                    );
                 }
-                cluster.spawn("broker", cmd, &spec.log)?;
+                cluster.broker_env = env;
+                cluster.spawn_broker()?;
                 cluster.v4_port = Some(v4);
                 BrokerAddr::parse(&format!("127.0.0.1:{v5}"))?
             }
@@ -798,6 +812,36 @@ impl Cluster {
             .envs(self.stage_env.iter().cloned());
         let log = self.log.clone();
         self.spawn(name, cmd, &log)
+    }
+
+    fn spawn_broker(&mut self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(sibling_binary("lime-broker")?);
+        cmd.envs(self.broker_env.iter().cloned());
+        let log = self.log.clone();
+        self.spawn("broker", cmd, &log)
+    }
+
+    /// Kills lime-broker (SIGKILL: a crash, retained messages and all) and
+    /// starts it again on the same ports; stages and clients reconnect on their
+    /// own.
+    pub fn crash_and_restart_broker(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.broker_env.is_empty(),
+            "this cluster has no lime-broker"
+        );
+        let i = self
+            .children
+            .iter()
+            .position(|(n, _)| n == "broker")
+            .ok_or_else(|| anyhow::anyhow!("lime-broker is not running"))?;
+        let (_, mut child) = self.children.remove(i);
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::rename(
+            self.dir.join("broker.log"),
+            self.dir.join("broker.before-restart.log"),
+        );
+        self.spawn_broker()
     }
 
     /// Process id of a stage or of the broker, for fault injection.

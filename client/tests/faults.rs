@@ -214,3 +214,56 @@ fn requests_caught_in_a_crash_fail_with_an_error_and_others_then_succeed() {
         assert_answers(&reference, &requests, &after, "after a crash");
     });
 }
+
+#[test]
+fn a_crashed_broker_comes_back_and_the_ring_keeps_its_plan() {
+    let reference = Reference::tiny();
+    let work = tempfile::tempdir().unwrap();
+    let mut spec = ClusterSpec::new(reference.path(), 3, work.path());
+    spec.planner = Some(lime::cluster::PlannerSpec::new("sporadic", 4, 256));
+    let requests = varied_requests(6);
+    runtime().block_on(async {
+        let mut cluster = up(&spec).await;
+        let epoch = cluster.plan.epoch;
+        let before = ask(&cluster.broker, &requests).await;
+        assert_answers(&reference, &requests, &before, "before the broker crashed");
+
+        // Everything retained is gone with the broker; the stages reconnect,
+        // subscribe again and publish it again, the starter the running plan.
+        cluster.crash_and_restart_broker().unwrap();
+        cluster.wait_online(Duration::from_secs(60)).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let plan = loop {
+            let found = lime::status::retained::<lime_schemas::Plan>(
+                &cluster.broker,
+                lime_schemas::topics::PLAN,
+                Duration::from_millis(300),
+            )
+            .await
+            .unwrap_or_default();
+            if let Some(p) = found.into_values().next() {
+                break p;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no plan on the retained topic after the restart"
+            );
+        };
+        assert_eq!(plan.epoch, epoch, "the ring's plan, not a new one");
+        let after = ask(&cluster.broker, &requests).await;
+        assert_answers(&reference, &requests, &after, "after the broker came back");
+        let log = std::fs::read_to_string(work.path().join("broker.log")).unwrap();
+        assert!(log.contains("the ring's plan stays"), "{log}");
+
+        // A stage that starts after the restart finds the plan and rejoins.
+        cluster.restart_stage("s2").unwrap();
+        cluster.wait_online(Duration::from_secs(60)).await.unwrap();
+        let again = ask(&cluster.broker, &requests).await;
+        assert_answers(
+            &reference,
+            &requests,
+            &again,
+            "with a stage restarted after",
+        );
+    });
+}

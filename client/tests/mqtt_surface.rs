@@ -480,23 +480,31 @@ fn the_broker_can_require_a_password() {
 }
 
 #[test]
-fn a_request_delivered_twice_is_served_once_and_another_under_its_id_is_refused() {
+fn a_request_delivered_twice_is_served_once_and_its_id_is_refused_to_another_until_answered() {
     let reference = Reference::tiny();
     let work = tempfile::tempdir().unwrap();
     let spec = ClusterSpec::new(reference.path(), 2, work.path());
     runtime().block_on(async {
         let cluster = up(&spec).await;
         let v4 = cluster.v4_port.unwrap().to_string();
+        // Long enough to be still generating when the others arrive.
         let request = Request {
             id: Some("robot-dup".into()),
             prompt: Some("Robot arm, stop at the obstacle".into()),
-            max_tokens: Some(24),
+            max_tokens: Some(400),
             ignore_eos: true,
             return_token_ids: true,
             return_logits: true,
             ..Default::default()
         };
-        let body = serde_json::to_string(&request).unwrap();
+        let other = Request {
+            max_tokens: Some(3),
+            ..request.clone()
+        };
+        let (body, other_body) = (
+            serde_json::to_string(&request).unwrap(),
+            serde_json::to_string(&other).unwrap(),
+        );
         let sub = Sub::start(&["-V", "mqttv311", "-p", &v4, "-t", "lime/response/robot-dup"]);
         let send = |body: &str| {
             let out = publish(&[
@@ -513,28 +521,45 @@ fn a_request_delivered_twice_is_served_once_and_another_under_its_id_is_refused(
             ]);
             assert!(out.status.success());
         };
-        // What a robot does when its QoS 1 publish is not acknowledged in time.
+        // What a robot does when its QoS 1 publish is not acknowledged in
+        // time, then another request under the same id while it runs.
         send(&body);
         send(&body);
-        let (_, f) = read_stream(&sub.until_done());
+        send(&other_body);
+        let mut pieces = Vec::new();
+        let mut errors = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let line = sub
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("no final message");
+            if !line.contains("{\"") {
+                continue;
+            }
+            match Reply::parse(line.as_bytes()).unwrap() {
+                Reply::Error(e) => errors.push(e),
+                Reply::Queued(_) => {}
+                Reply::Final(_) => {
+                    pieces.push(line);
+                    break;
+                }
+                Reply::Text(_) => pieces.push(line),
+            }
+        }
+        let (_, f) = read_stream(&pieces);
         assert_identical(&reference, &request, &f, "a redelivered request");
-        // A different request under the same id.
-        let other = Request {
-            max_tokens: Some(3),
-            ..request.clone()
-        };
-        send(&serde_json::to_string(&other).unwrap());
-        let lines = sub.until_done();
-        let Ok(Reply::Error(e)) = Reply::parse(lines.last().unwrap().as_bytes()) else {
-            panic!("no error for a reused id: {lines:?}")
-        };
-        assert_eq!(e.error.code, ErrorCode::DuplicateId, "{e:?}");
-        assert_eq!(lines.len(), 1, "{lines:?}");
-        // Nothing else arrives: the redelivery produced no second answer.
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].error.code, ErrorCode::DuplicateId, "{errors:?}");
+        // No second answer to the redelivery.
         std::thread::sleep(Duration::from_millis(500));
         let extra: Vec<String> = sub.lines.try_iter().filter(|l| l.contains("{\"")).collect();
         assert!(extra.is_empty(), "a second answer: {extra:?}");
+        // Once answered, the id is free for the next request.
+        send(&other_body);
+        let (_, f) = read_stream(&sub.until_done());
+        assert_identical(&reference, &other, &f, "the id reused after its answer");
         let log = std::fs::read_to_string(work.path().join("s0.log")).unwrap();
-        assert_eq!(log.matches("request done").count(), 1, "{log}");
+        assert_eq!(log.matches("request done").count(), 2, "{log}");
     });
 }

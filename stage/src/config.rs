@@ -168,12 +168,13 @@ pub struct StarterConfig {
     pub max_inflight: usize,
     /// A micro-batch not back after this long is given up, its requests failed.
     pub stall_timeout_ms: u64,
-    /// How long a request's id is remembered: the same request again within it
-    /// is served once (QoS 1 redelivers), another under that id is refused with
-    /// `duplicate_id`...
-    pub id_memory_s: u64,
-    /// ...and how many ids at most (the oldest are forgotten first).
-    pub id_memory_count: usize,
+    /// A request's id is taken while it is answered: the same request again is
+    /// served once (QoS 1 redelivers), another under that id is refused with
+    /// `duplicate_id`. The same request arriving this long after its answer
+    /// is still taken for a late redelivery...
+    pub redelivery_grace_ms: u64,
+    /// ...and at most this many ids are remembered (the oldest go first).
+    pub max_remembered_ids: usize,
 }
 
 impl Default for StarterConfig {
@@ -185,8 +186,8 @@ impl Default for StarterConfig {
             max_batch_tokens: 512,
             max_inflight: 0,
             stall_timeout_ms: 60_000,
-            id_memory_s: 3_600,
-            id_memory_count: 65_536,
+            redelivery_grace_ms: 10_000,
+            max_remembered_ids: 65_536,
         }
     }
 }

@@ -57,6 +57,12 @@ pub struct Inbox {
     /// The status to publish again after a reconnect (retained messages survive a
     /// broker restart only on brokers that persist them).
     pub status: Mutex<Option<StageStatus>>,
+    /// The profile, for the same reason: a restarted broker's planner needs
+    /// every stage's profile again.
+    pub profile: Mutex<Option<lime_schemas::StageProfile>>,
+    /// At the starter only, the plan the ring runs: a restarted broker has lost
+    /// the retained plan, and stages that join later wait for it.
+    pub running_plan: Mutex<Option<Plan>>,
 }
 
 impl Inbox {
@@ -72,6 +78,8 @@ impl Inbox {
                 plan: tx,
                 requests: OnceLock::new(),
                 status: Mutex::new(None),
+                profile: Mutex::new(None),
+                running_plan: Mutex::new(None),
             }),
             rx,
         )
@@ -101,8 +109,16 @@ pub async fn publish_telemetry(client: &AsyncClient, telemetry: &lime_schemas::T
     }
 }
 
-/// Publishes this stage's profile, retained, for the broker's planner.
-pub async fn publish_profile(client: &AsyncClient, profile: &lime_schemas::StageProfile) {
+/// Publishes this stage's profile, retained, for the broker's planner (again
+/// after every reconnect).
+pub async fn publish_profile(
+    client: &AsyncClient,
+    inbox: &Inbox,
+    profile: &lime_schemas::StageProfile,
+) {
+    if let Ok(mut p) = inbox.profile.lock() {
+        *p = Some(profile.clone());
+    }
     let payload = serde_json::to_vec(profile).unwrap_or_default();
     let topic = topics::profile(&profile.device.name);
     if let Err(e) = client.publish(topic, QoS::AtLeastOnce, true, payload).await {
@@ -144,7 +160,38 @@ pub async fn drive(mut eventloop: EventLoop, client: AsyncClient, inbox: Arc<Inb
     }
 }
 
+/// At the starter of a ring planned over MQTT: the plan it runs, published
+/// again (retained) after a reconnect to a broker that lost it.
+pub fn remember_running_plan(inbox: &Inbox, plan: &Plan) {
+    if let Ok(mut p) = inbox.running_plan.lock() {
+        *p = Some(plan.clone());
+    }
+}
+
+async fn republish_plan(client: &AsyncClient, plan: &Plan) {
+    let payload = serde_json::to_vec(plan).unwrap_or_default();
+    if let Err(e) = client
+        .publish(topics::PLAN, QoS::AtLeastOnce, true, payload)
+        .await
+    {
+        tracing::warn!(error = %e, "the running plan was not published");
+    }
+}
+
+/// After a (re)connect: subscriptions, and what a restarted broker has lost,
+/// the running plan before the profile so that its planner adopts the plan
+/// rather than making another.
 async fn resubscribe(client: &AsyncClient, inbox: &Inbox) {
+    let plan = inbox.running_plan.lock().ok().and_then(|p| p.clone());
+    if let Some(plan) = plan {
+        republish_plan(client, &plan).await;
+    }
+    let profile = inbox.profile.lock().ok().and_then(|p| p.clone());
+    if let Some(profile) = profile {
+        let payload = serde_json::to_vec(&profile).unwrap_or_default();
+        let topic = topics::profile(&profile.device.name);
+        let _ = client.publish(topic, QoS::AtLeastOnce, true, payload).await;
+    }
     if inbox.plan.is_some() {
         let _ = client.subscribe(topics::PLAN, QoS::AtLeastOnce).await;
     }

@@ -3,7 +3,7 @@
 //! anything is queued, so a bad request costs the cluster nothing.
 
 use crate::chat::ChatTemplate;
-use crate::recent::{fingerprint, RecentIds, Seen};
+use crate::recent::{fingerprint, Seen, SharedIds};
 use lime_kernels::TextTokenizer;
 use lime_schemas::request::Input;
 use lime_schemas::{topics, ErrorCode, ErrorReply, Invalid, Request, SamplingParams};
@@ -48,8 +48,8 @@ pub struct Intake {
     max_request_bytes: usize,
     id_prefix: String,
     next_id: AtomicU64,
-    /// Ids robots gave their requests lately (generated ids never repeat).
-    recent: std::sync::Mutex<RecentIds>,
+    /// Ids robots gave the requests in flight (generated ids never repeat).
+    recent: SharedIds,
 }
 
 impl Intake {
@@ -58,7 +58,7 @@ impl Intake {
         template: Option<ChatTemplate>,
         max_context: usize,
         max_request_bytes: usize,
-        recent: RecentIds,
+        recent: SharedIds,
     ) -> Self {
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -71,7 +71,7 @@ impl Intake {
             max_request_bytes,
             id_prefix: format!("{started:x}"),
             next_id: AtomicU64::new(0),
-            recent: std::sync::Mutex::new(recent),
+            recent,
         }
     }
 
@@ -152,7 +152,7 @@ impl Intake {
                         Invalid::new(
                             ErrorCode::DuplicateId,
                             format!(
-                                "another request with id {id:?} was taken lately; give each request its own id"
+                                "another request with id {id:?} is being answered; give each request its own id"
                             ),
                         ),
                     ))

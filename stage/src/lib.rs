@@ -82,7 +82,7 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
     if cfg.plan_file.is_none() {
         service.status("measuring this device for the planner");
         let announced = own_profile(&cfg).await?;
-        control::publish_profile(&client, &announced).await;
+        control::publish_profile(&client, &inbox, &announced).await;
         tracing::info!(
             memory_mb = announced.device.memory_bytes >> 20,
             read_mb_s = announced.device.read_bytes_per_s / 1e6,
@@ -248,16 +248,18 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
         let tokenizer = Arc::new(TextTokenizer::from_path(&cfg.model)?);
         let template = chat::ChatTemplate::from_dir(&cfg.model)?;
         let eos = ckpt.eos_token_ids()?;
+        let ids = recent::RecentIds::shared(
+            Duration::from_millis(cfg.starter.redelivery_grace_ms),
+            cfg.starter.max_remembered_ids,
+        );
         let intake = Arc::new(intake::Intake::new(
             tokenizer.clone(),
             template,
             parts.worker.config().max_context(),
             cfg.starter.max_request_bytes,
-            recent::RecentIds::new(
-                Duration::from_secs(cfg.starter.id_memory_s),
-                cfg.starter.id_memory_count,
-            ),
+            ids.clone(),
         ));
+        let scheduler_ids = ids;
         let (outbox_tx, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(control::publish_replies(client.clone(), outbox_rx));
         let mut limits = cfg.starter.clone();
@@ -274,8 +276,15 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
         let engine = std::thread::Builder::new()
             .name("lime-pipeline".into())
             .spawn(move || {
-                let scheduler =
-                    starter::Scheduler::new(&tokenizer, eos, limits, stages, plan_inflight, outbox);
+                let scheduler = starter::Scheduler::new(
+                    &tokenizer,
+                    eos,
+                    limits,
+                    stages,
+                    plan_inflight,
+                    outbox,
+                    scheduler_ids,
+                );
                 parts.into_pipeline(Some(scheduler)).run(events_rx)
             })?;
         let sink = RequestSink {
@@ -283,6 +292,9 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
             events: events_tx.clone(),
             outbox: outbox_tx,
         };
+        if cfg.plan_file.is_none() {
+            control::remember_running_plan(&inbox, &plan);
+        }
         control::open_requests(&client, &inbox, sink).await;
         engine
     } else {
@@ -332,6 +344,9 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
                 }
                 Some(Note::Switched(p)) => {
                     service.status(&format!("moved to plan epoch {}", p.epoch));
+                    if starter && cfg.plan_file.is_none() {
+                        control::remember_running_plan(&inbox, &p);
+                    }
                     status.epoch = Some(p.epoch);
                     status.chunks = p.chunks_of(&cfg.name).into_iter().map(|c| c.1).collect();
                     control::publish_status(&client, &inbox, status.clone()).await;

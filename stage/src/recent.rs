@@ -1,31 +1,44 @@
-//! Request ids the starter has taken lately. MQTT's QoS 1 delivers at least
-//! once: a robot that reconnects may publish its request again, and the broker
-//! may hand it over twice. The same request under the same id is served once;
-//! a different request under an id still remembered is refused, so no two
-//! answers ever share an id.
+//! Request ids the starter is serving or has just served. MQTT's QoS 1
+//! delivers at least once: a robot whose acknowledgement came late publishes
+//! its request again, and the broker may hand it over twice. The same request
+//! under an id in flight (or finished moments ago) is served once; a different
+//! request under an id still in flight is refused, so no two answers ever
+//! stream under one id. Once an answer is done the id is free again.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// What an id's arrival is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seen {
-    /// Not taken lately: serve it.
+    /// Serve it.
     New,
-    /// The same request again: already served or being served.
+    /// The same request again, in flight or just answered.
     Redelivery,
-    /// Another request under a taken id.
+    /// Another request under an id in flight.
     Conflict,
 }
 
-/// Ids taken within `window`, at most `capacity` of them (the oldest go first).
+/// Shared by the intake (which notes ids) and the scheduler (which ends them).
+pub type SharedIds = Arc<Mutex<RecentIds>>;
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    fingerprint: u64,
+    /// `None` while the request is in flight.
+    finished: Option<Instant>,
+}
+
+/// Ids in flight, and those finished within `grace` (at most `capacity`
+/// entries; the oldest go first).
 #[derive(Debug)]
 pub struct RecentIds {
-    window: Duration,
+    grace: Duration,
     capacity: usize,
-    taken: HashMap<String, (u64, Instant)>,
-    order: VecDeque<(String, Instant)>,
+    entries: HashMap<String, Entry>,
+    order: VecDeque<String>,
 }
 
 /// What identifies one request: its payload and where it wants its answer.
@@ -44,48 +57,60 @@ pub fn fingerprint(
 }
 
 impl RecentIds {
-    pub fn new(window: Duration, capacity: usize) -> Self {
+    pub fn new(grace: Duration, capacity: usize) -> Self {
         Self {
-            window,
+            grace,
             capacity: capacity.max(1),
-            taken: HashMap::new(),
+            entries: HashMap::new(),
             order: VecDeque::new(),
         }
     }
 
-    /// Records `id` if it is new; says what it is.
+    pub fn shared(grace: Duration, capacity: usize) -> SharedIds {
+        Arc::new(Mutex::new(Self::new(grace, capacity)))
+    }
+
+    /// Says what a request under `id` is, and records it when it is served.
     pub fn note(&mut self, id: &str, fingerprint: u64, now: Instant) -> Seen {
         self.expire(now);
-        match self.taken.get(id) {
-            Some((f, _)) if *f == fingerprint => Seen::Redelivery,
-            Some(_) => Seen::Conflict,
-            None => {
-                while self.order.len() >= self.capacity {
-                    self.forget_oldest();
-                }
-                self.taken.insert(id.to_owned(), (fingerprint, now));
-                self.order.push_back((id.to_owned(), now));
-                Seen::New
+        if let Some(e) = self.entries.get(id) {
+            match (e.fingerprint == fingerprint, e.finished) {
+                (true, _) => return Seen::Redelivery,
+                (false, None) => return Seen::Conflict,
+                (false, Some(_)) => {}
             }
+        }
+        if !self.entries.contains_key(id) {
+            while self.order.len() >= self.capacity {
+                if let Some(old) = self.order.pop_front() {
+                    self.entries.remove(&old);
+                }
+            }
+            self.order.push_back(id.to_owned());
+        }
+        self.entries.insert(
+            id.to_owned(),
+            Entry {
+                fingerprint,
+                finished: None,
+            },
+        );
+        Seen::New
+    }
+
+    /// The answer under `id` is complete (or the request was refused).
+    pub fn finished(&mut self, id: &str, now: Instant) {
+        if let Some(e) = self.entries.get_mut(id) {
+            e.finished = Some(now);
         }
     }
 
     fn expire(&mut self, now: Instant) {
-        while self
-            .order
-            .front()
-            .is_some_and(|(_, at)| now.duration_since(*at) > self.window)
-        {
-            self.forget_oldest();
-        }
-    }
-
-    fn forget_oldest(&mut self) {
-        if let Some((id, at)) = self.order.pop_front() {
-            if self.taken.get(&id).is_some_and(|(_, t)| *t == at) {
-                self.taken.remove(&id);
-            }
-        }
+        let grace = self.grace;
+        self.entries
+            .retain(|_, e| e.finished.is_none_or(|t| now.duration_since(t) <= grace));
+        let entries = &self.entries;
+        self.order.retain(|id| entries.contains_key(id));
     }
 }
 
@@ -94,19 +119,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_redelivery_is_told_from_a_conflict_until_the_window_passes() {
-        let mut r = RecentIds::new(Duration::from_secs(60), 8);
+    fn an_id_is_taken_while_in_flight_and_freed_after_the_grace() {
+        let mut r = RecentIds::new(Duration::from_secs(10), 8);
         let t = Instant::now();
         assert_eq!(r.note("a", 1, t), Seen::New);
         assert_eq!(r.note("a", 1, t), Seen::Redelivery);
-        assert_eq!(r.note("a", 2, t), Seen::Conflict);
-        assert_eq!(r.note("b", 2, t), Seen::New);
-        let later = t + Duration::from_secs(61);
         assert_eq!(
-            r.note("a", 2, later),
-            Seen::New,
-            "forgotten after the window"
+            r.note("a", 2, t),
+            Seen::Conflict,
+            "another request in flight"
         );
+        r.finished("a", t);
+        let soon = t + Duration::from_secs(5);
+        assert_eq!(r.note("a", 1, soon), Seen::Redelivery, "a late redelivery");
+        assert_eq!(
+            r.note("a", 2, soon),
+            Seen::New,
+            "a new request once answered"
+        );
+        assert_eq!(r.note("a", 1, soon), Seen::Conflict, "now a is 2's");
+        let t2 = soon + Duration::from_secs(60);
+        assert_eq!(
+            r.note("a", 1, t2),
+            Seen::Conflict,
+            "in flight never expires"
+        );
+        r.finished("a", t2);
+        assert_eq!(r.note("a", 1, t2 + Duration::from_secs(11)), Seen::New);
     }
 
     #[test]
@@ -118,6 +157,7 @@ mod tests {
         }
         assert_eq!(r.note("a", 9, t), Seen::New, "a was pushed out");
         assert_eq!(r.note("c", 9, t), Seen::Conflict);
-        assert_eq!(r.taken.len(), 2);
+        assert_eq!(r.entries.len(), 2);
+        assert_eq!(r.order.len(), 2);
     }
 }

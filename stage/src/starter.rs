@@ -5,6 +5,7 @@
 use crate::admission::{Fit, Ledger, Waiting};
 use crate::config::StarterConfig;
 use crate::intake::{Job, ReplyTo};
+use crate::recent::SharedIds;
 use crate::sequence::{Sequence, Step};
 use crate::worker::Worker;
 use lime_kernels::TextTokenizer;
@@ -42,6 +43,8 @@ pub struct Scheduler<'t> {
     /// Since when, and which sequences are still recomputing their caches after
     /// the last plan change: the switch's cost, which telemetry reports.
     rebuilding: Option<(Instant, HashSet<u64>)>,
+    /// Request ids in flight, freed here once each answer ends.
+    ids: SharedIds,
 }
 
 impl<'t> Scheduler<'t> {
@@ -54,6 +57,7 @@ impl<'t> Scheduler<'t> {
         stages: usize,
         plan_inflight: Option<usize>,
         outbox: UnboundedSender<Outgoing>,
+        ids: SharedIds,
     ) -> Self {
         // Sequence ids must not repeat across starter restarts: other stages may
         // still hold caches of the previous run's sequences.
@@ -77,6 +81,7 @@ impl<'t> Scheduler<'t> {
             ledger: Ledger::default(),
             holding: false,
             rebuilding: None,
+            ids,
         }
     }
 
@@ -156,6 +161,7 @@ impl<'t> Scheduler<'t> {
                 "{} requests are already queued; try again later",
                 self.waiting.len()
             );
+            self.answered(&job.id);
             self.publish(
                 &job.reply,
                 &ErrorReply::new(Some(job.id), ErrorCode::Overloaded, msg),
@@ -191,6 +197,7 @@ impl<'t> Scheduler<'t> {
 
     fn refuse(&self, job: &Job, why: &str) {
         tracing::warn!(id = %job.id, %why, "refusing request: it can never fit");
+        self.answered(&job.id);
         let message = format!("this request can never be served: {why}");
         self.publish(
             &job.reply,
@@ -395,6 +402,7 @@ impl<'t> Scheduler<'t> {
                     tpot_ms = last.timing.tpot_ms,
                     "request done"
                 );
+                self.answered(&last.id);
                 self.publish(&reply, &last);
                 self.sequences.remove(&id);
                 self.ledger.free(id);
@@ -402,6 +410,14 @@ impl<'t> Scheduler<'t> {
             }
             None => false,
         }
+    }
+
+    /// Frees a request's id: its answer is complete.
+    fn answered(&self, id: &str) {
+        self.ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .finished(id, Instant::now());
     }
 
     /// Ends sequences with an error reply; returns those to release.
@@ -412,6 +428,7 @@ impl<'t> Scheduler<'t> {
                 self.ledger.free(*id);
                 self.caught_up(*id);
                 tracing::error!(id = %seq.job.id, %message, "request failed");
+                self.answered(&seq.job.id);
                 let err = ErrorReply::new(Some(seq.job.id.clone()), ErrorCode::Internal, message);
                 self.publish(&seq.job.reply, &err);
                 done.push(*id);
