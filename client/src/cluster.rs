@@ -767,8 +767,32 @@ impl Cluster {
                 return Ok(());
             }
             if started.elapsed() > timeout {
+                // Say which stages are not online, what they last reported and
+                // how their logs end: a failure in CI leaves nothing else.
+                let mut detail = String::new();
+                for s in &self.plan.stages {
+                    let seen = statuses.iter().find(|st| st.stage == s.name);
+                    let fine = seen.is_some_and(|st| {
+                        st.state == StageState::Online && st.epoch == Some(self.plan.epoch)
+                    });
+                    if fine {
+                        continue;
+                    }
+                    let log = std::fs::read_to_string(self.dir.join(format!("{}.log", s.name)))
+                        .unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(12).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    detail.push_str(&format!(
+                        "\n{} reports {:?} (epoch {:?}, plan epoch {}); its log ends:\n{}",
+                        s.name,
+                        seen.map(|st| st.state),
+                        seen.and_then(|st| st.epoch),
+                        self.plan.epoch,
+                        tail.join("\n")
+                    ));
+                }
                 anyhow::bail!(
-                    "{online} of {} stages online after {timeout:?}; logs in {}",
+                    "{online} of {} stages online after {timeout:?}; logs in {}{detail}",
                     self.plan.stages.len(),
                     self.dir.display()
                 );
