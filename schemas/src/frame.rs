@@ -223,7 +223,8 @@ impl Activations {
         if self.seqs.is_empty() {
             return bad("no sequences".into());
         }
-        for (i, s) in self.seqs.iter().enumerate() {
+        let mut ids = std::collections::HashSet::with_capacity(self.seqs.len());
+        for s in &self.seqs {
             let end = s.pos as u64 + s.len as u64;
             if s.len == 0 || end > s.capacity as u64 || s.capacity as usize > max_context {
                 return bad(format!(
@@ -231,11 +232,20 @@ impl Activations {
                     s.id, s.pos, s.len, s.capacity
                 ));
             }
-            if self.seqs[..i].iter().any(|o| o.id == s.id) {
+            if !ids.insert(s.id) {
                 return bad(format!("sequence {} appears twice", s.id));
             }
         }
-        let want = self.tokens() * hidden * self.dtype.size();
+        let want = self
+            .tokens()
+            .checked_mul(hidden)
+            .and_then(|v| v.checked_mul(self.dtype.size()));
+        let Some(want) = want else {
+            return bad(format!(
+                "{} tokens of width {hidden} are more values than memory holds",
+                self.tokens()
+            ));
+        };
         if self.data.len() != want {
             return bad(format!(
                 "{} data bytes for {} tokens of width {hidden}; expected {want}",
