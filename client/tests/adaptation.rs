@@ -8,7 +8,7 @@ mod common;
 use common::{assert_answers, assert_identical, runtime, up, Reference};
 use lime::cluster::{ClusterSpec, MemorySpec};
 use lime_kernels::Checkpoint;
-use lime_schemas::{topics, ErrorCode, Plan, Reply, Request, Telemetry};
+use lime_schemas::{topics, Plan, Reply, Request, Telemetry};
 use lime_stage::config::MemoryConfig;
 use lime_stage::memory::Costs;
 use std::time::Duration;
@@ -119,20 +119,7 @@ fn kv_growth_streams_more_layers_without_oom_and_changes_no_bits() {
 
         // A request whose cache can never fit is refused at once, with the
         // most that fits; the cluster keeps serving.
-        let huge = Request {
-            id: Some("huge".into()),
-            prompt: Some("Robot arm".into()),
-            max_tokens: Some(1900),
-            ..Default::default()
-        };
-        let answers = common::ask(&cluster.broker, std::slice::from_ref(&huge)).await;
-        let err = answers[0].outcome.as_ref().unwrap_err();
-        assert_eq!(err.error.code, ErrorCode::ExceedsMemory, "{err:?}");
-        assert!(
-            err.error.message.contains("at most"),
-            "{}",
-            err.error.message
-        );
+        common::assert_never_fits(&cluster.broker, 1900).await;
         let small = &growing_requests(2)[1..];
         let answers = common::ask(&cluster.broker, small).await;
         assert_answers(&reference, small, &answers, "after a refusal");

@@ -14,7 +14,7 @@ use lime::cluster::{ClusterSpec, MemorySpec, Namespaces};
 use lime::netns::Fabric;
 use lime_kernels::synth::{Preset, StoredDtype, SynthSpec};
 use lime_kernels::Checkpoint;
-use lime_schemas::{topics, ErrorCode, Reply, Request, Telemetry};
+use lime_schemas::{topics, Reply, Request, Telemetry};
 use lime_stage::config::MemoryConfig;
 use lime_stage::memory::Costs;
 use rumqttc::v5::mqttbytes::v5::Packet;
@@ -187,20 +187,7 @@ fn kv_growth_in_namespaces_streams_more_layers_without_oom_and_changes_no_bits()
 
         // A request whose cache can never fit is refused with the most that
         // fits; the cluster keeps serving.
-        let huge = Request {
-            id: Some("huge".into()),
-            prompt: Some("Robot arm".into()),
-            max_tokens: Some(4000),
-            ..Default::default()
-        };
-        let refused = common::ask(&cluster.broker, std::slice::from_ref(&huge)).await;
-        let err = refused[0].outcome.as_ref().unwrap_err();
-        assert_eq!(err.error.code, ErrorCode::ExceedsMemory, "{err:?}");
-        assert!(
-            err.error.message.contains("at most"),
-            "{}",
-            err.error.message
-        );
+        common::assert_never_fits(&cluster.broker, 4000).await;
         let small = &growing_requests(3)[1..];
         let answers = common::ask(&cluster.broker, small).await;
         assert_answers(&reference, small, &answers, "after a refusal");

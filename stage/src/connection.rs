@@ -19,13 +19,9 @@ pub enum ReadError {
 /// Reads one frame of the handshake, when the peer is not known yet: anything
 /// larger than a hello is refused before a byte of it is read.
 pub async fn read_handshake<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, ReadError> {
-    let mut prefix = [0u8; PREFIX_BYTES];
-    match r.read_exact(&mut prefix).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
-    }
-    let len = Frame::body_len(prefix)?;
+    let Some(len) = read_len(r).await? else {
+        return Ok(None);
+    };
     if len > MAX_HANDSHAKE_BYTES {
         return Err(ReadError::HandshakeTooLarge(len));
     }
@@ -51,13 +47,9 @@ pub struct Arrival {
 pub async fn read_timed<R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<Option<(Frame, Arrival)>, ReadError> {
-    let mut prefix = [0u8; PREFIX_BYTES];
-    match r.read_exact(&mut prefix).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
-    }
-    let len = Frame::body_len(prefix)?;
+    let Some(len) = read_len(r).await? else {
+        return Ok(None);
+    };
     // Grow as bytes arrive rather than trusting the prefix with one allocation.
     let mut body = Vec::with_capacity(len.min(1 << 20));
     let mut limited = r.take(len as u64);
@@ -77,6 +69,17 @@ pub async fn read_timed<R: AsyncRead + Unpin>(
         took: started.elapsed(),
     };
     Ok(Some((Frame::decode(&body)?, arrival)))
+}
+
+/// Reads a length prefix and checks it against the frame limit; `None` when
+/// the peer closed between frames.
+async fn read_len<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<usize>, ReadError> {
+    let mut prefix = [0u8; PREFIX_BYTES];
+    match r.read_exact(&mut prefix).await {
+        Ok(_) => Ok(Some(Frame::body_len(prefix)?)),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// One read's worth of bytes (what had already arrived), appended to `body`.

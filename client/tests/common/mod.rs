@@ -179,3 +179,26 @@ pub async fn ask(broker: &lime::mqtt::BrokerAddr, requests: &[Request]) -> Vec<l
         .await
         .unwrap()
 }
+
+/// Asks for `max_tokens` no stage's memory can ever hold a cache for: the
+/// request is refused at once with `exceeds_memory`, saying the most that fits.
+pub async fn assert_never_fits(broker: &lime::mqtt::BrokerAddr, max_tokens: u32) {
+    let huge = Request {
+        id: Some("huge".into()),
+        prompt: Some("Robot arm".into()),
+        max_tokens: Some(max_tokens),
+        ..Default::default()
+    };
+    let answers = ask(broker, std::slice::from_ref(&huge)).await;
+    let err = answers[0].outcome.as_ref().unwrap_err();
+    assert_eq!(
+        err.error.code,
+        lime_schemas::ErrorCode::ExceedsMemory,
+        "{err:?}"
+    );
+    assert!(
+        err.error.message.contains("at most"),
+        "{}",
+        err.error.message
+    );
+}
