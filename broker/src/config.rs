@@ -18,6 +18,13 @@ pub struct BrokerConfig {
     pub max_payload_bytes: usize,
     /// Unacknowledged QoS 1 messages per connection.
     pub max_inflight: usize,
+    /// The router keeps each subscription's recent messages (for subscribers
+    /// that lag) in segments of about this many bytes (a larger message
+    /// overfills one)...
+    pub log_segment_bytes: usize,
+    /// ...and this many full segments besides the one filling: the most a
+    /// subscription holds is about (log_segments + 1) x log_segment_bytes.
+    pub log_segments: usize,
     /// How long a new connection may take to send CONNECT.
     pub connection_timeout_ms: u16,
     pub max_connections: usize,
@@ -99,6 +106,8 @@ impl Default for BrokerConfig {
             v5_listen: "0.0.0.0:1884".into(),
             max_payload_bytes: 4 << 20,
             max_inflight: 256,
+            log_segment_bytes: 256 << 10,
+            log_segments: 2,
             connection_timeout_ms: 10_000,
             max_connections: 1024,
             users: None,
@@ -142,6 +151,14 @@ impl BrokerConfig {
             "max_payload_bytes must be between 1 KiB and 256 MiB"
         );
         anyhow::ensure!(self.max_inflight > 0, "max_inflight must be positive");
+        anyhow::ensure!(
+            (1024..=1 << 30).contains(&self.log_segment_bytes),
+            "log_segment_bytes must be between 1 KiB and 1 GiB"
+        );
+        anyhow::ensure!(
+            (1..=1024).contains(&self.log_segments),
+            "log_segments must be between 1 and 1024"
+        );
         let p = &self.planner;
         anyhow::ensure!(
             p.workload.parse::<crate::planner::WorkloadKind>().is_ok(),
@@ -201,9 +218,10 @@ impl BrokerConfig {
             router: rumqttd::RouterConfig {
                 max_connections: self.max_connections,
                 max_outgoing_packet_count: 1024,
-                // A segment must hold at least one publish of the largest size.
-                max_segment_size: (self.max_payload_bytes * 2).max(16 << 20),
-                max_segment_count: 4,
+                // Per subscription, for its whole life: rumqttd never drops a
+                // filter's log, so this bounds the broker's memory.
+                max_segment_size: self.log_segment_bytes,
+                max_segment_count: self.log_segments,
                 ..Default::default()
             },
             v4: server("v4", &self.v4_listen),

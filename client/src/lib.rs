@@ -12,6 +12,7 @@ pub mod offloading;
 pub mod plan;
 pub mod progress;
 pub mod serving;
+pub mod soak;
 pub mod status;
 pub mod swing;
 pub mod synth;

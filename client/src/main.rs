@@ -48,6 +48,23 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:1884")]
         broker: String,
     },
+    /// Keep a local cluster busy for a bounded time (bursts of requests, some
+    /// malformed, robots that hang up mid-answer) and check that every request
+    /// was answered or refused once and memory stayed flat.
+    Soak {
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        #[arg(long, default_value_t = 4)]
+        robots: usize,
+        #[arg(long, default_value_t = 3)]
+        stages: usize,
+        /// Checkpoint to serve (the tiny preset is written there if missing).
+        #[arg(long, default_value = "models/tiny")]
+        model: PathBuf,
+        /// Configs and logs of the cluster.
+        #[arg(long, default_value = "target/soak")]
+        dir: PathBuf,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -510,6 +527,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", lime::status::table(&stages));
             }
+            Ok(())
+        }
+        Command::Soak {
+            seconds,
+            robots,
+            stages,
+            model,
+            dir,
+        } => {
+            lime::synth::ensure(Preset::Tiny, &model)?;
+            let spec = lime::cluster::ClusterSpec::new(&model, stages, &dir);
+            let mut soak = lime::soak::SoakSpec::new(std::time::Duration::from_secs(seconds));
+            soak.robots = robots;
+            let report = block_on(async {
+                let mut cluster = lime::cluster::Cluster::start(&spec).await?;
+                cluster
+                    .wait_online(std::time::Duration::from_secs(120))
+                    .await?;
+                eprintln!("soak: {stages} stages online; {robots} robots for {seconds} s");
+                let report = lime::soak::run(&cluster, &soak, |m| eprintln!("soak: {m}")).await;
+                cluster.check_alive()?;
+                cluster.stop();
+                report
+            })?;
+            print!("{}", report.render());
+            anyhow::ensure!(
+                report.held(),
+                "the soak found lost, duplicated or wrongly handled replies"
+            );
             Ok(())
         }
         Command::Bench { what } => match what {

@@ -32,14 +32,19 @@ impl BrokerAddr {
     pub fn connect(&self, prefix: &str) -> (AsyncClient, EventLoop, String) {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (client, eventloop) = self.connect_as(&format!("{prefix}-{}-{n}", std::process::id()));
         let id = format!("{prefix}-{}-{n}", std::process::id());
-        let mut o = MqttOptions::new(id.clone(), self.host.clone(), self.port);
+        (client, eventloop, id)
+    }
+
+    /// A client with this id, as a robot that reconnects under its own name.
+    pub fn connect_as(&self, id: &str) -> (AsyncClient, EventLoop) {
+        let mut o = MqttOptions::new(id, self.host.clone(), self.port);
         o.set_keep_alive(Duration::from_secs(10));
         o.set_max_packet_size(Some(16 << 20));
         if let (Some(u), Some(p)) = (&self.username, &self.password) {
             o.set_credentials(u.clone(), p.clone());
         }
-        let (client, eventloop) = AsyncClient::new(o, 1024);
-        (client, eventloop, id)
+        AsyncClient::new(o, 1024)
     }
 }

@@ -43,7 +43,7 @@ impl RingKey {
 
     pub fn from_hex(text: &str) -> Result<Self, String> {
         let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-        if digits.len() & 1 == 1 {
+        if !digits.len().is_multiple_of(2) {
             return Err("an odd number of hex digits".into());
         }
         let key = digits
