@@ -89,6 +89,28 @@ fn publish(args: &[&str]) -> std::process::Output {
     Command::new("mosquitto_pub").args(args).output().unwrap()
 }
 
+/// Publishes a request as a robot with an MQTT 3.1.1 client does (QoS 1 on
+/// `lime/request`), failing on a client error.
+fn publish_request_v311(port: &str, body: &str) {
+    let out = publish(&[
+        "-V",
+        "mqttv311",
+        "-p",
+        port,
+        "-t",
+        "lime/request",
+        "-q",
+        "1",
+        "-m",
+        body,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Reads text pieces then the final message from JSON lines.
 fn read_stream(lines: &[String]) -> (String, Final) {
     let mut text = String::new();
@@ -128,23 +150,7 @@ fn mosquitto_clients_with_mqtt_311_and_5() {
 
         // MQTT 3.1.1, default reply topic lime/response/<id>.
         let sub = Sub::start(&["-V", "mqttv311", "-p", &v4, "-t", "lime/response/robot-7"]);
-        let out = publish(&[
-            "-V",
-            "mqttv311",
-            "-p",
-            &v4,
-            "-t",
-            "lime/request",
-            "-q",
-            "1",
-            "-m",
-            &body,
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        publish_request_v311(&v4, &body);
         let (text, f) = read_stream(&sub.until_done());
         assert_identical(&reference, &request, &f, "mosquitto v3.1.1");
         assert_eq!(
@@ -160,18 +166,7 @@ fn mosquitto_clients_with_mqtt_311_and_5() {
         with_reply_to.reply_to = Some("robots/7/answers".into());
         let sub = Sub::start(&["-V", "mqttv311", "-p", &v4, "-t", "robots/7/answers"]);
         let body2 = serde_json::to_string(&with_reply_to).unwrap();
-        publish(&[
-            "-V",
-            "mqttv311",
-            "-p",
-            &v4,
-            "-t",
-            "lime/request",
-            "-q",
-            "1",
-            "-m",
-            &body2,
-        ]);
+        publish_request_v311(&v4, &body2);
         let (_, f) = read_stream(&sub.until_done());
         assert_identical(&reference, &request, &f, "mosquitto reply_to");
 
@@ -406,18 +401,7 @@ fn an_external_mosquitto_broker_works_the_same() {
         let p = port.to_string();
         let sub = Sub::start(&["-V", "mqttv311", "-p", &p, "-t", "lime/response/m1"]);
         let body = r#"{"id":"m1","prompt":"Hafen Straße","max_tokens":5,"ignore_eos":true}"#;
-        publish(&[
-            "-V",
-            "mqttv311",
-            "-p",
-            &p,
-            "-t",
-            "lime/request",
-            "-q",
-            "1",
-            "-m",
-            body,
-        ]);
+        publish_request_v311(&p, body);
         let (_, f) = read_stream(&sub.until_done());
         assert_eq!(f.usage.completion_tokens, 5);
     });
@@ -506,21 +490,7 @@ fn a_request_delivered_twice_is_served_once_and_its_id_is_refused_to_another_unt
             serde_json::to_string(&other).unwrap(),
         );
         let sub = Sub::start(&["-V", "mqttv311", "-p", &v4, "-t", "lime/response/robot-dup"]);
-        let send = |body: &str| {
-            let out = publish(&[
-                "-V",
-                "mqttv311",
-                "-p",
-                &v4,
-                "-t",
-                "lime/request",
-                "-q",
-                "1",
-                "-m",
-                body,
-            ]);
-            assert!(out.status.success());
-        };
+        let send = |body: &str| publish_request_v311(&v4, body);
         // What a robot does when its QoS 1 publish is not acknowledged in
         // time, then another request under the same id while it runs.
         send(&body);
