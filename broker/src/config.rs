@@ -30,8 +30,27 @@ pub struct BrokerConfig {
     pub max_connections: usize,
     /// Username → password. When set, every client must log in.
     pub users: Option<HashMap<String, String>>,
+    /// MQTT over TLS, for robots on networks others share.
+    pub tls: Option<TlsSettings>,
     /// The planner that turns the stages' profiles into the plan.
     pub planner: PlannerConfig,
+}
+
+/// TLS listeners and the server's identity (PEM files). Clients are not asked
+/// for certificates; with `users` set they log in over the encrypted link.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// MQTT 3.1.1 over TLS (e.g. `0.0.0.0:8883`); empty or absent to disable.
+    #[serde(default)]
+    pub v4_listen: String,
+    /// MQTT 5 over TLS; empty or absent to disable.
+    #[serde(default)]
+    pub v5_listen: String,
+    /// The certificate chain robots verify, leaf first.
+    pub cert_file: PathBuf,
+    /// Its private key (PKCS#8, RSA or SEC1).
+    pub key_file: PathBuf,
 }
 
 /// When and for what the broker plans.
@@ -111,6 +130,7 @@ impl Default for BrokerConfig {
             connection_timeout_ms: 10_000,
             max_connections: 1024,
             users: None,
+            tls: None,
             planner: PlannerConfig::default(),
         }
     }
@@ -137,8 +157,8 @@ impl BrokerConfig {
 
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
-            !(self.v4_listen.is_empty() && self.v5_listen.is_empty()),
-            "both listeners are disabled"
+            !(self.v4_listen.is_empty() && self.v5_listen.is_empty() && self.tls.is_none()),
+            "every listener is disabled"
         );
         for addr in [&self.v4_listen, &self.v5_listen] {
             if !addr.is_empty() {
@@ -188,7 +208,44 @@ impl BrokerConfig {
         if let Some(users) = &self.users {
             anyhow::ensure!(!users.is_empty(), "`users` is set but empty");
         }
+        if let Some(tls) = &self.tls {
+            anyhow::ensure!(
+                !(tls.v4_listen.is_empty() && tls.v5_listen.is_empty()),
+                "tls is set but both of its listeners are disabled"
+            );
+            for addr in [&tls.v4_listen, &tls.v5_listen] {
+                if !addr.is_empty() {
+                    addr.parse::<SocketAddr>()
+                        .map_err(|e| anyhow::anyhow!("tls listen address {addr:?}: {e}"))?;
+                }
+            }
+            for (what, path) in [("certificate", &tls.cert_file), ("key", &tls.key_file)] {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("tls {what} file {}: {e}", path.display()))?;
+                anyhow::ensure!(
+                    text.contains("-----BEGIN"),
+                    "tls {what} file {} is not PEM",
+                    path.display()
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// Every address the broker listens on, plain and TLS.
+    pub fn listeners(&self) -> Vec<&str> {
+        let tls = self.tls.as_ref();
+        [
+            Some(&self.v4_listen),
+            Some(&self.v5_listen),
+            tls.map(|t| &t.v4_listen),
+            tls.map(|t| &t.v5_listen),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|a| !a.is_empty())
+        .map(String::as_str)
+        .collect()
     }
 
     /// rumqttd's configuration for these settings.
@@ -201,18 +258,33 @@ impl BrokerConfig {
             external_auth: None,
             dynamic_filters: true,
         };
-        let server =
-            |name: &str, listen: &str| -> Option<HashMap<String, rumqttd::ServerSettings>> {
-                let listen = listen.parse().ok()?;
-                let settings = rumqttd::ServerSettings {
-                    name: name.to_owned(),
-                    listen,
-                    tls: None,
-                    next_connection_delay_ms: 1,
-                    connections: connections.clone(),
-                };
-                Some(HashMap::from([("1".to_owned(), settings)]))
+        let tls = |t: &TlsSettings| rumqttd::TlsConfig::Rustls {
+            capath: None,
+            certpath: t.cert_file.display().to_string(),
+            keypath: t.key_file.display().to_string(),
+        };
+        let server = |name: &str, plain: &str, secure: Option<&str>| {
+            let mut servers = HashMap::new();
+            let mut add = |key: &str, listen: &str, tls: Option<rumqttd::TlsConfig>| {
+                if let Ok(listen) = listen.parse() {
+                    servers.insert(
+                        key.to_owned(),
+                        rumqttd::ServerSettings {
+                            name: format!("{name}-{key}"),
+                            listen,
+                            tls,
+                            next_connection_delay_ms: 1,
+                            connections: connections.clone(),
+                        },
+                    );
+                }
             };
+            add("plain", plain, None);
+            if let (Some(listen), Some(t)) = (secure, &self.tls) {
+                add("tls", listen, Some(tls(t)));
+            }
+            (!servers.is_empty()).then_some(servers)
+        };
         rumqttd::Config {
             id: 0,
             router: rumqttd::RouterConfig {
@@ -224,8 +296,16 @@ impl BrokerConfig {
                 max_segment_count: self.log_segments,
                 ..Default::default()
             },
-            v4: server("v4", &self.v4_listen),
-            v5: server("v5", &self.v5_listen),
+            v4: server(
+                "v4",
+                &self.v4_listen,
+                self.tls.as_ref().map(|t| t.v4_listen.as_str()),
+            ),
+            v5: server(
+                "v5",
+                &self.v5_listen,
+                self.tls.as_ref().map(|t| t.v5_listen.as_str()),
+            ),
             ..Default::default()
         }
     }

@@ -19,11 +19,8 @@ use membership::{Change, Membership};
 pub fn run(cfg: &BrokerConfig) -> anyhow::Result<()> {
     // rumqttd only logs a listener that cannot bind and serves on without it; a
     // broker missing a listener is a failed start, so try each first.
-    for addr in [&cfg.v4_listen, &cfg.v5_listen] {
-        if !addr.is_empty() {
-            std::net::TcpListener::bind(addr.as_str())
-                .with_context(|| format!("cannot listen on {addr}"))?;
-        }
+    for addr in cfg.listeners() {
+        std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
     }
     let mut broker = rumqttd::Broker::new(cfg.to_rumqttd());
     let (mut link_tx, mut link_rx) = broker
@@ -79,7 +76,14 @@ pub fn run(cfg: &BrokerConfig) -> anyhow::Result<()> {
             "planner waiting for stage profiles"
         );
     }
-    tracing::info!(v4 = %cfg.v4_listen, v5 = %cfg.v5_listen, auth = cfg.users.is_some(), "MQTT broker starting");
+    tracing::info!(
+        v4 = %cfg.v4_listen,
+        v5 = %cfg.v5_listen,
+        tls_v4 = cfg.tls.as_ref().map_or("", |t| t.v4_listen.as_str()),
+        tls_v5 = cfg.tls.as_ref().map_or("", |t| t.v5_listen.as_str()),
+        auth = cfg.users.is_some(),
+        "MQTT broker starting"
+    );
     broker.start().context("running the MQTT broker")?;
     Ok(())
 }

@@ -32,9 +32,9 @@ pub fn watch(
     let topic = heartbeat_topic();
     tx.subscribe(topic.clone())?;
 
-    let listeners: Vec<SocketAddr> = [&cfg.v4_listen, &cfg.v5_listen]
+    let listeners: Vec<SocketAddr> = cfg
+        .listeners()
         .into_iter()
-        .filter(|a| !a.is_empty())
         .filter_map(|a| a.parse().ok())
         .map(reachable)
         .collect();

@@ -533,3 +533,137 @@ fn a_request_delivered_twice_is_served_once_and_its_id_is_refused_to_another_unt
         assert_eq!(log.matches("request done").count(), 2, "{log}");
     });
 }
+
+/// A self-signed certificate for `localhost` and 127.0.0.1, made with the
+/// openssl command line: `(cert.pem, key.pem)`.
+fn self_signed(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    require("openssl");
+    let (cert, key) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+#[test]
+fn robots_speak_mqtt_over_tls_and_a_plain_or_unverified_client_gets_nothing() {
+    let reference = Reference::tiny();
+    let work = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(work.path(), "broker");
+    let (other_ca, _) = self_signed(work.path(), "stranger");
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let mut spec = ClusterSpec::new(reference.path(), 2, work.path().join("run"));
+    spec.broker_env = vec![
+        (
+            "LIME_BROKER_TLS__V4_LISTEN".into(),
+            format!("127.0.0.1:{tls_port}"),
+        ),
+        (
+            "LIME_BROKER_TLS__CERT_FILE".into(),
+            cert.display().to_string(),
+        ),
+        (
+            "LIME_BROKER_TLS__KEY_FILE".into(),
+            key.display().to_string(),
+        ),
+    ];
+    let request = Request {
+        id: Some("tls-1".into()),
+        prompt: Some("Robot arm, stop at the obstacle".into()),
+        max_tokens: Some(12),
+        ignore_eos: true,
+        return_token_ids: true,
+        return_logits: true,
+        ..Default::default()
+    };
+    let body = serde_json::to_string(&request).unwrap();
+    let ca = cert.display().to_string();
+    runtime().block_on(async {
+        let _cluster = up(&spec).await;
+        let tls = |ca: &str| -> Vec<String> {
+            [
+                "-V",
+                "mqttv311",
+                "-h",
+                "localhost",
+                "-p",
+                &tls_port,
+                "--cafile",
+                ca,
+            ]
+            .map(String::from)
+            .to_vec()
+        };
+        let args = |extra: &[&str], ca: &str| -> Vec<String> {
+            let mut a = tls(ca);
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a
+        };
+        let sub_args = args(&["-t", "lime/response/tls-1"], &ca);
+        let sub = Sub::start(&sub_args.iter().map(String::as_str).collect::<Vec<_>>());
+        let pub_args = args(&["-t", "lime/request", "-q", "1", "-m", &body], &ca);
+        let out = publish(&pub_args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (_, f) = read_stream(&sub.until_done());
+        assert_identical(&reference, &request, &f, "over TLS");
+
+        // Plain MQTT on the TLS port, and TLS trusting another CA: refused.
+        let plain = publish(&[
+            "-V",
+            "mqttv311",
+            "-p",
+            &tls_port,
+            "-t",
+            "lime/request",
+            "-m",
+            &body,
+        ]);
+        assert!(
+            !plain.status.success(),
+            "plain MQTT was accepted on the TLS port"
+        );
+        let stranger_ca = other_ca.display().to_string();
+        let unverified = args(&["-t", "lime/request", "-m", &body], &stranger_ca);
+        let out = publish(&unverified.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(
+            !out.status.success(),
+            "a client that cannot verify the broker connected"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(
+            stderr.contains("certificate") || stderr.contains("tls"),
+            "{stderr}"
+        );
+    });
+}
