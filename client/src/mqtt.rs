@@ -32,8 +32,8 @@ impl BrokerAddr {
     pub fn connect(&self, prefix: &str) -> (AsyncClient, EventLoop, String) {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (client, eventloop) = self.connect_as(&format!("{prefix}-{}-{n}", std::process::id()));
         let id = format!("{prefix}-{}-{n}", std::process::id());
+        let (client, eventloop) = self.connect_as(&id);
         (client, eventloop, id)
     }
 

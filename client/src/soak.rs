@@ -222,14 +222,14 @@ async fn burst(
                 }
                 *next = piece.seq + 1;
             }
-            Ok(Reply::Final(_)) | Ok(Reply::Error(_)) => {
+            Ok(outcome @ (Reply::Final(_) | Reply::Error(_))) => {
                 *outcomes += 1;
                 if *outcomes > 1 {
                     out.duplicated.push(id.clone());
                     continue;
                 }
                 done += 1;
-                let refused = matches!(Reply::parse(&p.payload), Ok(Reply::Error(_)));
+                let refused = matches!(outcome, Reply::Error(_));
                 if refused != malformed[i] {
                     out.wrong
                         .push(format!("{id}: {}", String::from_utf8_lossy(&p.payload)));

@@ -89,6 +89,20 @@ fn publish(args: &[&str]) -> std::process::Output {
     Command::new("mosquitto_pub").args(args).output().unwrap()
 }
 
+/// A robot's request, asking for token ids and final logits so that the
+/// answer can be checked bit for bit.
+fn robot_request(id: &str, max_tokens: u32) -> Request {
+    Request {
+        id: Some(id.into()),
+        prompt: Some("Robot arm, stop at the obstacle".into()),
+        max_tokens: Some(max_tokens),
+        ignore_eos: true,
+        return_token_ids: true,
+        return_logits: true,
+        ..Default::default()
+    }
+}
+
 /// Publishes a request as a robot with an MQTT 3.1.1 client does (QoS 1 on
 /// `lime/request`), failing on a client error.
 fn publish_request_v311(port: &str, body: &str) {
@@ -137,15 +151,7 @@ fn mosquitto_clients_with_mqtt_311_and_5() {
         let cluster = up(&spec).await;
         let v4 = cluster.v4_port.unwrap().to_string();
         let v5 = cluster.broker.port.to_string();
-        let request = Request {
-            id: Some("robot-7".into()),
-            prompt: Some("Robot arm, stop at the obstacle".into()),
-            max_tokens: Some(12),
-            ignore_eos: true,
-            return_token_ids: true,
-            return_logits: true,
-            ..Default::default()
-        };
+        let request = robot_request("robot-7", 12);
         let body = serde_json::to_string(&request).unwrap();
 
         // MQTT 3.1.1, default reply topic lime/response/<id>.
@@ -472,15 +478,7 @@ fn a_request_delivered_twice_is_served_once_and_its_id_is_refused_to_another_unt
         let cluster = up(&spec).await;
         let v4 = cluster.v4_port.unwrap().to_string();
         // Long enough to be still generating when the others arrive.
-        let request = Request {
-            id: Some("robot-dup".into()),
-            prompt: Some("Robot arm, stop at the obstacle".into()),
-            max_tokens: Some(400),
-            ignore_eos: true,
-            return_token_ids: true,
-            return_logits: true,
-            ..Default::default()
-        };
+        let request = robot_request("robot-dup", 400);
         let other = Request {
             max_tokens: Some(3),
             ..request.clone()
@@ -594,15 +592,7 @@ fn robots_speak_mqtt_over_tls_and_a_plain_or_unverified_client_gets_nothing() {
             key.display().to_string(),
         ),
     ];
-    let request = Request {
-        id: Some("tls-1".into()),
-        prompt: Some("Robot arm, stop at the obstacle".into()),
-        max_tokens: Some(12),
-        ignore_eos: true,
-        return_token_ids: true,
-        return_logits: true,
-        ..Default::default()
-    };
+    let request = robot_request("tls-1", 12);
     let body = serde_json::to_string(&request).unwrap();
     let ca = cert.display().to_string();
     runtime().block_on(async {
