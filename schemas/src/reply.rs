@@ -77,6 +77,9 @@ pub enum ErrorCode {
     ExceedsMemory,
     /// Another request with this id was taken lately; ids must be unique.
     DuplicateId,
+    /// The request names a reply topic its sender may not read (a robot's
+    /// answers go under `lime/response/<user>/`).
+    ForbiddenReplyTopic,
     /// The request was accepted but could not be completed.
     Internal,
 }

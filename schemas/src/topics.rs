@@ -2,6 +2,10 @@
 
 /// Robots publish requests here (QoS 1).
 pub const REQUEST: &str = "lime/request";
+/// Requests lime-broker forwards under their sender's name: a robot's publish
+/// on [`REQUEST`] arrives at the starter as `lime/request/<user>`, so that its
+/// answers can be kept to topics that user may read.
+pub const REQUEST_FROM_USERS: &str = "lime/request/+";
 /// Errors that cannot be addressed to any reply topic.
 pub const ERROR: &str = "lime/error";
 /// The retained current plan.
@@ -49,6 +53,33 @@ pub fn response(id: &str) -> String {
     format!("{RESPONSE_PREFIX}{id}")
 }
 
+/// Where lime-broker forwards a request published by `user`.
+pub fn request_from(user: &str) -> String {
+    format!("{REQUEST}/{user}")
+}
+
+/// The user a `lime/request/<user>` topic was published by.
+pub fn sender_of_request(topic: &str) -> Option<&str> {
+    topic
+        .strip_prefix("lime/request/")
+        .filter(|u| is_topic_level(u))
+}
+
+/// The topics a robot may read its answers on: `lime/response/<user>/…`.
+pub fn user_responses(user: &str) -> String {
+    format!("{RESPONSE_PREFIX}{user}/")
+}
+
+/// The reply topic of a robot's request that named none.
+pub fn user_response(user: &str, id: &str) -> String {
+    format!("{RESPONSE_PREFIX}{user}/{id}")
+}
+
+/// A robot's errors that cannot be addressed to any reply topic.
+pub fn user_errors(user: &str) -> String {
+    format!("{ERROR}/{user}")
+}
+
 /// The stage a `lime/status/<stage>` topic is about.
 pub fn stage_of_status(topic: &str) -> Option<&str> {
     topic
@@ -75,6 +106,15 @@ mod tests {
         assert_eq!(stage_of_status(&status("s1")), Some("s1"));
         assert_eq!(stage_of_status("lime/status/a/b"), None);
         assert_eq!(stage_of_status("lime/status/"), None);
+    }
+
+    #[test]
+    fn request_senders_round_trip() {
+        assert_eq!(sender_of_request(&request_from("robot-7")), Some("robot-7"));
+        assert_eq!(sender_of_request(REQUEST), None);
+        assert_eq!(sender_of_request("lime/request/a/b"), None);
+        assert_eq!(sender_of_request("lime/request/"), None);
+        assert!(user_response("r", "1").starts_with(&user_responses("r")));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! replies out.
 
 use crate::config::StageConfig;
-use crate::intake::Intake;
+use crate::intake::{Intake, Sender};
 use crate::pipeline::Event;
 use crate::starter::Outgoing;
 use lime_schemas::{topics, Plan, StageStatus};
@@ -140,8 +140,8 @@ pub async fn drive(mut eventloop: EventLoop, client: AsyncClient, inbox: Arc<Inb
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                 let received = Instant::now();
                 let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                if topic == topics::REQUEST {
-                    handle_request(&inbox, &p.payload, p.properties.as_ref(), received);
+                if let Some(sender) = Sender::of_topic(&topic) {
+                    handle_request(&inbox, &p.payload, sender, p.properties.as_ref(), received);
                 } else if topic == topics::PLAN {
                     handle_plan(&inbox, &p.payload);
                 }
@@ -196,7 +196,7 @@ async fn resubscribe(client: &AsyncClient, inbox: &Inbox) {
         let _ = client.subscribe(topics::PLAN, QoS::AtLeastOnce).await;
     }
     if inbox.requests.get().is_some() {
-        let _ = client.subscribe(topics::REQUEST, QoS::AtLeastOnce).await;
+        subscribe_requests(client).await;
     }
     let status = inbox.status.lock().ok().and_then(|s| s.clone());
     if let Some(status) = status {
@@ -215,8 +215,16 @@ async fn resubscribe(client: &AsyncClient, inbox: &Inbox) {
 /// Starts taking requests: from now on `lime/request` is subscribed.
 pub async fn open_requests(client: &AsyncClient, inbox: &Inbox, sink: RequestSink) {
     if inbox.requests.set(sink).is_ok() {
-        if let Err(e) = client.subscribe(topics::REQUEST, QoS::AtLeastOnce).await {
-            tracing::error!(error = %e, "could not subscribe to requests");
+        subscribe_requests(client).await;
+    }
+}
+
+/// Requests come on `lime/request`, and as `lime/request/<user>` when
+/// lime-broker forwards them for a robot login.
+async fn subscribe_requests(client: &AsyncClient) {
+    for topic in [topics::REQUEST, topics::REQUEST_FROM_USERS] {
+        if let Err(e) = client.subscribe(topic, QoS::AtLeastOnce).await {
+            tracing::error!(error = %e, %topic, "could not subscribe to requests");
         }
     }
 }
@@ -224,6 +232,7 @@ pub async fn open_requests(client: &AsyncClient, inbox: &Inbox, sink: RequestSin
 fn handle_request(
     inbox: &Inbox,
     payload: &[u8],
+    sender: Sender<'_>,
     props: Option<&PublishProperties>,
     received: Instant,
 ) {
@@ -234,16 +243,17 @@ fn handle_request(
     let correlation = props.and_then(|p| p.correlation_data.as_deref());
     match sink
         .intake
-        .accept(payload, response_topic, correlation, received)
+        .accept(payload, sender, response_topic, correlation, received)
     {
         Ok(Some(job)) => {
-            tracing::debug!(id = %job.id, prompt = job.prompt.len(), "request accepted");
+            tracing::debug!(id = %job.id, ?sender, prompt = job.prompt.len(), "request accepted");
             let _ = sink.events.send(Event::Job(Box::new(job)));
         }
         Ok(None) => tracing::info!("a request taken lately arrived again; served once"),
         Err(refusal) => {
             tracing::warn!(
                 id = ?refusal.error.id,
+                ?sender,
                 code = ?refusal.error.error.code,
                 message = %refusal.error.error.message,
                 topic = %refusal.reply.topic,

@@ -1,6 +1,11 @@
 //! From a publish on `lime/request` to a queued job or an error reply: size limit,
 //! JSON, validation, chat template, tokenization, and the context check. Runs before
 //! anything is queued, so a bad request costs the cluster nothing.
+//!
+//! Where the answers go depends on who sent the request: one lime-broker
+//! forwarded for a robot login (on `lime/request/<user>`) is answered only under
+//! `lime/response/<user>/`, the topics that robot may read, so that no robot can
+//! have the starter publish on another's replies or on the control topics.
 
 use crate::chat::ChatTemplate;
 use crate::recent::{fingerprint, Seen, SharedIds};
@@ -18,10 +23,111 @@ pub struct ReplyTo {
     pub correlation: Option<Vec<u8>>,
 }
 
+/// Who sent a request, as far as its reply topics go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sender<'a> {
+    /// Published on `lime/request` itself (by a service login, or with no
+    /// logins at all): the reply topic it names is used as it is.
+    Trusted,
+    /// A robot login, named by lime-broker: answers stay under
+    /// `lime/response/<user>/`.
+    Robot(&'a str),
+}
+
+impl Sender<'_> {
+    /// The sender of a publish on `topic`, if it is a request topic.
+    pub fn of_topic(topic: &str) -> Option<Sender<'_>> {
+        if topic == topics::REQUEST {
+            Some(Sender::Trusted)
+        } else {
+            topics::sender_of_request(topic).map(Sender::Robot)
+        }
+    }
+
+    fn may_reply_on(self, topic: &str) -> bool {
+        match self {
+            Sender::Trusted => true,
+            Sender::Robot(user) => topic.starts_with(&topics::user_responses(user)),
+        }
+    }
+
+    fn default_reply(self, id: &str) -> ReplyTo {
+        let topic = match self {
+            Sender::Trusted => topics::response(id),
+            Sender::Robot(user) => topics::user_response(user, id),
+        };
+        ReplyTo {
+            topic,
+            correlation: None,
+        }
+    }
+
+    /// Where errors go that no reply topic can be found for.
+    fn nowhere(self) -> ReplyTo {
+        let topic = match self {
+            Sender::Trusted => topics::ERROR.to_owned(),
+            Sender::Robot(user) => topics::user_errors(user),
+        };
+        ReplyTo {
+            topic,
+            correlation: None,
+        }
+    }
+
+    fn forbidden(self, topic: &str) -> Invalid {
+        let (user, mine) = match self {
+            Sender::Trusted => ("", String::new()),
+            Sender::Robot(user) => (user, topics::user_responses(user)),
+        };
+        Invalid::new(
+            ErrorCode::ForbiddenReplyTopic,
+            format!("{user:?} may not read {topic:?}: name a reply topic under {mine:?}, or none"),
+        )
+    }
+
+    /// What the starter remembers an id under: each robot has its own ids.
+    fn id_key(self, id: &str) -> String {
+        match self {
+            Sender::Trusted => id.to_owned(),
+            Sender::Robot(user) => format!("{user}/{id}"),
+        }
+    }
+}
+
+/// Where a request's replies go: the topic it names if its sender may use it,
+/// else the default one for its id (if it has a usable id).
+struct Route {
+    reply: Option<ReplyTo>,
+    /// Why the named topic may not be used, when it may not.
+    forbidden: Option<Invalid>,
+}
+
+impl Route {
+    fn new(sender: Sender<'_>, named: Option<ReplyTo>, id: Option<&str>) -> Self {
+        let id = id.filter(|i| topics::is_topic_level(i));
+        match named {
+            Some(r) if !sender.may_reply_on(&r.topic) => Route {
+                reply: id.map(|i| sender.default_reply(i)),
+                forbidden: Some(sender.forbidden(&r.topic)),
+            },
+            Some(r) => Route {
+                reply: Some(r),
+                forbidden: None,
+            },
+            None => Route {
+                reply: id.map(|i| sender.default_reply(i)),
+                forbidden: None,
+            },
+        }
+    }
+}
+
 /// A request that passed every check, tokenized and ready to schedule.
 #[derive(Debug)]
 pub struct Job {
     pub id: String,
+    /// What the id is remembered under until the answer ends.
+    pub id_key: String,
     pub reply: ReplyTo,
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
@@ -75,11 +181,13 @@ impl Intake {
         }
     }
 
-    /// Checks one publish. `response_topic`/`correlation` are its MQTT 5 properties.
-    /// `Ok(None)`: the same request was taken lately (a QoS 1 redelivery).
+    /// Checks one publish from `sender`. `response_topic`/`correlation` are its
+    /// MQTT 5 properties. `Ok(None)`: the same request was taken lately (a QoS 1
+    /// redelivery).
     pub fn accept(
         &self,
         payload: &[u8],
+        sender: Sender<'_>,
         response_topic: Option<&str>,
         correlation: Option<&[u8]>,
         received: Instant,
@@ -90,11 +198,18 @@ impl Intake {
                 topic: t.to_owned(),
                 correlation: correlation.map(<[u8]>::to_vec),
             });
+        let refuse = |reply: Option<ReplyTo>, id: Option<String>, e: Invalid| {
+            let id = id.filter(|i| topics::is_topic_level(i));
+            Box::new(Refusal {
+                reply: reply.unwrap_or_else(|| sender.nowhere()),
+                error: ErrorReply::new(id, e.code, e.message),
+            })
+        };
         if payload.len() > self.max_request_bytes {
             let (id, reply_to) = peek_id_and_reply(payload);
-            let reply = v5_reply.or_else(|| reply_topic(id.as_deref(), reply_to));
+            let route = Route::new(sender, v5_reply.or_else(|| named(reply_to)), id.as_deref());
             return Err(refuse(
-                reply,
+                route.reply,
                 id,
                 Invalid::new(
                     ErrorCode::PayloadTooLarge,
@@ -110,28 +225,38 @@ impl Intake {
             Ok(r) => r,
             Err(e) => {
                 let (id, reply_to) = peek_id_and_reply(payload);
-                let reply = v5_reply.or_else(|| reply_topic(id.as_deref(), reply_to));
-                return Err(refuse(reply, id, e));
+                let route = Route::new(sender, v5_reply.or_else(|| named(reply_to)), id.as_deref());
+                return Err(refuse(route.reply, id, e));
             }
         };
         let valid_reply_to = request
             .reply_to
             .clone()
             .filter(|t| lime_schemas::request::is_publish_topic(t));
-        let id_ok = request.id.as_deref().filter(|i| topics::is_topic_level(i));
-        let reply = v5_reply.or_else(|| reply_topic(id_ok, valid_reply_to));
+        let route = Route::new(
+            sender,
+            v5_reply.or_else(|| named(valid_reply_to)),
+            request.id.as_deref(),
+        );
         if let Err(e) = request.validate() {
-            return Err(refuse(reply, request.id.clone(), e));
+            return Err(refuse(route.reply, request.id.clone(), e));
         }
         let id = request.id.clone().unwrap_or_else(|| {
             let n = self.next_id.fetch_add(1, Ordering::Relaxed);
             format!("{}-{n}", self.id_prefix)
         });
-        let reply = reply.unwrap_or_else(|| ReplyTo {
-            topic: topics::response(&id),
-            correlation: None,
-        });
-        let job = match self.job(&request, id.clone(), reply.clone(), received) {
+        let reply = route.reply.unwrap_or_else(|| sender.default_reply(&id));
+        if let Some(e) = route.forbidden {
+            return Err(refuse(Some(reply), Some(id), e));
+        }
+        let id_key = sender.id_key(&id);
+        let job = match self.job(
+            &request,
+            id.clone(),
+            id_key.clone(),
+            reply.clone(),
+            received,
+        ) {
             Ok(job) => job,
             Err(e) => return Err(refuse(Some(reply), Some(id), e)),
         };
@@ -141,7 +266,7 @@ impl Intake {
                 .recent
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .note(&id, print, received);
+                .note(&id_key, print, received);
             match seen {
                 Seen::New => {}
                 Seen::Redelivery => return Ok(None),
@@ -166,6 +291,7 @@ impl Intake {
         &self,
         request: &Request,
         id: String,
+        id_key: String,
         reply: ReplyTo,
         received: Instant,
     ) -> Result<Job, Invalid> {
@@ -208,6 +334,7 @@ impl Intake {
         }
         Ok(Job {
             id,
+            id_key,
             reply,
             prompt,
             max_tokens,
@@ -221,9 +348,8 @@ impl Intake {
     }
 }
 
-fn reply_topic(id: Option<&str>, reply_to: Option<String>) -> Option<ReplyTo> {
-    let topic = reply_to.or_else(|| id.map(topics::response))?;
-    Some(ReplyTo {
+fn named(topic: Option<String>) -> Option<ReplyTo> {
+    topic.map(|topic| ReplyTo {
         topic,
         correlation: None,
     })
@@ -248,13 +374,53 @@ fn peek_id_and_reply(payload: &[u8]) -> (Option<String>, Option<String>) {
     (id, reply_to)
 }
 
-fn refuse(reply: Option<ReplyTo>, id: Option<String>, e: Invalid) -> Box<Refusal> {
-    let id = id.filter(|i| topics::is_topic_level(i));
-    Box::new(Refusal {
-        reply: reply.unwrap_or(ReplyTo {
-            topic: topics::ERROR.to_owned(),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(topic: &str) -> Option<ReplyTo> {
+        Some(ReplyTo {
+            topic: topic.into(),
             correlation: None,
-        }),
-        error: ErrorReply::new(id, e.code, e.message),
-    })
+        })
+    }
+
+    #[test]
+    fn a_trusted_sender_is_answered_where_it_asks() {
+        let r = Route::new(Sender::Trusted, named("ops/answers"), Some("7"));
+        assert_eq!(r.reply.unwrap().topic, "ops/answers");
+        assert!(r.forbidden.is_none());
+        let r = Route::new(Sender::Trusted, None, Some("7"));
+        assert_eq!(r.reply.unwrap().topic, "lime/response/7");
+        assert_eq!(Sender::Trusted.nowhere().topic, "lime/error");
+    }
+
+    #[test]
+    fn a_robot_is_answered_only_under_its_own_topics() {
+        let robot = Sender::Robot("arm-2");
+        let r = Route::new(robot, named("lime/response/arm-2/grip"), Some("7"));
+        assert_eq!(r.reply.unwrap().topic, "lime/response/arm-2/grip");
+        assert!(r.forbidden.is_none());
+        let r = Route::new(robot, None, Some("7"));
+        assert_eq!(r.reply.unwrap().topic, "lime/response/arm-2/7");
+        for elsewhere in [
+            "lime/control/plan",
+            "lime/response/arm-3/7",
+            "lime/response/arm-2",
+            "lime/response/arm-22/7",
+        ] {
+            let r = Route::new(robot, named(elsewhere), Some("7"));
+            assert_eq!(
+                r.reply.unwrap().topic,
+                "lime/response/arm-2/7",
+                "{elsewhere}"
+            );
+            let e = r.forbidden.expect(elsewhere);
+            assert_eq!(e.code, ErrorCode::ForbiddenReplyTopic);
+        }
+        let r = Route::new(robot, named("lime/control/plan"), None);
+        assert!(r.reply.is_none(), "no id: the refusal goes nowhere-topic");
+        assert_eq!(robot.nowhere().topic, "lime/error/arm-2");
+        assert_ne!(robot.id_key("7"), Sender::Robot("arm-3").id_key("7"));
+    }
 }

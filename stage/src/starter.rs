@@ -161,7 +161,7 @@ impl<'t> Scheduler<'t> {
                 "{} requests are already queued; try again later",
                 self.waiting.len()
             );
-            self.answered(&job.id);
+            self.answered(&job.id_key);
             self.publish(
                 &job.reply,
                 &ErrorReply::new(Some(job.id), ErrorCode::Overloaded, msg),
@@ -197,7 +197,7 @@ impl<'t> Scheduler<'t> {
 
     fn refuse(&self, job: &Job, why: &str) {
         tracing::warn!(id = %job.id, %why, "refusing request: it can never fit");
-        self.answered(&job.id);
+        self.answered(&job.id_key);
         let message = format!("this request can never be served: {why}");
         self.publish(
             &job.reply,
@@ -386,6 +386,7 @@ impl<'t> Scheduler<'t> {
             Step::Done(text, reason) => (text, Some(reason)),
         };
         let reply = seq.job.reply.clone();
+        let id_key = seq.job.id_key.clone();
         let piece = text.map(|t| seq.piece(t));
         let last = finish.map(|r| seq.finish(r));
         if let Some(piece) = piece {
@@ -402,7 +403,7 @@ impl<'t> Scheduler<'t> {
                     tpot_ms = last.timing.tpot_ms,
                     "request done"
                 );
-                self.answered(&last.id);
+                self.answered(&id_key);
                 self.publish(&reply, &last);
                 self.sequences.remove(&id);
                 self.ledger.free(id);
@@ -412,12 +413,12 @@ impl<'t> Scheduler<'t> {
         }
     }
 
-    /// Frees a request's id: its answer is complete.
-    fn answered(&self, id: &str) {
+    /// Frees a request's id (under its [`Job::id_key`]): its answer is complete.
+    fn answered(&self, id_key: &str) {
         self.ids
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .finished(id, Instant::now());
+            .finished(id_key, Instant::now());
     }
 
     /// Ends sequences with an error reply; returns those to release.
@@ -428,7 +429,7 @@ impl<'t> Scheduler<'t> {
                 self.ledger.free(*id);
                 self.caught_up(*id);
                 tracing::error!(id = %seq.job.id, %message, "request failed");
-                self.answered(&seq.job.id);
+                self.answered(&seq.job.id_key);
                 let err = ErrorReply::new(Some(seq.job.id.clone()), ErrorCode::Internal, message);
                 self.publish(&seq.job.reply, &err);
                 done.push(*id);
