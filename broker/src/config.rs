@@ -1,6 +1,9 @@
 //! The broker's settings: a TOML file, then `LIME_BROKER_…` environment variables
-//! over it (`LIME_BROKER_V5_LISTEN=0.0.0.0:1884`, `LIME_BROKER_USERS__ROBOT=secret`).
+//! over it (`LIME_BROKER_V5_LISTEN=0.0.0.0:1884`,
+//! `LIME_BROKER_USERS__ARM2__PASSWORD=secret`, `LIME_BROKER_USERS__ARM2__ROLE=robot`;
+//! the environment spells names in lower case).
 
+use crate::acl::Role;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -9,9 +12,11 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
-    /// MQTT 3.1.1 listener; empty to disable.
+    /// A plain MQTT listener (3.1.1 or 5, as each client chooses); empty to
+    /// disable.
     pub v4_listen: String,
-    /// MQTT 5 listener (lime's own processes use it); empty to disable.
+    /// Another, by custom the one MQTT 5 clients (lime's own processes) use;
+    /// empty to disable.
     pub v5_listen: String,
     /// Largest publish accepted. Big enough for a request the starter will refuse
     /// with a clear error, and for final messages that carry logits.
@@ -28,12 +33,31 @@ pub struct BrokerConfig {
     /// How long a new connection may take to send CONNECT.
     pub connection_timeout_ms: u16,
     pub max_connections: usize,
-    /// Username → password. When set, every client must log in.
-    pub users: Option<HashMap<String, String>>,
+    /// Logins by name. When set, every client must log in, and may use only
+    /// the topics its role allows.
+    pub users: Option<HashMap<String, User>>,
     /// MQTT over TLS, for robots on networks others share.
     pub tls: Option<TlsSettings>,
     /// The planner that turns the stages' profiles into the plan.
     pub planner: PlannerConfig,
+}
+
+/// One login.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub password: String,
+    /// `service` (stages, tools: every topic), `robot` (requests and its own
+    /// answers) or `monitor` (reads status, telemetry and the plan).
+    pub role: Role,
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User")
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
 }
 
 /// TLS listeners and the server's identity (PEM files). Clients are not asked
@@ -207,6 +231,17 @@ impl BrokerConfig {
         );
         if let Some(users) = &self.users {
             anyhow::ensure!(!users.is_empty(), "`users` is set but empty");
+            for (name, user) in users {
+                // A robot's name becomes a level of its topics.
+                anyhow::ensure!(
+                    lime_schemas::topics::is_topic_level(name),
+                    "user name {name:?} must be one topic level: no `/`, `+`, `#` or control characters"
+                );
+                anyhow::ensure!(
+                    !user.password.is_empty(),
+                    "user {name:?} has an empty password"
+                );
+            }
         }
         if let Some(tls) = &self.tls {
             anyhow::ensure!(
@@ -248,47 +283,37 @@ impl BrokerConfig {
         .collect()
     }
 
-    /// rumqttd's configuration for these settings.
-    pub fn to_rumqttd(&self) -> rumqttd::Config {
+    /// rumqttd's configuration for these settings: it listens only on the
+    /// gate's internal ports, for the gate's login.
+    pub fn to_rumqttd(&self, internal: &crate::gate::internal::Internal) -> rumqttd::Config {
         let connections = rumqttd::ConnectionSettings {
             connection_timeout_ms: self.connection_timeout_ms,
             max_payload_size: self.max_payload_bytes,
             max_inflight_count: self.max_inflight,
-            auth: self.users.clone(),
+            auth: Some(HashMap::from([(
+                internal.username.clone(),
+                internal.password.clone(),
+            )])),
             external_auth: None,
             dynamic_filters: true,
         };
-        let tls = |t: &TlsSettings| rumqttd::TlsConfig::Rustls {
-            capath: None,
-            certpath: t.cert_file.display().to_string(),
-            keypath: t.key_file.display().to_string(),
-        };
-        let server = |name: &str, plain: &str, secure: Option<&str>| {
-            let mut servers = HashMap::new();
-            let mut add = |key: &str, listen: &str, tls: Option<rumqttd::TlsConfig>| {
-                if let Ok(listen) = listen.parse() {
-                    servers.insert(
-                        key.to_owned(),
-                        rumqttd::ServerSettings {
-                            name: format!("{name}-{key}"),
-                            listen,
-                            tls,
-                            next_connection_delay_ms: 1,
-                            connections: connections.clone(),
-                        },
-                    );
-                }
-            };
-            add("plain", plain, None);
-            if let (Some(listen), Some(t)) = (secure, &self.tls) {
-                add("tls", listen, Some(tls(t)));
-            }
-            (!servers.is_empty()).then_some(servers)
+        let server = |name: &str, listen: std::net::SocketAddr| {
+            Some(HashMap::from([(
+                "internal".to_owned(),
+                rumqttd::ServerSettings {
+                    name: format!("{name}-internal"),
+                    listen,
+                    tls: None,
+                    next_connection_delay_ms: 1,
+                    connections: connections.clone(),
+                },
+            )]))
         };
         rumqttd::Config {
             id: 0,
             router: rumqttd::RouterConfig {
-                max_connections: self.max_connections,
+                // The gate's connections, the planner and the in-process links.
+                max_connections: self.max_connections + 16,
                 max_outgoing_packet_count: 1024,
                 // Per subscription, for its whole life: rumqttd never drops a
                 // filter's log, so this bounds the broker's memory.
@@ -296,16 +321,8 @@ impl BrokerConfig {
                 max_segment_count: self.log_segments,
                 ..Default::default()
             },
-            v4: server(
-                "v4",
-                &self.v4_listen,
-                self.tls.as_ref().map(|t| t.v4_listen.as_str()),
-            ),
-            v5: server(
-                "v5",
-                &self.v5_listen,
-                self.tls.as_ref().map(|t| t.v5_listen.as_str()),
-            ),
+            v4: server("v4", internal.v4),
+            v5: server("v5", internal.v5),
             ..Default::default()
         }
     }

@@ -1,10 +1,13 @@
 //! lime-broker: the control plane. An embedded rumqttd serves MQTT 3.1.1 and 5 so
-//! that a field box needs no other broker, and the broker follows stage membership
-//! from the retained status topics. Its planner ([`planner`], run by
-//! [`planning`]) turns the stages' profiles into the retained plan.
+//! that a field box needs no other broker, behind a gate ([`gate`]) that holds
+//! logins to their topics ([`acl`]); the broker follows stage membership from the
+//! retained status topics. Its planner ([`planner`], run by [`planning`]) turns
+//! the stages' profiles into the retained plan.
 
+pub mod acl;
 pub mod conditions;
 pub mod config;
+pub mod gate;
 pub mod membership;
 pub mod planner;
 pub mod planning;
@@ -14,15 +17,12 @@ use anyhow::Context;
 use config::BrokerConfig;
 use membership::{Change, Membership};
 
-/// Starts the broker and the membership tracker; returns when the broker's
-/// servers stop (normally never: the process ends on a signal).
+/// Starts the broker, its gate and the membership tracker; returns when the
+/// broker's servers stop (normally never: the process ends on a signal).
 pub fn run(cfg: &BrokerConfig) -> anyhow::Result<()> {
-    // rumqttd only logs a listener that cannot bind and serves on without it; a
-    // broker missing a listener is a failed start, so try each first.
-    for addr in cfg.listeners() {
-        std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
-    }
-    let mut broker = rumqttd::Broker::new(cfg.to_rumqttd());
+    let listeners = gate::Listeners::bind(cfg)?;
+    let internal = gate::internal::Internal::new()?;
+    let mut broker = rumqttd::Broker::new(cfg.to_rumqttd(&internal));
     let (mut link_tx, mut link_rx) = broker
         .link("lime-broker-membership")
         .context("linking the membership tracker")?;
@@ -60,6 +60,7 @@ pub fn run(cfg: &BrokerConfig) -> anyhow::Result<()> {
         })?;
     if cfg.planner.stages > 0 {
         let planner_cfg = cfg.clone();
+        let planner_login = internal.clone();
         std::thread::Builder::new()
             .name("planner".into())
             .spawn(move || {
@@ -67,7 +68,7 @@ pub fn run(cfg: &BrokerConfig) -> anyhow::Result<()> {
                     .enable_all()
                     .build()
                 {
-                    Ok(rt) => rt.block_on(planning::run(planner_cfg)),
+                    Ok(rt) => rt.block_on(planning::run(planner_cfg, planner_login)),
                     Err(e) => tracing::error!(error = %e, "planner not started"),
                 }
             })?;
@@ -84,8 +85,24 @@ pub fn run(cfg: &BrokerConfig) -> anyhow::Result<()> {
         auth = cfg.users.is_some(),
         "MQTT broker starting"
     );
-    broker.start().context("running the MQTT broker")?;
-    Ok(())
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("rumqttd".into())
+        .spawn(move || {
+            let why = match broker.start() {
+                Ok(()) => "its servers ended".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            let _ = stopped_tx.send(why);
+        })?;
+    internal
+        .wait_owned(std::time::Duration::from_secs(10))
+        .context("starting the MQTT broker")?;
+    gate::serve(
+        std::sync::Arc::new(gate::Gate::new(cfg, internal)),
+        listeners,
+        stopped_rx,
+    )
 }
 
 fn log_change(change: Option<Change>, members: &Membership) {

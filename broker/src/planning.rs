@@ -24,8 +24,9 @@ use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-/// Runs the planner against the broker's own listener until the process ends.
-pub async fn run(cfg: BrokerConfig) {
+/// Runs the planner against rumqttd's internal listener (as the gate's login)
+/// until the process ends.
+pub async fn run(cfg: BrokerConfig, login: crate::gate::internal::Internal) {
     let links = match load_links(&cfg.planner) {
         Ok(l) => l,
         Err(e) => {
@@ -33,22 +34,14 @@ pub async fn run(cfg: BrokerConfig) {
             return;
         }
     };
-    let Ok(addr) = cfg.v5_listen.parse::<std::net::SocketAddr>() else {
-        tracing::error!("the planner needs the MQTT 5 listener; it is off");
-        return;
-    };
-    let host = if addr.ip().is_unspecified() {
-        "127.0.0.1".to_string()
-    } else {
-        addr.ip().to_string()
-    };
-    let mut options = MqttOptions::new("lime-broker-planner", host, addr.port());
+    let mut options = MqttOptions::new(
+        "lime-broker-planner",
+        login.v5.ip().to_string(),
+        login.v5.port(),
+    );
     options.set_keep_alive(Duration::from_secs(10));
     options.set_max_packet_size(Some(cfg.max_payload_bytes as u32));
-    // With logins required, the planner uses the first configured user.
-    if let Some((user, password)) = cfg.users.as_ref().and_then(|u| u.iter().min()) {
-        options.set_credentials(user.clone(), password.clone());
-    }
+    options.set_credentials(login.username.clone(), login.password.clone());
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     let mut planner = Planner::new(cfg.planner.clone(), links);
     loop {
