@@ -39,6 +39,12 @@ pub struct ClusterSpec {
     pub broker_env: Vec<(String, String)>,
     /// Extra environment for every stage (`LIME_STAGE_…` settings).
     pub stage_env: Vec<(String, String)>,
+    /// The login (username, password) the stages and the cluster's own client
+    /// use at the broker, when it requires one.
+    pub login: Option<(String, String)>,
+    /// Serve MQTT only over TLS with this identity; lime-broker gets no plain
+    /// listeners.
+    pub tls: Option<TlsIdentity>,
     /// lime itself or a baseline.
     pub mode: Mode,
     /// Memory budgets and streaming.
@@ -53,6 +59,15 @@ pub struct ClusterSpec {
     /// Run stage `i` in network namespace `stages[i]`, reaching the broker
     /// (listening on every address) at `host_ip`.
     pub namespaces: Option<Namespaces>,
+}
+
+/// The broker's certificate and key, and the CA that everyone verifies it
+/// against (PEM files).
+#[derive(Debug, Clone)]
+pub struct TlsIdentity {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// Where stages run when each has a network namespace of its own.
@@ -245,6 +260,8 @@ impl ClusterSpec {
             mqtt_ports: (0, 0),
             data_port: 0,
             plan_over_mqtt: false,
+            login: None,
+            tls: None,
             max_inflight: 0,
             dir: dir.into(),
             log: std::env::var("LIME_CLUSTER_LOG").unwrap_or_else(|_| "info".into()),
@@ -265,7 +282,8 @@ pub struct Cluster {
     children: Vec<(String, Child)>,
     /// The MQTT 5 listener lime's processes use.
     pub broker: BrokerAddr,
-    /// lime-broker's MQTT 3.1.1 port, when lime-broker runs.
+    /// lime-broker's plain port for MQTT 3.1.1 clients, when lime-broker runs
+    /// (over TLS with [`ClusterSpec::tls`]).
     pub v4_port: Option<u16>,
     pub plan: Plan,
     pub dir: PathBuf,
@@ -394,6 +412,9 @@ impl StageSettings<'_> {
         ));
         if let (Some(u), Some(p)) = (&broker.username, &broker.password) {
             toml.push_str(&format!("username = {u:?}\npassword = {p:?}\n"));
+        }
+        if let Some(tls) = &broker.tls {
+            toml.push_str(&format!("ca_file = {:?}\n", tls.ca_file));
         }
         if let Some(listen) = self.listen {
             toml.push_str(&format!("\n[data]\nlisten = {listen:?}\n"));
@@ -619,6 +640,23 @@ impl Cluster {
                         format!("{listen}:{v5}"),
                     ),
                 ];
+                if let Some(tls) = &spec.tls {
+                    for (plain, secure) in [("V4", v4), ("V5", v5)] {
+                        env.push((format!("LIME_BROKER_{plain}_LISTEN"), String::new()));
+                        env.push((
+                            format!("LIME_BROKER_TLS__{plain}_LISTEN"),
+                            format!("{listen}:{secure}"),
+                        ));
+                    }
+                    env.push((
+                        "LIME_BROKER_TLS__CERT_FILE".into(),
+                        tls.cert_file.display().to_string(),
+                    ));
+                    env.push((
+                        "LIME_BROKER_TLS__KEY_FILE".into(),
+                        tls.key_file.display().to_string(),
+                    ));
+                }
                 env.extend(spec.broker_env.iter().cloned());
                 if let Some(p) = &spec.planner {
                     let memory = spec.memory.config(spec.mode);
@@ -655,9 +693,17 @@ impl Cluster {
                 cluster.broker_env = env;
                 cluster.spawn_broker()?;
                 cluster.v4_port = Some(v4);
-                BrokerAddr::parse(&format!("127.0.0.1:{v5}"))?
+                let mut addr = BrokerAddr::parse(&format!("127.0.0.1:{v5}"))?;
+                if let Some(tls) = &spec.tls {
+                    addr.tls = Some(crate::mqtt::BrokerTls::new(&tls.ca_file)?);
+                }
+                addr
             }
         };
+        if let Some((user, password)) = &spec.login {
+            cluster.broker.username = Some(user.clone());
+            cluster.broker.password = Some(password.clone());
+        }
         wait_for_port(&cluster.broker, Duration::from_secs(10)).await?;
         if spec.plan_over_mqtt && spec.planner.is_none() {
             publish_plan(&cluster.broker, &plan).await?;

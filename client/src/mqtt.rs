@@ -10,6 +10,34 @@ pub struct BrokerAddr {
     pub port: u16,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// MQTT over TLS.
+    pub tls: Option<BrokerTls>,
+}
+
+/// TLS to the broker, checked when made so that connecting cannot fail over to
+/// plain MQTT.
+#[derive(Clone)]
+pub struct BrokerTls {
+    /// The CA (PEM) the broker is verified against.
+    pub ca_file: std::path::PathBuf,
+    transport: rumqttc::Transport,
+}
+
+impl BrokerTls {
+    pub fn new(ca_file: &std::path::Path) -> anyhow::Result<Self> {
+        Ok(Self {
+            ca_file: ca_file.to_owned(),
+            transport: lime_stage::broker_tls::transport(ca_file)?,
+        })
+    }
+}
+
+impl std::fmt::Debug for BrokerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerTls")
+            .field("ca_file", &self.ca_file)
+            .finish_non_exhaustive()
+    }
 }
 
 impl BrokerAddr {
@@ -25,6 +53,7 @@ impl BrokerAddr {
                 .map_err(|e| anyhow::anyhow!("broker port in {s:?}: {e}"))?,
             username: None,
             password: None,
+            tls: None,
         })
     }
 
@@ -44,6 +73,9 @@ impl BrokerAddr {
         o.set_max_packet_size(Some(16 << 20));
         if let (Some(u), Some(p)) = (&self.username, &self.password) {
             o.set_credentials(u.clone(), p.clone());
+        }
+        if let Some(tls) = &self.tls {
+            o.set_transport(tls.transport.clone());
         }
         AsyncClient::new(o, 1024)
     }

@@ -1,107 +1,18 @@
 //! The MQTT surface as robots use it: plain `mosquitto_pub`/`mosquitto_sub` with
-//! MQTT 3.1.1 and 5, an external mosquitto broker, authentication, and bad requests
-//! that get clear errors while good ones run on.
+//! MQTT 3.1.1 and 5, an external mosquitto broker, TLS, and bad requests that get
+//! clear errors while good ones run on. Logins and topic rules: `topic_rules.rs`.
 
 mod common;
 
+use common::mosquitto::{issue_certificate, publish, read_stream, robot_request, Sub};
 use common::{
     ask, assert_answers, assert_identical, require, runtime, up, varied_requests, Reference,
 };
 use lime::ask::ask_raw;
 use lime::cluster::ClusterSpec;
-use lime_schemas::{ErrorCode, Final, Reply, Request};
-use std::io::{BufRead, BufReader};
+use lime_schemas::{ErrorCode, Reply, Request};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-/// A running `mosquitto_sub`, subscribed (its SUBACK seen) before this returns.
-struct Sub {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Sub {
-    fn start(args: &[&str]) -> Self {
-        require("mosquitto_sub");
-        // stdbuf: mosquitto_sub block-buffers its debug lines on a pipe.
-        let mut child = Command::new("stdbuf")
-            .args(["-oL", "mosquitto_sub"])
-            .args(args)
-            .arg("-d")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let (tx, rx) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let sub = Self { child, lines: rx };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let line = sub
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("mosquitto_sub did not subscribe");
-            if line.contains("SUBACK") {
-                return sub;
-            }
-        }
-    }
-
-    /// Message lines (debug output skipped) until one holds a final or an error.
-    fn until_done(&self) -> Vec<String> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut got = Vec::new();
-        loop {
-            let line = self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| panic!("no final message; got {got:?}"));
-            if !line.contains("{\"") {
-                continue;
-            }
-            let last = line.contains("\"done\":true") || line.contains("\"error\"");
-            got.push(line);
-            if last {
-                return got;
-            }
-        }
-    }
-}
-
-impl Drop for Sub {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn publish(args: &[&str]) -> std::process::Output {
-    require("mosquitto_pub");
-    Command::new("mosquitto_pub").args(args).output().unwrap()
-}
-
-/// A robot's request, asking for token ids and final logits so that the
-/// answer can be checked bit for bit.
-fn robot_request(id: &str, max_tokens: u32) -> Request {
-    Request {
-        id: Some(id.into()),
-        prompt: Some("Robot arm, stop at the obstacle".into()),
-        max_tokens: Some(max_tokens),
-        ignore_eos: true,
-        return_token_ids: true,
-        return_logits: true,
-        ..Default::default()
-    }
-}
 
 /// Publishes a request as a robot with an MQTT 3.1.1 client does (QoS 1 on
 /// `lime/request`), failing on a client error.
@@ -123,23 +34,6 @@ fn publish_request_v311(port: &str, body: &str) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// Reads text pieces then the final message from JSON lines.
-fn read_stream(lines: &[String]) -> (String, Final) {
-    let mut text = String::new();
-    for (i, line) in lines.iter().enumerate() {
-        match Reply::parse(line.as_bytes()).unwrap_or_else(|e| panic!("{e}: {line}")) {
-            Reply::Text(p) => {
-                assert_eq!(p.seq as usize, i, "pieces in order");
-                text.push_str(&p.text);
-            }
-            Reply::Final(f) => return (text, f),
-            Reply::Queued(_) => {}
-            Reply::Error(e) => panic!("error reply: {e:?}"),
-        }
-    }
-    panic!("no final message in {lines:?}")
 }
 
 #[test]
@@ -414,62 +308,6 @@ fn an_external_mosquitto_broker_works_the_same() {
 }
 
 #[test]
-fn the_broker_can_require_a_password() {
-    let reference = Reference::tiny();
-    let work = tempfile::tempdir().unwrap();
-    let mut spec = ClusterSpec::new(reference.path(), 2, work.path());
-    spec.broker_env = vec![("LIME_BROKER_USERS__FLEET".into(), "s3cret".into())];
-    runtime().block_on(async {
-        // Stages without credentials cannot join: the cluster never comes online.
-        {
-            let mut cluster = lime::cluster::Cluster::start(&spec).await.unwrap();
-            assert!(cluster.wait_online(Duration::from_secs(3)).await.is_err());
-        }
-        let mut spec = spec.clone();
-        spec.dir = work.path().join("with-login");
-        spec.stage_env = vec![
-            ("LIME_STAGE_BROKER__USERNAME".into(), "fleet".into()),
-            ("LIME_STAGE_BROKER__PASSWORD".into(), "s3cret".into()),
-        ];
-        let mut cluster = lime::cluster::Cluster::start(&spec).await.unwrap();
-        cluster.broker.username = Some("fleet".into());
-        cluster.broker.password = Some("s3cret".into());
-        cluster.wait_online(Duration::from_secs(60)).await.unwrap();
-        let v4 = cluster.v4_port.unwrap().to_string();
-        let denied = publish(&["-p", &v4, "-t", "lime/request", "-m", "{}"]);
-        assert!(!denied.status.success(), "anonymous publish was accepted");
-        let sub = Sub::start(&[
-            "-p",
-            &v4,
-            "-u",
-            "fleet",
-            "-P",
-            "s3cret",
-            "-t",
-            "lime/response/a1",
-        ]);
-        let body = r#"{"id":"a1","prompt":"grip","max_tokens":3,"ignore_eos":true}"#;
-        let ok = publish(&[
-            "-p",
-            &v4,
-            "-u",
-            "fleet",
-            "-P",
-            "s3cret",
-            "-t",
-            "lime/request",
-            "-q",
-            "1",
-            "-m",
-            body,
-        ]);
-        assert!(ok.status.success());
-        let (_, f) = read_stream(&sub.until_done());
-        assert_eq!(f.usage.completion_tokens, 3);
-    });
-}
-
-#[test]
 fn a_request_delivered_twice_is_served_once_and_its_id_is_refused_to_another_until_answered() {
     let reference = Reference::tiny();
     let work = tempfile::tempdir().unwrap();
@@ -532,71 +370,27 @@ fn a_request_delivered_twice_is_served_once_and_its_id_is_refused_to_another_unt
     });
 }
 
-/// A self-signed certificate for `localhost` and 127.0.0.1, made with the
-/// openssl command line: `(cert.pem, key.pem)`.
-fn self_signed(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    require("openssl");
-    let (cert, key) = (
-        dir.join(format!("{name}.pem")),
-        dir.join(format!("{name}.key")),
-    );
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (cert, key)
-}
-
 #[test]
-fn robots_speak_mqtt_over_tls_and_a_plain_or_unverified_client_gets_nothing() {
+fn robots_and_stages_speak_mqtt_over_tls_and_a_plain_or_unverified_client_gets_nothing() {
     let reference = Reference::tiny();
     let work = tempfile::tempdir().unwrap();
-    let (cert, key) = self_signed(work.path(), "broker");
-    let (other_ca, _) = self_signed(work.path(), "stranger");
-    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let identity = issue_certificate(work.path(), "broker");
+    let other_ca = issue_certificate(work.path(), "stranger").ca_file;
+    let ca = identity.ca_file.display().to_string();
     let mut spec = ClusterSpec::new(reference.path(), 2, work.path().join("run"));
-    spec.broker_env = vec![
-        (
-            "LIME_BROKER_TLS__V4_LISTEN".into(),
-            format!("127.0.0.1:{tls_port}"),
-        ),
-        (
-            "LIME_BROKER_TLS__CERT_FILE".into(),
-            cert.display().to_string(),
-        ),
-        (
-            "LIME_BROKER_TLS__KEY_FILE".into(),
-            key.display().to_string(),
-        ),
-    ];
+    // TLS only: the broker has no plain listener, so the stages (and the
+    // broker's planner, through its internal port) work over TLS or not at all.
+    spec.tls = Some(identity);
+    spec.plan_over_mqtt = true;
     let request = robot_request("tls-1", 12);
     let body = serde_json::to_string(&request).unwrap();
-    let ca = cert.display().to_string();
     runtime().block_on(async {
-        let _cluster = up(&spec).await;
+        let cluster = up(&spec).await;
+        let tls_port = cluster.v4_port.unwrap().to_string();
+        let toml = std::fs::read_to_string(spec.dir.join("s1.toml")).unwrap();
+        assert!(toml.contains("ca_file"), "{toml}");
+        let answers = ask(&cluster.broker, &varied_requests(3)).await;
+        assert_answers(&reference, &varied_requests(3), &answers, "stages over TLS");
         let tls = |ca: &str| -> Vec<String> {
             [
                 "-V",

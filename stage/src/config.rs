@@ -96,6 +96,9 @@ pub struct BrokerConfig {
     pub port: u16,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// Speak MQTT over TLS, trusting this CA (PEM); `host` must be a name or
+    /// address the broker's certificate holds.
+    pub ca_file: Option<PathBuf>,
     pub keep_alive_s: u64,
 }
 
@@ -106,6 +109,7 @@ impl Default for BrokerConfig {
             port: 1884,
             username: None,
             password: None,
+            ca_file: None,
             keep_alive_s: 10,
         }
     }

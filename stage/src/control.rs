@@ -19,15 +19,18 @@ use tokio::sync::watch;
 /// starter's own limit, so that an oversized one gets a clear error.
 const MAX_PACKET_BYTES: u32 = 8 << 20;
 
-/// Connection options: credentials, keep-alive, and a will that marks the stage
-/// offline if it vanishes.
-pub fn options(cfg: &StageConfig) -> MqttOptions {
+/// Connection options: credentials, TLS if asked for, keep-alive, and a will
+/// that marks the stage offline if it vanishes.
+pub fn options(cfg: &StageConfig) -> anyhow::Result<MqttOptions> {
     let client_id = format!("lime-stage-{}", cfg.name);
     let mut o = MqttOptions::new(client_id, cfg.broker.host.clone(), cfg.broker.port);
     o.set_keep_alive(Duration::from_secs(cfg.broker.keep_alive_s.max(1)));
     o.set_max_packet_size(Some(MAX_PACKET_BYTES));
     if let (Some(u), Some(p)) = (&cfg.broker.username, &cfg.broker.password) {
         o.set_credentials(u.clone(), p.clone());
+    }
+    if let Some(ca) = &cfg.broker.ca_file {
+        o.set_transport(crate::broker_tls::transport(ca)?);
     }
     let will = serde_json::to_vec(&StageStatus::offline(&cfg.name)).unwrap_or_default();
     o.set_last_will(LastWill::new(
@@ -37,7 +40,7 @@ pub fn options(cfg: &StageConfig) -> MqttOptions {
         true,
         None,
     ));
-    o
+    Ok(o)
 }
 
 /// Where incoming requests go once the starter is ready for them.

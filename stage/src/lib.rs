@@ -9,6 +9,7 @@
 pub mod adaptation;
 pub mod admission;
 pub mod auth;
+pub mod broker_tls;
 pub mod chat;
 pub mod config;
 pub mod connection;
@@ -68,7 +69,7 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
     let mut service = service::Service::from_env();
     let starting = tokio::spawn(service.keep_alive_while_starting());
     service.status("connecting to the broker");
-    let (client, eventloop) = rumqttc::v5::AsyncClient::new(control::options(&cfg), 256);
+    let (client, eventloop) = rumqttc::v5::AsyncClient::new(control::options(&cfg)?, 256);
     let (inbox, plan_rx) = Inbox::new(cfg.plan_file.is_none());
     tokio::spawn(control::drive(eventloop, client.clone(), inbox.clone()));
     let mut status = StageStatus {

@@ -2,6 +2,8 @@
 //! reference answers, and clusters of real lime processes on loopback.
 #![allow(dead_code)]
 
+pub mod mosquitto;
+
 use lime::cluster::{Cluster, ClusterSpec};
 use lime_kernels::synth::{self, Preset, StoredDtype, SynthSpec};
 use lime_kernels::{Checkpoint, Device, GenerateRequest, Model, TextTokenizer};
