@@ -44,12 +44,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ca.pem");
         std::fs::write(&path, "not a certificate").unwrap();
-        let e = transport(&path).unwrap_err().to_string();
+        let e = client_config(&path).unwrap_err().to_string();
         assert!(
             e.contains("ca.pem") && e.contains("no usable certificate"),
             "{e}"
         );
-        let e = transport(&dir.path().join("missing.pem"))
+        let e = client_config(&dir.path().join("missing.pem"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing.pem"), "{e}");

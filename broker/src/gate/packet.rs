@@ -83,11 +83,11 @@ pub enum Protocol {
     V5,
 }
 
-/// A client's CONNECT.
+/// A client's CONNECT (boxed: one per connection, and the v5 one is large).
 #[derive(Debug)]
 pub enum Connect {
-    V4(v4::Connect),
-    V5(v5::Connect, Option<v5::LastWill>, Option<v5::Login>),
+    V4(Box<v4::Connect>),
+    V5(Box<(v5::Connect, Option<v5::LastWill>, Option<v5::Login>)>),
 }
 
 /// Why a CONNECT is refused.
@@ -107,12 +107,14 @@ impl Connect {
         let level = frame.bytes.get(frame.header_len + 6).copied();
         match level {
             Some(4) => match v4::Packet::read(&mut frame.bytes, max).map_err(malformed)? {
-                v4::Packet::Connect(c) => Ok(Connect::V4(c)),
+                v4::Packet::Connect(c) => Ok(Connect::V4(Box::new(c))),
                 _ => Err(invalid("a first packet that is not CONNECT")),
             },
             Some(5) => {
                 match v5::Packet::read(&mut frame.bytes, Some(max as u32)).map_err(malformed)? {
-                    v5::Packet::Connect(c, will, login) => Ok(Connect::V5(c, will, login)),
+                    v5::Packet::Connect(c, will, login) => {
+                        Ok(Connect::V5(Box::new((c, will, login))))
+                    }
                     _ => Err(invalid("a first packet that is not CONNECT")),
                 }
             }
@@ -123,14 +125,14 @@ impl Connect {
     pub fn protocol(&self) -> Protocol {
         match self {
             Connect::V4(_) => Protocol::V4,
-            Connect::V5(..) => Protocol::V5,
+            Connect::V5(_) => Protocol::V5,
         }
     }
 
     pub fn client_id(&self) -> &str {
         match self {
             Connect::V4(c) => &c.client_id,
-            Connect::V5(c, ..) => &c.client_id,
+            Connect::V5(c) => &c.0.client_id,
         }
     }
 
@@ -141,16 +143,17 @@ impl Connect {
                 .login
                 .as_ref()
                 .map(|l| (l.username.as_str(), l.password.as_str())),
-            Connect::V5(_, _, l) => l
-                .as_ref()
-                .map(|l| (l.username.as_str(), l.password.as_str())),
+            Connect::V5(c) => {
+                c.2.as_ref()
+                    .map(|l| (l.username.as_str(), l.password.as_str()))
+            }
         }
     }
 
     pub fn has_will(&self) -> bool {
         match self {
             Connect::V4(c) => c.last_will.is_some(),
-            Connect::V5(_, will, _) => will.is_some(),
+            Connect::V5(c) => c.1.is_some(),
         }
     }
 
@@ -162,9 +165,10 @@ impl Connect {
                 c.set_login(username, password);
                 c.write(&mut out).map_err(malformed)?;
             }
-            Connect::V5(c, will, login) => {
+            Connect::V5(c) => {
+                let (connect, will, login) = &mut **c;
                 *login = Some(v5::Login::new(username, password));
-                c.write(will, login, &mut out).map_err(malformed)?;
+                connect.write(will, login, &mut out).map_err(malformed)?;
             }
         }
         Ok(out)
