@@ -36,11 +36,29 @@ impl Frame {
 /// Reads one packet; `Ok(None)` when the stream ends between packets. A packet
 /// declaring more than `max` bytes is refused before anything is allocated for it.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> io::Result<Option<Frame>> {
-    let first = match r.read_u8().await {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    };
+    match r.read_u8().await {
+        Ok(first) => read_rest(first, r, max).await.map(Some),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads a connection's first packet, which must be a CONNECT: anything else
+/// (a stray HTTP request, a port scan) is refused at its first byte, without
+/// waiting for the length it seems to declare.
+pub async fn read_connect<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> io::Result<Option<Frame>> {
+    match r.read_u8().await {
+        Ok(first) if first == CONNECT << 4 => read_rest(first, r, max).await.map(Some),
+        Ok(_) => Err(invalid("a first packet that is not CONNECT")),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+async fn read_rest<R: AsyncRead + Unpin>(first: u8, r: &mut R, max: usize) -> io::Result<Frame> {
     let mut header = [first, 0, 0, 0, 0];
     let mut header_len = 1;
     let mut remaining = 0usize;
@@ -65,7 +83,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> io::Resu
     let mut bytes = BytesMut::zeroed(total);
     bytes[..header_len].copy_from_slice(&header[..header_len]);
     r.read_exact(&mut bytes[header_len..]).await?;
-    Ok(Some(Frame { bytes, header_len }))
+    Ok(Frame { bytes, header_len })
 }
 
 fn invalid(what: &str) -> io::Error {

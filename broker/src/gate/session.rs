@@ -4,7 +4,7 @@
 //! the client, which also carries the gate's own answers to refused packets so
 //! that they land between whole packets.
 
-use super::packet::{self, read_frame, Connect, Frame, Protocol, Publish, Subscribe};
+use super::packet::{self, read_connect, read_frame, Connect, Frame, Protocol, Publish, Subscribe};
 use super::Gate;
 use crate::acl::{self, Rules};
 use bytes::BytesMut;
@@ -26,7 +26,7 @@ where
     let mut to_client = BufWriter::new(wr);
     let first = tokio::time::timeout(
         gate.connect_timeout,
-        read_frame(&mut from_client, gate.max_packet),
+        read_connect(&mut from_client, gate.max_packet),
     )
     .await
     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no CONNECT in time"))??;
@@ -93,12 +93,17 @@ where
             ended
         };
         let write = async {
-            while let Some(Out::Packet(bytes)) = out_rx.recv().await {
+            // Packets that are already waiting go out in one flush.
+            let mut next = out_rx.recv().await;
+            while let Some(Out::Packet(bytes)) = next {
                 to_client.write_all(&bytes).await?;
-                while let Ok(Out::Packet(more)) = out_rx.try_recv() {
-                    to_client.write_all(&more).await?;
-                }
-                to_client.flush().await?;
+                next = match out_rx.try_recv() {
+                    Ok(out) => Some(out),
+                    Err(_) => {
+                        to_client.flush().await?;
+                        out_rx.recv().await
+                    }
+                };
             }
             to_client.flush().await
         };
