@@ -189,7 +189,7 @@ impl<'a> Enforcer<'a> {
             .to_owned();
         let topic = match (written.is_empty(), publish.alias()) {
             (false, Some(alias)) => {
-                self.aliases.insert(alias, written.clone());
+                self.remember_alias(alias, &written)?;
                 written
             }
             (false, None) => written,
@@ -222,6 +222,30 @@ impl<'a> Enforcer<'a> {
                 )))
             }
         }
+    }
+
+    /// Aliases are bounded as rumqttd bounds them (1 to 4096, what it offers in
+    /// CONNACK), and so is the text they hold, so that a client cannot make
+    /// the gate hoard topics.
+    fn remember_alias(&mut self, alias: u16, topic: &str) -> io::Result<()> {
+        const MOST_ALIASES: u16 = 4096;
+        const MOST_ALIAS_BYTES: usize = 256 << 10;
+        if alias == 0 || alias > MOST_ALIASES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("topic alias {alias} is outside 1..={MOST_ALIASES}"),
+            ));
+        }
+        let held: usize = self.aliases.values().map(String::len).sum();
+        let replaced = self.aliases.get(&alias).map_or(0, String::len);
+        if held - replaced + topic.len() > MOST_ALIAS_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "topic aliases holding more than 256 KiB of topics",
+            ));
+        }
+        self.aliases.insert(alias, topic.to_owned());
+        Ok(())
     }
 
     fn subscribe(&mut self, frame: Frame) -> io::Result<Verdict> {
