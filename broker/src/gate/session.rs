@@ -278,3 +278,28 @@ impl<'a> Enforcer<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::acl::Role;
+
+    #[test]
+    fn aliases_are_bounded_in_number_and_bytes() {
+        let rules = Rules {
+            role: Role::Robot,
+            user: "arm",
+        };
+        let mut e = Enforcer::new(rules, Protocol::V5, 1 << 20);
+        assert!(e.remember_alias(0, "a").is_err());
+        assert!(e.remember_alias(4097, "a").is_err());
+        let long = "t".repeat(60 << 10);
+        for alias in 1..=4 {
+            e.remember_alias(alias, &long).unwrap();
+        }
+        assert!(e.remember_alias(5, &long).is_err(), "over 256 KiB");
+        // Replacing an alias frees what it held.
+        e.remember_alias(4, "lime/request").unwrap();
+        e.remember_alias(5, &long).unwrap();
+    }
+}
