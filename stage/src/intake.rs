@@ -44,11 +44,20 @@ impl Sender<'_> {
         }
     }
 
-    fn may_reply_on(self, topic: &str) -> bool {
-        match self {
-            Sender::Trusted => true,
-            Sender::Robot(user) => topic.starts_with(&topics::user_responses(user)),
-        }
+    /// Why this sender may not be answered on `topic`, if it may not.
+    fn refuses_reply_on(self, topic: &str) -> Option<Invalid> {
+        let Sender::Robot(user) = self else {
+            return None;
+        };
+        let mine = topics::user_responses(user);
+        (!topic.starts_with(&mine)).then(|| {
+            Invalid::new(
+                ErrorCode::ForbiddenReplyTopic,
+                format!(
+                    "{user:?} may not read {topic:?}: name a reply topic under {mine:?}, or none"
+                ),
+            )
+        })
     }
 
     fn default_reply(self, id: &str) -> ReplyTo {
@@ -74,17 +83,6 @@ impl Sender<'_> {
         }
     }
 
-    fn forbidden(self, topic: &str) -> Invalid {
-        let (user, mine) = match self {
-            Sender::Trusted => ("", String::new()),
-            Sender::Robot(user) => (user, topics::user_responses(user)),
-        };
-        Invalid::new(
-            ErrorCode::ForbiddenReplyTopic,
-            format!("{user:?} may not read {topic:?}: name a reply topic under {mine:?}, or none"),
-        )
-    }
-
     /// What the starter remembers an id under: each robot has its own ids.
     fn id_key(self, id: &str) -> String {
         match self {
@@ -105,18 +103,17 @@ struct Route {
 impl Route {
     fn new(sender: Sender<'_>, named: Option<ReplyTo>, id: Option<&str>) -> Self {
         let id = id.filter(|i| topics::is_topic_level(i));
+        let forbidden = named
+            .as_ref()
+            .and_then(|r| sender.refuses_reply_on(&r.topic));
         match named {
-            Some(r) if !sender.may_reply_on(&r.topic) => Route {
-                reply: id.map(|i| sender.default_reply(i)),
-                forbidden: Some(sender.forbidden(&r.topic)),
-            },
-            Some(r) => Route {
+            Some(r) if forbidden.is_none() => Route {
                 reply: Some(r),
-                forbidden: None,
+                forbidden,
             },
-            None => Route {
+            _ => Route {
                 reply: id.map(|i| sender.default_reply(i)),
-                forbidden: None,
+                forbidden,
             },
         }
     }
