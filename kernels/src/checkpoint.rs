@@ -284,18 +284,23 @@ impl Checkpoint {
         )?)
     }
 
-    /// Reads tensor `name` again into `dst`, a CPU tensor of its shape that
+    /// Reads tensor `name` again into `dst`, a tensor of its shape that
     /// [`Checkpoint::tensor`] made (or a zeroed one), overwriting it in place.
-    /// `staging` is needed only for direct reads and narrower stored dtypes.
+    /// On the CPU `staging` is needed only for direct reads and narrower stored
+    /// dtypes; a GPU tensor needs staging made for its device
+    /// ([`StagingBuffer::for_device`]).
     pub fn fill(&self, name: &str, dst: &Tensor, staging: &mut StagingBuffer) -> Result<()> {
         let (entry, compute) = self.checked_entry(name, dst.dims(), dst.device())?;
         let shard = &self.shards[entry.shard];
-        if !dst.device().is_cpu() || dst.dtype() != compute {
+        if dst.dtype() != compute {
             return Err(Error::Input(format!(
-                "tensor `{name}` can be refilled only into a CPU {compute:?} tensor, not {:?} on {:?}",
+                "tensor `{name}` is computed as {compute:?} on {:?}, so it cannot refill a {:?} tensor",
+                dst.device(),
                 dst.dtype(),
-                dst.device()
             )));
+        }
+        if !dst.device().is_cpu() {
+            return self.fill_device(name, dst, staging);
         }
         // f32 on a little-endian host is stored as it is computed: read straight
         // into the tensor. Anything else lands in the staging buffer first.
@@ -322,6 +327,79 @@ impl Checkpoint {
         }
         done?;
         Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn fill_device(&self, name: &str, dst: &Tensor, staging: &mut StagingBuffer) -> Result<()> {
+        let mut loader = staging.take_device_loader().ok_or_else(|| {
+            Error::Input(format!(
+                "refilling `{name}` on {:?} needs staging made for that device",
+                dst.device()
+            ))
+        })?;
+        let done = loader.fill(self, name, dst, staging);
+        staging.put_device_loader(loader);
+        done
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn fill_device(&self, name: &str, dst: &Tensor, _: &mut StagingBuffer) -> Result<()> {
+        Err(Error::Input(format!(
+            "cannot refill `{name}` on {:?} in a build without the `cuda` feature",
+            dst.device()
+        )))
+    }
+
+    /// Reads tensor `name`'s stored bytes, unconverted, into the front of `out`
+    /// (a GPU loader's page-locked buffer), checking its shape against `shape` and
+    /// that `device` computes it in its stored dtype. Returns the byte count.
+    pub fn read_stored(
+        &self,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+        out: &mut [u8],
+        staging: &mut StagingBuffer,
+    ) -> Result<usize> {
+        let (entry, compute) = self.checked_entry(name, shape, device)?;
+        if compute != candle_dtype(entry.dtype) {
+            return Err(Error::Input(format!(
+                "tensor `{name}` is stored as {:?} but computed as {compute:?} on {device:?}",
+                entry.dtype
+            )));
+        }
+        let len = usize::try_from(entry.byte_len()).unwrap_or(usize::MAX);
+        let room = out.len();
+        let out = out.get_mut(..len).ok_or_else(|| {
+            Error::Input(format!(
+                "tensor `{name}` of {len} bytes does not fit a buffer of {room}"
+            ))
+        })?;
+        if self.shards[entry.shard].direct.is_some() {
+            out.copy_from_slice(self.read(entry, staging)?);
+        } else {
+            self.read_into(entry, out)?;
+        }
+        Ok(len)
+    }
+
+    /// The dtype decoder layers compute in on `device` (that of their first
+    /// projection; lime's checkpoints store every layer alike).
+    pub fn layer_dtype(&self, device: &Device) -> DType {
+        self.tensors
+            .get("model.layers.0.self_attn.q_proj.weight")
+            .and_then(|e| compute_dtype(e.dtype, device))
+            .unwrap_or(DType::F32)
+    }
+
+    /// The largest stored tensor whose name starts with `prefix`, in bytes.
+    pub fn largest_with_prefix(&self, prefix: &str) -> u64 {
+        self.tensors
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, e)| e.byte_len())
+            .max()
+            .unwrap_or(0)
     }
 
     /// The entry of tensor `name`, checked against the shape the caller expects, and

@@ -4,17 +4,23 @@
 //! decoder layers can be loaded ([`DecoderLayer`], [`LayerStack`]) and dropped
 //! independently. A forward pass runs a [`MicroBatch`] of sequences, each at its own
 //! position with its own preallocated [`KvCache`]. On the CPU every weight is widened
-//! exactly to f32; nothing is ever quantized or narrowed.
+//! exactly to f32; on a GPU (the `cuda` feature) weights stay in the checkpoint's
+//! dtype, bf16 and f16 natively. Nothing is ever quantized or narrowed.
 
+pub mod accelerator;
 pub mod batch;
 mod causal_attention;
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod generate;
+mod kv_append;
 pub mod kv_cache;
 pub mod llama;
 pub mod model;
+mod rms_norm;
 pub mod rope;
 mod rowwise;
 pub mod sampling;
@@ -22,6 +28,7 @@ pub mod storage;
 pub mod synth;
 pub mod text;
 
+pub use accelerator::{DeviceSpec, GpuTraits, LoadPath};
 pub use batch::{MicroBatch, SeqSpan};
 pub use checkpoint::Checkpoint;
 pub use config::{Architecture, Config, RopeScaling};

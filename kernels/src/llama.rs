@@ -5,7 +5,9 @@
 
 use crate::batch::MicroBatch;
 use crate::causal_attention::CausalAttention;
+use crate::kv_append::KvAppend;
 use crate::kv_cache::KvCache;
+use crate::rms_norm::RmsNormOp;
 use crate::{rope, Checkpoint, Config, Error, Result, StagingBuffer};
 use candle_core::{DType, Device, Tensor, D};
 
@@ -35,11 +37,11 @@ impl Linear {
     }
 
     /// Zeroed weights of the shape `load` would read, to be filled later.
-    fn zeros(dims: (usize, usize), bias: bool, dev: &Device) -> Result<Self> {
+    fn zeros(dims: (usize, usize), bias: bool, dtype: DType, dev: &Device) -> Result<Self> {
         Ok(Self {
-            weight: Tensor::zeros(dims, DType::F32, dev)?,
+            weight: Tensor::zeros(dims, dtype, dev)?,
             bias: if bias {
-                Some(Tensor::zeros(dims.0, DType::F32, dev)?)
+                Some(Tensor::zeros(dims.0, dtype, dev)?)
             } else {
                 None
             },
@@ -82,9 +84,9 @@ impl RmsNorm {
         })
     }
 
-    fn zeros(cfg: &Config, dev: &Device) -> Result<Self> {
+    fn zeros(cfg: &Config, dtype: DType, dev: &Device) -> Result<Self> {
         Ok(Self {
-            weight: Tensor::zeros(cfg.hidden_size, DType::F32, dev)?,
+            weight: Tensor::zeros(cfg.hidden_size, dtype, dev)?,
             eps: cfg.rms_norm_eps,
         })
     }
@@ -94,13 +96,10 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?;
-        let normed = x.broadcast_mul(&inv_rms)?.to_dtype(dtype)?;
-        Ok(normed.broadcast_mul(&self.weight)?)
+        let op = RmsNormOp {
+            eps: self.eps as f32,
+        };
+        Ok(x.contiguous()?.apply_op2_no_bwd(&self.weight, &op)?)
     }
 }
 
@@ -146,17 +145,17 @@ impl Attention {
         })
     }
 
-    fn zeros(cfg: &Config, dev: &Device) -> Result<Self> {
+    fn zeros(cfg: &Config, dtype: DType, dev: &Device) -> Result<Self> {
         let (h, q, kv) = (
             cfg.hidden_size,
             cfg.num_attention_heads * cfg.head_dim,
             cfg.num_key_value_heads * cfg.head_dim,
         );
         Ok(Self {
-            q_proj: Linear::zeros((q, h), cfg.qkv_bias, dev)?,
-            k_proj: Linear::zeros((kv, h), cfg.qkv_bias, dev)?,
-            v_proj: Linear::zeros((kv, h), cfg.qkv_bias, dev)?,
-            o_proj: Linear::zeros((h, q), cfg.o_bias, dev)?,
+            q_proj: Linear::zeros((q, h), cfg.qkv_bias, dtype, dev)?,
+            k_proj: Linear::zeros((kv, h), cfg.qkv_bias, dtype, dev)?,
+            v_proj: Linear::zeros((kv, h), cfg.qkv_bias, dtype, dev)?,
+            o_proj: Linear::zeros((h, q), cfg.o_bias, dtype, dev)?,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
@@ -196,7 +195,8 @@ impl Attention {
             .forward(x)?
             .reshape((tokens, self.kv_heads, self.head_dim))?;
         let q = rope::apply(&q, &batch.cos, &batch.sin)?;
-        let k = rope::apply(&k, &batch.cos, &batch.sin)?;
+        let k = rope::apply(&k, &batch.cos, &batch.sin)?.contiguous()?;
+        let v = v.contiguous()?;
         let group = self.heads / self.kv_heads;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
 
@@ -223,10 +223,9 @@ impl Attention {
                     kv.k.dim(1)?
                 )));
             }
-            let k_new = k.narrow(0, row, n)?.transpose(0, 1)?.contiguous()?;
-            let v_new = v.narrow(0, row, n)?.transpose(0, 1)?.contiguous()?;
-            kv.k.slice_set(&k_new, 1, span.pos)?;
-            kv.v.slice_set(&v_new, 1, span.pos)?;
+            let append = KvAppend { pos: span.pos };
+            kv.k.inplace_op2(&k.narrow(0, row, n)?, &append)?;
+            kv.v.inplace_op2(&v.narrow(0, row, n)?, &append)?;
             kv.len = keys;
             let q_seq = q.narrow(0, row, n)?;
             let out = if q_seq.device().is_cpu() && q_seq.dtype() == DType::F32 {
@@ -314,12 +313,12 @@ impl Mlp {
         })
     }
 
-    fn zeros(cfg: &Config, dev: &Device) -> Result<Self> {
+    fn zeros(cfg: &Config, dtype: DType, dev: &Device) -> Result<Self> {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Ok(Self {
-            gate_proj: Linear::zeros((i, h), b, dev)?,
-            up_proj: Linear::zeros((i, h), b, dev)?,
-            down_proj: Linear::zeros((h, i), b, dev)?,
+            gate_proj: Linear::zeros((i, h), b, dtype, dev)?,
+            up_proj: Linear::zeros((i, h), b, dtype, dev)?,
+            down_proj: Linear::zeros((h, i), b, dtype, dev)?,
         })
     }
 
@@ -386,26 +385,30 @@ impl DecoderLayer {
         })
     }
 
-    /// A layer's worth of zeroed weights on the CPU, not yet any layer: a slot that
-    /// [`DecoderLayer::reload`] fills with one offloaded layer after another.
-    pub fn empty(cfg: &Config, device: &Device) -> Result<Self> {
-        if !device.is_cpu() {
-            return Err(Error::Input(
-                "layer slots are refilled in place on the CPU only".into(),
-            ));
+    /// A layer's worth of zeroed weights in `dtype` on `device`, not yet any layer:
+    /// a slot that [`DecoderLayer::reload`] fills with one offloaded layer after
+    /// another. `dtype` is what the checkpoint computes in there
+    /// ([`Checkpoint::layer_dtype`]).
+    pub fn empty(cfg: &Config, dtype: DType, device: &Device) -> Result<Self> {
+        if device.is_cpu() && dtype != DType::F32 {
+            return Err(Error::Input(format!(
+                "a CPU layer slot computes in F32, not {dtype:?}"
+            )));
         }
         Ok(Self {
             index: usize::MAX,
-            input_layernorm: RmsNorm::zeros(cfg, device)?,
-            self_attn: Attention::zeros(cfg, device)?,
-            post_attention_layernorm: RmsNorm::zeros(cfg, device)?,
-            mlp: Mlp::zeros(cfg, device)?,
+            input_layernorm: RmsNorm::zeros(cfg, dtype, device)?,
+            self_attn: Attention::zeros(cfg, dtype, device)?,
+            post_attention_layernorm: RmsNorm::zeros(cfg, dtype, device)?,
+            mlp: Mlp::zeros(cfg, dtype, device)?,
         })
     }
 
     /// Reads layer `index` into this layer's memory, allocating nothing (beyond
-    /// `staging`, for direct reads and narrow stored dtypes). On error the slot
-    /// holds no valid layer until the next successful reload.
+    /// `staging`, for direct reads and narrow stored dtypes; on a GPU, staging made
+    /// for it). On a GPU the copies are queued, not finished, when this returns:
+    /// kernels that use the layer wait for them. On error the slot holds no valid
+    /// layer until the next successful reload.
     pub fn reload(
         &mut self,
         ckpt: &Checkpoint,

@@ -77,9 +77,14 @@ impl Throttle {
 /// A reusable read buffer whose usable part starts on a [`DIRECT_ALIGN`] boundary,
 /// so direct reads and dtype conversion need no allocation once it has grown to the
 /// largest tensor read through it.
+///
+/// For refilling GPU tensors it also carries the GPU's page-locked buffers and copy
+/// stream ([`StagingBuffer::for_device`]).
 #[derive(Debug, Default)]
 pub struct StagingBuffer {
     buf: Vec<u8>,
+    #[cfg(feature = "cuda")]
+    device: Option<Box<crate::cuda::loader::DeviceLoader>>,
 }
 
 impl StagingBuffer {
@@ -88,7 +93,47 @@ impl StagingBuffer {
     pub fn with_capacity(bytes: usize) -> Self {
         Self {
             buf: vec![0; Self::footprint(bytes)],
+            ..Self::default()
         }
+    }
+
+    /// Staging for refilling tensors on `device`: `bytes` of host staging, and on a
+    /// GPU a loader whose page-locked buffers hold tensors of up to `largest` bytes.
+    pub fn for_device(
+        device: &candle_core::Device,
+        bytes: usize,
+        largest: usize,
+    ) -> crate::Result<Self> {
+        let staging = Self::with_capacity(bytes);
+        if device.is_cpu() {
+            return Ok(staging);
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let loader = crate::cuda::loader::DeviceLoader::new(device, largest)?;
+            Ok(Self {
+                device: Some(Box::new(loader)),
+                ..staging
+            })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = largest;
+            Err(crate::Error::Input(format!(
+                "cannot stage tensors for {device:?} in a build without the `cuda` feature"
+            )))
+        }
+    }
+
+    /// The GPU loader, taken out for one refill (it needs the host staging too).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn take_device_loader(&mut self) -> Option<Box<crate::cuda::loader::DeviceLoader>> {
+        self.device.take()
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(crate) fn put_device_loader(&mut self, loader: Box<crate::cuda::loader::DeviceLoader>) {
+        self.device = Some(loader);
     }
 
     /// Memory a buffer able to stage `bytes` holds.
@@ -96,8 +141,12 @@ impl StagingBuffer {
         bytes + 3 * DIRECT_ALIGN
     }
 
-    /// Bytes allocated.
+    /// Bytes allocated (page-locked GPU buffers included).
     pub fn capacity(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.device {
+            return self.buf.len() + d.bytes();
+        }
         self.buf.len()
     }
 

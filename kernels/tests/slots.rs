@@ -32,7 +32,7 @@ fn run(ckpt: &Checkpoint, layer: &DecoderLayer, index: usize) -> Vec<u32> {
 fn slot_matches_fresh_loads(dtype: StoredDtype, options: ReadOptions) {
     let fx = Fixture::tiny(dtype);
     let ckpt = Checkpoint::open_with(fx.path(), &options).unwrap();
-    let mut slot = DecoderLayer::empty(ckpt.config(), &Device::Cpu).unwrap();
+    let mut slot = DecoderLayer::empty(ckpt.config(), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(slot.index(), None);
     let mut staging = StagingBuffer::default();
     for index in [3, 7, 3, 11, 0] {
@@ -77,7 +77,7 @@ fn direct_and_throttled_reads_give_the_same_layers() {
 fn a_failed_reload_leaves_an_empty_slot_that_refuses_to_run() {
     let fx = Fixture::tiny(StoredDtype::F32);
     let ckpt = fx.open();
-    let mut slot = DecoderLayer::empty(ckpt.config(), &Device::Cpu).unwrap();
+    let mut slot = DecoderLayer::empty(ckpt.config(), DType::F32, &Device::Cpu).unwrap();
     let mut staging = StagingBuffer::default();
     slot.reload(&ckpt, 2, &mut staging).unwrap();
     let err = slot.reload(&ckpt, 99, &mut staging).unwrap_err();

@@ -36,6 +36,10 @@ pub struct StageConfig {
     /// to the other stages).
     #[serde(default)]
     pub compute_threads: Option<usize>,
+    /// What the layers compute on: `cpu` (f32), or `cuda`/`cuda:N` (the
+    /// checkpoint's own dtype; needs a build with the `cuda` feature).
+    #[serde(default)]
+    pub device: lime_kernels::DeviceSpec,
 }
 
 fn default_telemetry_ms() -> u64 {

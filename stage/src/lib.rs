@@ -210,15 +210,17 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
         plan.epoch
     ));
     let worker = {
-        let (plan, name, memory, ckpt) = (
+        let (plan, name, memory, ckpt, device) = (
             plan.clone(),
             cfg.name.clone(),
             cfg.memory.clone(),
             ckpt.clone(),
+            cfg.device,
         );
         tokio::task::spawn_blocking(move || {
             let mut last = std::time::Instant::now();
-            worker::Worker::load(ckpt, &plan, &name, &memory, |done, total| {
+            let device = device.open()?;
+            worker::Worker::load(ckpt, device, &plan, &name, &memory, |done, total| {
                 if done == total || last.elapsed() > Duration::from_secs(1) {
                     last = std::time::Instant::now();
                     tracing::info!(done, total, "loading resident layers");

@@ -9,7 +9,7 @@
 //! client, the tokenizer at the starter, thread stacks and allocator slack.
 
 use crate::config::MemoryConfig;
-use lime_kernels::{Checkpoint, Config, DecoderLayer, Device};
+use lime_kernels::{Checkpoint, Config, DType, DecoderLayer, Device};
 use std::fmt;
 
 /// What the stage holds, by kind, in bytes.
@@ -170,7 +170,7 @@ impl Costs {
             .unwrap_or(cfg.max_context())
             .min(cfg.max_context());
         Ok(Self {
-            layer: DecoderLayer::empty(cfg, &Device::Cpu)?.bytes() as u64,
+            layer: DecoderLayer::empty(cfg, DType::F32, &Device::Cpu)?.bytes() as u64,
             read_buffer: ckpt.staging_needed("model.layers.") as u64,
             fixed_weights: ends + rope,
             activations: activation_bytes(cfg, memory.activation_tokens),

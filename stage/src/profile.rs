@@ -135,7 +135,7 @@ fn time_ends(
 /// direct I/O and emulated bandwidth included).
 fn read_rate(ckpt: &Checkpoint, layers: usize) -> anyhow::Result<f64> {
     let cfg = ckpt.config();
-    let mut slot = DecoderLayer::empty(cfg, &Device::Cpu)?;
+    let mut slot = DecoderLayer::empty(cfg, DType::F32, &Device::Cpu)?;
     let mut staging = StagingBuffer::with_capacity(ckpt.staging_needed("model.layers."));
     let (mut bytes, started) = (0u64, Instant::now());
     for i in 0..layers.min(cfg.num_hidden_layers) {

@@ -130,12 +130,13 @@ impl Streamer {
     /// Allocates `slots` empty slots and starts the loader on `order`.
     fn start(
         ckpt: &Arc<Checkpoint>,
+        device: &Device,
         order: &[usize],
         slots: usize,
         prefetch: bool,
     ) -> lime_kernels::Result<Self> {
         let free = (0..slots)
-            .map(|_| DecoderLayer::empty(ckpt.config(), &Device::Cpu))
+            .map(|_| empty_slot(ckpt, device))
             .collect::<lime_kernels::Result<Vec<_>>>()?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -152,7 +153,12 @@ impl Streamer {
             }),
             changed: Condvar::new(),
         });
-        let staging = StagingBuffer::with_capacity(ckpt.staging_needed("model.layers."));
+        // On a GPU this also holds the loader's page-locked buffers and copy stream.
+        let staging = StagingBuffer::for_device(
+            device,
+            ckpt.staging_needed("model.layers."),
+            ckpt.largest_with_prefix("model.layers.") as usize,
+        )?;
         let (ckpt, loader_shared) = (ckpt.clone(), shared.clone());
         let thread = std::thread::Builder::new()
             .name("lime-loader".into())
@@ -163,6 +169,11 @@ impl Streamer {
             thread: Some(thread),
         })
     }
+}
+
+/// A slot for one streamed layer, in the dtype the layers compute in on `device`.
+fn empty_slot(ckpt: &Checkpoint, device: &Device) -> lime_kernels::Result<DecoderLayer> {
+    DecoderLayer::empty(ckpt.config(), ckpt.layer_dtype(device), device)
 }
 
 impl Drop for Streamer {
@@ -185,6 +196,8 @@ pub struct Residency {
     prefetch: bool,
     resident_bytes: u64,
     ckpt: Arc<Checkpoint>,
+    /// Where layers and slots live.
+    device: Device,
     /// The counters of loaders stopped because nothing was left to stream.
     earlier: LoadStats,
 }
@@ -203,6 +216,7 @@ impl Residency {
     ) -> lime_kernels::Result<Self> {
         Self::start_with(
             ckpt,
+            &Device::Cpu,
             HashMap::new(),
             resident,
             offloaded,
@@ -216,6 +230,7 @@ impl Residency {
     /// held before a new plan) instead of reading them again.
     pub fn start_with(
         ckpt: Arc<Checkpoint>,
+        device: &Device,
         mut loaded: HashMap<usize, DecoderLayer>,
         resident: &[usize],
         offloaded: &[usize],
@@ -223,7 +238,6 @@ impl Residency {
         prefetch: bool,
         mut progress: impl FnMut(usize, usize),
     ) -> lime_kernels::Result<Self> {
-        let device = Device::Cpu;
         // Free what the new split does not keep before reading anything.
         loaded.retain(|l, _| resident.contains(l));
         let mut layers = HashMap::new();
@@ -231,7 +245,7 @@ impl Residency {
         for (i, &l) in resident.iter().enumerate() {
             let layer = match loaded.remove(&l) {
                 Some(layer) => layer,
-                None => DecoderLayer::load(&ckpt, l, &device)?,
+                None => DecoderLayer::load(&ckpt, l, device)?,
             };
             resident_bytes += layer.bytes() as u64;
             layers.insert(l, layer);
@@ -246,7 +260,7 @@ impl Residency {
         let streamer = if offloaded.is_empty() {
             None
         } else {
-            Some(Streamer::start(&ckpt, offloaded, slots, prefetch)?)
+            Some(Streamer::start(&ckpt, device, offloaded, slots, prefetch)?)
         };
         Ok(Self {
             resident: layers,
@@ -256,6 +270,7 @@ impl Residency {
             prefetch,
             resident_bytes,
             ckpt,
+            device: device.clone(),
             earlier: LoadStats::default(),
         })
     }
@@ -270,6 +285,7 @@ impl Residency {
             prefetch: false,
             resident_bytes: 0,
             ckpt,
+            device: Device::Cpu,
             earlier: LoadStats::default(),
         }
     }
@@ -308,6 +324,7 @@ impl Residency {
         if self.streamer.is_none() && !self.offloaded.is_empty() {
             self.streamer = Some(Streamer::start(
                 &self.ckpt,
+                &self.device,
                 &self.offloaded,
                 1,
                 self.prefetch,
@@ -338,7 +355,7 @@ impl Residency {
             return Ok(());
         }
         if let Some(streamer) = &self.streamer {
-            let fresh = DecoderLayer::empty(self.ckpt.config(), &Device::Cpu)?;
+            let fresh = empty_slot(&self.ckpt, &self.device)?;
             let mut st = streamer.shared.lock();
             st.order = self.offloaded.clone();
             st.demand.clear();

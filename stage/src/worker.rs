@@ -71,6 +71,7 @@ impl Worker {
     /// stage at all is refused before any layer is read.
     pub fn load(
         ckpt: Arc<Checkpoint>,
+        device: Device,
         plan: &Plan,
         stage: &str,
         memory: &MemoryConfig,
@@ -80,7 +81,7 @@ impl Worker {
             layers: HashMap::new(),
             ends: None,
         };
-        Self::load_keeping(ckpt, plan, stage, memory, kept, progress)
+        Self::load_keeping(ckpt, device, plan, stage, memory, kept, progress)
     }
 
     /// Moves this stage to `plan`: every cache and slot goes, resident layers the
@@ -100,13 +101,15 @@ impl Worker {
             layers: residency.into_resident(),
             ends: self.ends.take(),
         };
-        *self = Self::load_keeping(ckpt, plan, stage, memory, kept, progress)?;
+        let device = self.device.clone();
+        *self = Self::load_keeping(ckpt, device, plan, stage, memory, kept, progress)?;
         Ok(())
     }
 
     /// [`Worker::load`] for a stage moving to a new plan, reusing what it held.
     fn load_keeping(
         ckpt: Arc<Checkpoint>,
+        device: Device,
         plan: &Plan,
         stage: &str,
         memory: &MemoryConfig,
@@ -117,7 +120,6 @@ impl Worker {
             layers: kept_layers,
             ends: kept_ends,
         } = kept;
-        let device = Device::Cpu;
         let config = ckpt.config().clone();
         let chunks: Vec<(usize, Range<usize>)> = plan
             .chunks_of(stage)
@@ -172,6 +174,7 @@ impl Worker {
         );
         let residency = Residency::start_with(
             ckpt.clone(),
+            &device,
             kept_layers,
             &split.resident,
             &split.offloaded,
