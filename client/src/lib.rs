@@ -5,6 +5,7 @@
 pub mod ask;
 pub mod bench;
 pub mod cluster;
+pub mod device_bench;
 pub mod generate;
 pub mod mqtt;
 pub mod netns;

@@ -194,6 +194,30 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Batch-1 decode on one device (`cpu`, or `cuda:N` in a build with the
+    /// `cuda` feature) against its memory roofline, then with the last layers
+    /// streamed from storage: tokens/s and loading bubbles.
+    Device {
+        /// Checkpoint directory; the `bench` preset is synthesised there (in
+        /// --dtype) if empty.
+        #[arg(long, default_value = "models/bench-bf16")]
+        model: PathBuf,
+        #[arg(long, default_value = "bf16")]
+        dtype: StoredDtype,
+        #[arg(long, default_value = "cpu")]
+        device: lime_kernels::DeviceSpec,
+        /// Decode steps timed per run.
+        #[arg(long, default_value_t = 32)]
+        steps: usize,
+        /// Share of the layers offloaded in the streaming run.
+        #[arg(long, default_value_t = 0.5)]
+        offload_share: f64,
+        #[arg(long, default_value_t = 2)]
+        slots: usize,
+        /// Also print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -656,6 +680,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .join(format!("lime-bench-offload-{}", std::process::id())),
                 };
                 let report = block_on(lime::offloading::run(&bench))?;
+                print_report(&report, json)
+            }
+            BenchCommand::Device {
+                model,
+                dtype,
+                device,
+                steps,
+                offload_share,
+                slots,
+                json,
+            } => {
+                if !model.join("config.json").exists() {
+                    lime::synth::run(Preset::Bench, dtype, 0, &model)?;
+                }
+                let report = lime::device_bench::run(&lime::device_bench::DeviceBench {
+                    model,
+                    device,
+                    steps,
+                    offload_share,
+                    slots,
+                })?;
                 print_report(&report, json)
             }
             BenchCommand::Kernels { model, steps, json } => {

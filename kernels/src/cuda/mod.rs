@@ -171,4 +171,86 @@ mod tests {
             );
         }
     }
+
+    /// The GPU kernels against their CPU twins; needs a GPU (`field-tests/gpu.sh`).
+    mod on_gpu {
+        use crate::kv_append::KvAppend;
+        use crate::rms_norm::RmsNormOp;
+        use candle_core::{DType, Device, Tensor};
+
+        fn gpu() -> Device {
+            Device::new_cuda(0).expect("these tests need a GPU")
+        }
+
+        fn values(t: &Tensor) -> Vec<f32> {
+            t.to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        }
+
+        #[test]
+        fn fused_norm_matches_its_cpu_twin() {
+            let (gpu, cpu) = (gpu(), Device::Cpu);
+            for hidden in [64, 1000, 4096, 8192] {
+                let x = Tensor::randn(0f32, 2.0, (7, hidden), &cpu).unwrap();
+                let w = Tensor::randn(1f32, 0.1, hidden, &cpu).unwrap();
+                for (dtype, tol) in [(DType::F32, 1e-6), (DType::F16, 1e-3), (DType::BF16, 8e-3)] {
+                    let (x, w) = (x.to_dtype(dtype).unwrap(), w.to_dtype(dtype).unwrap());
+                    let op = RmsNormOp { eps: 1e-5 };
+                    let want = values(&x.apply_op2_no_bwd(&w, &op).unwrap());
+                    let got = values(
+                        &x.to_device(&gpu)
+                            .unwrap()
+                            .apply_op2_no_bwd(&w.to_device(&gpu).unwrap(), &op)
+                            .unwrap(),
+                    );
+                    // The sums differ in order only: at most one rounding step apart.
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= tol * b.abs().max(1.0),
+                            "{dtype:?} hidden {hidden} [{i}]: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn kv_append_matches_its_cpu_twin_exactly() {
+            let (gpu, cpu) = (gpu(), Device::Cpu);
+            let (heads, cap, dim) = (8, 48, 128);
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let rows = Tensor::randn(0f32, 1.0, (20, heads, dim), &cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let on_cpu = Tensor::zeros((heads, cap, dim), dtype, &cpu).unwrap();
+                let on_gpu = Tensor::zeros((heads, cap, dim), dtype, &gpu).unwrap();
+                let rows_gpu = rows.to_device(&gpu).unwrap();
+                for (pos, n) in [(0, 13), (13, 1), (14, 6)] {
+                    let op = KvAppend { pos };
+                    on_cpu
+                        .inplace_op2(&rows.narrow(0, pos, n).unwrap(), &op)
+                        .unwrap();
+                    on_gpu
+                        .inplace_op2(&rows_gpu.narrow(0, pos, n).unwrap(), &op)
+                        .unwrap();
+                }
+                let (a, b) = (values(&on_gpu), values(&on_cpu));
+                assert!(
+                    a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{dtype:?}"
+                );
+                let past_end = KvAppend { pos: cap - 1 };
+                assert!(on_gpu
+                    .inplace_op2(&rows_gpu.narrow(0, 0, 2).unwrap(), &past_end)
+                    .is_err());
+            }
+        }
+    }
 }

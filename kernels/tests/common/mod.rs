@@ -1,6 +1,8 @@
 //! Shared fixtures: small synthetic checkpoints written to temporary directories.
 #![allow(dead_code)]
 
+pub mod split;
+
 use lime_kernels::synth::{self, Preset, StoredDtype, SynthSpec};
 use lime_kernels::{Checkpoint, Device, KvCache, Model};
 use std::path::Path;
@@ -31,8 +33,12 @@ impl Fixture {
     }
 
     pub fn model(&self) -> (Checkpoint, Model) {
+        self.model_on(&Device::Cpu)
+    }
+
+    pub fn model_on(&self, device: &Device) -> (Checkpoint, Model) {
         let ckpt = self.open();
-        let model = Model::load(&ckpt, &Device::Cpu, |_, _| {}).expect("load model");
+        let model = Model::load(&ckpt, device, |_, _| {}).expect("load model");
         (ckpt, model)
     }
 }
