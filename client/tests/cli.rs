@@ -188,3 +188,39 @@ fn bad_input_gets_a_clear_error_and_exit_code() {
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     }
 }
+
+#[test]
+fn device_bench_runs_on_the_cpu_and_reports_its_measurements() {
+    let dir = tempfile::tempdir().unwrap();
+    synth(dir.path(), &["--dtype", "bf16"]);
+    let model = dir.path().to_str().unwrap();
+    let out = ok(&lime(&[
+        "bench", "device", "--model", model, "--device", "cpu", "--steps", "4", "--json",
+    ]));
+    let json = &out[out.find("\n{").expect("a JSON report") + 1..];
+    let report: serde_json::Value = serde_json::from_str(json).unwrap();
+    // The tiny preset has 12 layers; half are streamed.
+    assert_eq!(report["offloaded_layers"], 6);
+    assert_eq!(report["dtype"], "F32", "the CPU widens bf16 exactly to f32");
+    for key in [
+        "resident_tokens_per_s",
+        "offloaded_tokens_per_s",
+        "roofline_tokens_per_s",
+        "offloaded_read_gb_s",
+    ] {
+        let v = report[key].as_f64().unwrap();
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+    }
+    let bubbles = report["bubble_share"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&bubbles), "bubble share {bubbles}");
+    assert!(report["gpu"].is_null());
+    #[cfg(not(feature = "cuda"))]
+    {
+        let gpu = lime(&["bench", "device", "--model", model, "--device", "cuda:0"]);
+        assert!(!gpu.status.success());
+        let err = String::from_utf8_lossy(&gpu.stderr);
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+    let bad = lime(&["bench", "device", "--model", model, "--device", "tpu"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("cuda:N"));
+}

@@ -244,6 +244,13 @@ impl StageConfig {
             m.read_mb_per_s.is_none_or(|r| r.is_finite() && r > 0.0),
             "memory.read_mb_per_s must be a positive number of MB/s"
         );
+        #[cfg(not(feature = "cuda"))]
+        anyhow::ensure!(
+            self.device == lime_kernels::DeviceSpec::Cpu,
+            "device = \"{}\" needs lime-stage built with the `cuda` feature \
+             (cargo build --release --features cuda, with the CUDA toolkit)",
+            self.device
+        );
         anyhow::ensure!(self.telemetry_ms >= 50, "telemetry_ms must be at least 50");
         anyhow::ensure!(
             self.data.probe_every_ms >= 100 && self.data.probe_target_ms > 0,
@@ -254,5 +261,30 @@ impl StageConfig {
             "data.backoff_min_ms must be positive and at most data.backoff_max_ms"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load(text: &str) -> anyhow::Result<StageConfig> {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        StageConfig::load(Some(f.path()))
+    }
+
+    #[test]
+    fn the_device_defaults_to_the_cpu_and_bad_names_are_refused() {
+        let base = "name = \"s0\"\nmodel = \"/m\"\n";
+        assert_eq!(load(base).unwrap().device, lime_kernels::DeviceSpec::Cpu);
+        let err = load(&format!("{base}device = \"tpu\"\n")).unwrap_err();
+        assert!(format!("{err:#}").contains("cuda:N"), "{err:#}");
+        let gpu = load(&format!("{base}device = \"cuda:1\"\n"));
+        #[cfg(feature = "cuda")]
+        assert_eq!(gpu.unwrap().device, lime_kernels::DeviceSpec::Cuda(1));
+        #[cfg(not(feature = "cuda"))]
+        assert!(format!("{:#}", gpu.unwrap_err()).contains("`cuda` feature"));
     }
 }
