@@ -14,6 +14,7 @@ use lime_kernels::{
     accelerator::decode_roofline, sampling::argmax, Checkpoint, Device, DeviceSpec, Embedding,
     Head, KvCache, MicroBatch, Model, Rope, SeqSpan, Tensor,
 };
+use lime_stage::memory::Split;
 use lime_stage::residency::Residency;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -98,9 +99,11 @@ pub fn run(bench: &DeviceBench) -> anyhow::Result<DeviceReport> {
         ckpt.clone(),
         &device,
         HashMap::new(),
-        &resident,
-        &offloaded,
-        bench.slots,
+        &Split {
+            resident,
+            offloaded: offloaded.clone(),
+            slots: bench.slots,
+        },
         true,
         |_, _| {},
     )?;

@@ -18,11 +18,14 @@ pub(crate) struct RmsNormOp {
     pub eps: f32,
 }
 
+/// Start and end of an operand's elements in its storage.
+type Elements = (usize, usize);
+
 /// The row length and the element ranges of `x` and `weight`, or why not.
 pub(crate) fn operands(
     xl: &Layout,
     wl: &Layout,
-) -> candle_core::Result<(usize, (usize, usize), (usize, usize))> {
+) -> candle_core::Result<(usize, Elements, Elements)> {
     let (Some(x), Some(w)) = (xl.contiguous_offsets(), wl.contiguous_offsets()) else {
         candle_core::bail!("rms-norm needs contiguous operands");
     };

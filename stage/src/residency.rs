@@ -21,6 +21,7 @@
 //! it back costs no extra read.
 
 use crate::demand::Demand;
+use crate::memory::Split;
 use lime_kernels::{Checkpoint, DecoderLayer, Device, StagingBuffer};
 use std::collections::{HashMap, VecDeque};
 use std::ops::Deref;
@@ -214,30 +215,32 @@ impl Residency {
         prefetch: bool,
         progress: impl FnMut(usize, usize),
     ) -> lime_kernels::Result<Self> {
+        let split = Split {
+            resident: resident.to_vec(),
+            offloaded: offloaded.to_vec(),
+            slots,
+        };
         Self::start_with(
             ckpt,
             &Device::Cpu,
             HashMap::new(),
-            resident,
-            offloaded,
-            slots,
+            &split,
             prefetch,
             progress,
         )
     }
 
-    /// [`Residency::start`], taking resident layers from `loaded` (what the stage
-    /// held before a new plan) instead of reading them again.
+    /// [`Residency::start`] on `device`, taking resident layers from `loaded` (what
+    /// the stage held before a new plan) instead of reading them again.
     pub fn start_with(
         ckpt: Arc<Checkpoint>,
         device: &Device,
         mut loaded: HashMap<usize, DecoderLayer>,
-        resident: &[usize],
-        offloaded: &[usize],
-        slots: usize,
+        split: &Split,
         prefetch: bool,
         mut progress: impl FnMut(usize, usize),
     ) -> lime_kernels::Result<Self> {
+        let (resident, offloaded, slots) = (&split.resident, &split.offloaded, split.slots);
         // Free what the new split does not keep before reading anything.
         loaded.retain(|l, _| resident.contains(l));
         let mut layers = HashMap::new();

@@ -176,9 +176,7 @@ impl Worker {
             ckpt.clone(),
             &device,
             kept_layers,
-            &split.resident,
-            &split.offloaded,
-            split.slots,
+            &split,
             memory.prefetch,
             progress,
         )?;
