@@ -93,7 +93,8 @@ impl StagingBuffer {
     pub fn with_capacity(bytes: usize) -> Self {
         Self {
             buf: vec![0; Self::footprint(bytes)],
-            ..Self::default()
+            #[cfg(feature = "cuda")]
+            device: None,
         }
     }
 
