@@ -11,6 +11,11 @@ use crate::rms_norm::RmsNormOp;
 use crate::{rope, Checkpoint, Config, Error, Result, StagingBuffer};
 use candle_core::{DType, Device, Tensor, D};
 
+/// Makes a zeroed tensor of a shape, for a slot's weights.
+type Alloc<'a> = &'a mut dyn FnMut(&[usize]) -> Result<Tensor>;
+/// Reads the checkpoint tensor of a name into a slot's tensor.
+type Fill<'a> = &'a mut dyn FnMut(&str, &Tensor) -> Result<()>;
+
 /// A dense projection `y = x Wᵀ (+ b)` with `W` stored `[out, in]` as in PyTorch.
 #[derive(Debug)]
 struct Linear {
@@ -37,21 +42,17 @@ impl Linear {
     }
 
     /// Zeroed weights of the shape `load` would read, to be filled later.
-    fn zeros(dims: (usize, usize), bias: bool, dtype: DType, dev: &Device) -> Result<Self> {
+    fn zeros(dims: (usize, usize), bias: bool, alloc: Alloc<'_>) -> Result<Self> {
         Ok(Self {
-            weight: Tensor::zeros(dims, dtype, dev)?,
-            bias: if bias {
-                Some(Tensor::zeros(dims.0, dtype, dev)?)
-            } else {
-                None
-            },
+            weight: alloc(&[dims.0, dims.1])?,
+            bias: if bias { Some(alloc(&[dims.0])?) } else { None },
         })
     }
 
-    fn fill(&self, ckpt: &Checkpoint, prefix: &str, staging: &mut StagingBuffer) -> Result<()> {
-        ckpt.fill(&format!("{prefix}.weight"), &self.weight, staging)?;
+    fn fill(&self, prefix: &str, fill: Fill<'_>) -> Result<()> {
+        fill(&format!("{prefix}.weight"), &self.weight)?;
         if let Some(b) = &self.bias {
-            ckpt.fill(&format!("{prefix}.bias"), b, staging)?;
+            fill(&format!("{prefix}.bias"), b)?;
         }
         Ok(())
     }
@@ -84,15 +85,15 @@ impl RmsNorm {
         })
     }
 
-    fn zeros(cfg: &Config, dtype: DType, dev: &Device) -> Result<Self> {
+    fn zeros(cfg: &Config, alloc: Alloc<'_>) -> Result<Self> {
         Ok(Self {
-            weight: Tensor::zeros(cfg.hidden_size, dtype, dev)?,
+            weight: alloc(&[cfg.hidden_size])?,
             eps: cfg.rms_norm_eps,
         })
     }
 
-    fn fill(&self, ckpt: &Checkpoint, name: &str, staging: &mut StagingBuffer) -> Result<()> {
-        ckpt.fill(name, &self.weight, staging)
+    fn fill(&self, name: &str, fill: Fill<'_>) -> Result<()> {
+        fill(name, &self.weight)
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -145,31 +146,31 @@ impl Attention {
         })
     }
 
-    fn zeros(cfg: &Config, dtype: DType, dev: &Device) -> Result<Self> {
+    fn zeros(cfg: &Config, alloc: Alloc<'_>) -> Result<Self> {
         let (h, q, kv) = (
             cfg.hidden_size,
             cfg.num_attention_heads * cfg.head_dim,
             cfg.num_key_value_heads * cfg.head_dim,
         );
         Ok(Self {
-            q_proj: Linear::zeros((q, h), cfg.qkv_bias, dtype, dev)?,
-            k_proj: Linear::zeros((kv, h), cfg.qkv_bias, dtype, dev)?,
-            v_proj: Linear::zeros((kv, h), cfg.qkv_bias, dtype, dev)?,
-            o_proj: Linear::zeros((h, q), cfg.o_bias, dtype, dev)?,
+            q_proj: Linear::zeros((q, h), cfg.qkv_bias, alloc)?,
+            k_proj: Linear::zeros((kv, h), cfg.qkv_bias, alloc)?,
+            v_proj: Linear::zeros((kv, h), cfg.qkv_bias, alloc)?,
+            o_proj: Linear::zeros((h, q), cfg.o_bias, alloc)?,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
         })
     }
 
-    fn fill(&self, ckpt: &Checkpoint, prefix: &str, staging: &mut StagingBuffer) -> Result<()> {
+    fn fill(&self, prefix: &str, fill: Fill<'_>) -> Result<()> {
         for (proj, name) in [
             (&self.q_proj, "q_proj"),
             (&self.k_proj, "k_proj"),
             (&self.v_proj, "v_proj"),
             (&self.o_proj, "o_proj"),
         ] {
-            proj.fill(ckpt, &format!("{prefix}.{name}"), staging)?;
+            proj.fill(&format!("{prefix}.{name}"), fill)?;
         }
         Ok(())
     }
@@ -313,22 +314,22 @@ impl Mlp {
         })
     }
 
-    fn zeros(cfg: &Config, dtype: DType, dev: &Device) -> Result<Self> {
+    fn zeros(cfg: &Config, alloc: Alloc<'_>) -> Result<Self> {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Ok(Self {
-            gate_proj: Linear::zeros((i, h), b, dtype, dev)?,
-            up_proj: Linear::zeros((i, h), b, dtype, dev)?,
-            down_proj: Linear::zeros((h, i), b, dtype, dev)?,
+            gate_proj: Linear::zeros((i, h), b, alloc)?,
+            up_proj: Linear::zeros((i, h), b, alloc)?,
+            down_proj: Linear::zeros((h, i), b, alloc)?,
         })
     }
 
-    fn fill(&self, ckpt: &Checkpoint, prefix: &str, staging: &mut StagingBuffer) -> Result<()> {
+    fn fill(&self, prefix: &str, fill: Fill<'_>) -> Result<()> {
         for (proj, name) in [
             (&self.gate_proj, "gate_proj"),
             (&self.up_proj, "up_proj"),
             (&self.down_proj, "down_proj"),
         ] {
-            proj.fill(ckpt, &format!("{prefix}.{name}"), staging)?;
+            proj.fill(&format!("{prefix}.{name}"), fill)?;
         }
         Ok(())
     }
@@ -352,6 +353,10 @@ pub struct DecoderLayer {
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
+    /// The mapped memory of a slot on an integrated GPU. Declared last: it must
+    /// outlive the tensors above, which live in it.
+    #[cfg(feature = "cuda")]
+    mapped: Option<std::sync::Arc<crate::cuda::mapped::MappedArena>>,
 }
 
 impl DecoderLayer {
@@ -382,33 +387,67 @@ impl DecoderLayer {
                 device,
             )?,
             mlp: Mlp::load(ckpt, &format!("{p}.mlp"), cfg, device)?,
+            #[cfg(feature = "cuda")]
+            mapped: None,
         })
     }
 
     /// A layer's worth of zeroed weights in `dtype` on `device`, not yet any layer:
     /// a slot that [`DecoderLayer::reload`] fills with one offloaded layer after
     /// another. `dtype` is what the checkpoint computes in there
-    /// ([`Checkpoint::layer_dtype`]).
+    /// ([`Checkpoint::layer_dtype`]). On an integrated GPU the slot lives in host
+    /// memory mapped into the GPU, so refills need no device copy.
     pub fn empty(cfg: &Config, dtype: DType, device: &Device) -> Result<Self> {
         if device.is_cpu() && dtype != DType::F32 {
             return Err(Error::Input(format!(
                 "a CPU layer slot computes in F32, not {dtype:?}"
             )));
         }
+        #[cfg(feature = "cuda")]
+        if !device.is_cpu()
+            && crate::GpuTraits::query(device)?.load_path() == crate::LoadPath::Mapped
+        {
+            return Self::empty_mapped(cfg, dtype, device);
+        }
+        Self::allocate(cfg, &mut |shape| Ok(Tensor::zeros(shape, dtype, device)?))
+    }
+
+    /// A slot's tensors, each from `alloc`.
+    fn allocate(cfg: &Config, alloc: Alloc<'_>) -> Result<Self> {
         Ok(Self {
             index: usize::MAX,
-            input_layernorm: RmsNorm::zeros(cfg, dtype, device)?,
-            self_attn: Attention::zeros(cfg, dtype, device)?,
-            post_attention_layernorm: RmsNorm::zeros(cfg, dtype, device)?,
-            mlp: Mlp::zeros(cfg, dtype, device)?,
+            input_layernorm: RmsNorm::zeros(cfg, alloc)?,
+            self_attn: Attention::zeros(cfg, alloc)?,
+            post_attention_layernorm: RmsNorm::zeros(cfg, alloc)?,
+            mlp: Mlp::zeros(cfg, alloc)?,
+            #[cfg(feature = "cuda")]
+            mapped: None,
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn empty_mapped(cfg: &Config, dtype: DType, device: &Device) -> Result<Self> {
+        use crate::cuda::mapped::{footprint, MappedArena};
+        // Sizes first (placeholders on the CPU), then the arena that holds them all.
+        let mut bytes = 0;
+        Self::allocate(cfg, &mut |shape| {
+            bytes += footprint(shape.iter().product::<usize>() * dtype.size_in_bytes());
+            Ok(Tensor::zeros((), dtype, &Device::Cpu)?)
+        })?;
+        let mut arena = MappedArena::new(device, bytes)?;
+        let layer = Self::allocate(cfg, &mut |shape| arena.tensor(shape, dtype))?;
+        Ok(Self {
+            mapped: Some(std::sync::Arc::new(arena)),
+            ..layer
         })
     }
 
     /// Reads layer `index` into this layer's memory, allocating nothing (beyond
     /// `staging`, for direct reads and narrow stored dtypes; on a GPU, staging made
-    /// for it). On a GPU the copies are queued, not finished, when this returns:
-    /// kernels that use the layer wait for them. On error the slot holds no valid
-    /// layer until the next successful reload.
+    /// for it). On a discrete GPU the copies are queued, not finished, when this
+    /// returns: kernels that use the layer wait for them. In a mapped slot the
+    /// bytes go straight from storage into the slot. On error the slot holds no
+    /// valid layer until the next successful reload.
     pub fn reload(
         &mut self,
         ckpt: &Checkpoint,
@@ -424,19 +463,26 @@ impl DecoderLayer {
         }
         let _span = tracing::debug_span!("reload_layer", layer = index).entered();
         self.index = usize::MAX;
-        let p = format!("model.layers.{index}");
-        self.input_layernorm
-            .fill(ckpt, &format!("{p}.input_layernorm.weight"), staging)?;
-        self.self_attn
-            .fill(ckpt, &format!("{p}.self_attn"), staging)?;
-        self.post_attention_layernorm.fill(
-            ckpt,
-            &format!("{p}.post_attention_layernorm.weight"),
-            staging,
-        )?;
-        self.mlp.fill(ckpt, &format!("{p}.mlp"), staging)?;
+        #[cfg(feature = "cuda")]
+        if let Some(arena) = &self.mapped {
+            let arena = arena.clone();
+            self.refill(index, &mut |name, t| arena.fill(ckpt, name, t, staging))?;
+            self.index = index;
+            return Ok(());
+        }
+        self.refill(index, &mut |name, t| ckpt.fill(name, t, staging))?;
         self.index = index;
         Ok(())
+    }
+
+    fn refill(&self, index: usize, fill: Fill<'_>) -> Result<()> {
+        let p = format!("model.layers.{index}");
+        self.input_layernorm
+            .fill(&format!("{p}.input_layernorm.weight"), fill)?;
+        self.self_attn.fill(&format!("{p}.self_attn"), fill)?;
+        self.post_attention_layernorm
+            .fill(&format!("{p}.post_attention_layernorm.weight"), fill)?;
+        self.mlp.fill(&format!("{p}.mlp"), fill)
     }
 
     /// The model layer held, or `None` for a slot not (successfully) filled yet.

@@ -111,6 +111,11 @@ impl StagingBuffer {
         }
         #[cfg(feature = "cuda")]
         {
+            // Mapped slots (integrated GPUs) are read into in place: no copies to
+            // stage, so no page-locked buffers to hold.
+            if crate::GpuTraits::query(device)?.load_path() == crate::LoadPath::Mapped {
+                return Ok(staging);
+            }
             let loader = crate::cuda::loader::DeviceLoader::new(device, largest)?;
             Ok(Self {
                 device: Some(Box::new(loader)),

@@ -7,9 +7,9 @@
 //! a slot waits for the kernels still reading its previous layer, and kernels
 //! reading the new layer wait for the copy.
 //!
-//! The same path serves integrated GPUs (Jetsons), where [`LoadPath::Mapped`] is
-//! detected: there the buffers are allocated mapped into the GPU as well, ready for
-//! slots that live in mapped memory themselves (see [`DeviceLoader::load_path`]).
+//! This is the path of discrete GPUs. On an integrated GPU (a Jetson) slots live in
+//! mapped host memory instead and are read into in place ([`super::mapped`]), so
+//! no loader is made there.
 
 use crate::accelerator::{GpuTraits, LoadPath};
 use crate::{Checkpoint, Error, Result, StagingBuffer};
