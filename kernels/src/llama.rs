@@ -485,6 +485,16 @@ impl DecoderLayer {
         self.mlp.fill(&format!("{p}.mlp"), fill)
     }
 
+    /// Where the layer's weights live.
+    pub fn device(&self) -> &Device {
+        self.input_layernorm.weight.device()
+    }
+
+    /// What the layer computes in (its weights' dtype).
+    pub fn dtype(&self) -> DType {
+        self.self_attn.q_proj.weight.dtype()
+    }
+
     /// The model layer held, or `None` for a slot not (successfully) filled yet.
     pub fn index(&self) -> Option<usize> {
         (self.index != usize::MAX).then_some(self.index)

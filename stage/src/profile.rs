@@ -34,8 +34,8 @@ pub fn time_decode(
     tokens: usize,
     reps: usize,
 ) -> anyhow::Result<f64> {
-    let cpu = Device::Cpu;
-    let rope = Rope::new(cfg, CONTEXT + 1, &cpu)?;
+    let (dev, dtype) = (layer.device().clone(), layer.dtype());
+    let rope = Rope::new(cfg, CONTEXT + 1, &dev)?;
     let step = MicroBatch::new(
         cfg,
         &rope,
@@ -46,7 +46,7 @@ pub fn time_decode(
             };
             tokens
         ],
-        &cpu,
+        &dev,
     )?;
     let fill = MicroBatch::new(
         cfg,
@@ -58,27 +58,22 @@ pub fn time_decode(
             };
             tokens
         ],
-        &cpu,
+        &dev,
     )?;
     let mut caches: Vec<KvCache> = (0..tokens)
-        .map(|_| {
-            KvCache::new(
-                cfg,
-                [layer.index().unwrap_or(0)],
-                CONTEXT + 1,
-                DType::F32,
-                &cpu,
-            )
-        })
+        .map(|_| KvCache::new(cfg, [layer.index().unwrap_or(0)], CONTEXT + 1, dtype, &dev))
         .collect::<Result<_, _>>()?;
-    let x = Tensor::ones((tokens, cfg.hidden_size), DType::F32, &cpu)?;
-    let xp = Tensor::ones((CONTEXT * tokens, cfg.hidden_size), DType::F32, &cpu)?;
+    let x = Tensor::ones((tokens, cfg.hidden_size), dtype, &dev)?;
+    let xp = Tensor::ones((CONTEXT * tokens, cfg.hidden_size), dtype, &dev)?;
     median(reps, || {
         // Rewind so every run appends at the same position.
         caches.iter_mut().for_each(KvCache::clear);
         layer.forward(&xp, &fill, &mut caches.iter_mut().collect::<Vec<_>>())?;
+        dev.synchronize()?;
         let started = Instant::now();
         layer.forward(&x, &step, &mut caches.iter_mut().collect::<Vec<_>>())?;
+        // A GPU returns once the kernels are queued: time them to the end.
+        dev.synchronize()?;
         Ok(started.elapsed().as_secs_f64())
     })
 }
@@ -90,8 +85,8 @@ pub fn time_prefill(
     tokens: usize,
     reps: usize,
 ) -> anyhow::Result<f64> {
-    let cpu = Device::Cpu;
-    let rope = Rope::new(cfg, tokens, &cpu)?;
+    let (dev, dtype) = (layer.device().clone(), layer.dtype());
+    let rope = Rope::new(cfg, tokens, &dev)?;
     let batch = MicroBatch::new(
         cfg,
         &rope,
@@ -99,14 +94,16 @@ pub fn time_prefill(
             pos: 0,
             len: tokens,
         }],
-        &cpu,
+        &dev,
     )?;
-    let mut cache = KvCache::new(cfg, [layer.index().unwrap_or(0)], tokens, DType::F32, &cpu)?;
-    let x = Tensor::ones((tokens, cfg.hidden_size), DType::F32, &cpu)?;
+    let mut cache = KvCache::new(cfg, [layer.index().unwrap_or(0)], tokens, dtype, &dev)?;
+    let x = Tensor::ones((tokens, cfg.hidden_size), dtype, &dev)?;
     median(reps, || {
         cache.clear();
+        dev.synchronize()?;
         let started = Instant::now();
         layer.forward(&x, &batch, &mut [&mut cache])?;
+        dev.synchronize()?;
         Ok(started.elapsed().as_secs_f64())
     })
 }
@@ -126,23 +123,29 @@ fn time_ends(
     median(reps, || {
         let started = Instant::now();
         let x = emb.forward(&ids)?;
-        head.forward(&x, &rows)?;
+        // The logits come back to the host, which waits for a GPU to finish.
+        head.forward(&x, &rows)?.to_device(&Device::Cpu)?;
         Ok(started.elapsed().as_secs_f64())
     })
 }
 
-/// Bytes per second reading layers into a slot through `ckpt`'s read path (its
-/// direct I/O and emulated bandwidth included).
-fn read_rate(ckpt: &Checkpoint, layers: usize) -> anyhow::Result<f64> {
+/// Bytes per second reading layers into a slot on `dev` through `ckpt`'s read
+/// path (its direct I/O and emulated bandwidth included).
+fn read_rate(ckpt: &Checkpoint, layers: usize, dev: &Device) -> anyhow::Result<f64> {
     let cfg = ckpt.config();
-    let mut slot = DecoderLayer::empty(cfg, DType::F32, &Device::Cpu)?;
-    let mut staging = StagingBuffer::with_capacity(ckpt.staging_needed("model.layers."));
+    let mut slot = DecoderLayer::empty(cfg, ckpt.layer_dtype(dev), dev)?;
+    let mut staging = StagingBuffer::for_device(
+        dev,
+        ckpt.staging_needed("model.layers."),
+        ckpt.largest_with_prefix("model.layers.") as usize,
+    )?;
     let (mut bytes, started) = (0u64, Instant::now());
     for i in 0..layers.min(cfg.num_hidden_layers) {
         let index = cfg.num_hidden_layers - 1 - i;
         slot.reload(ckpt, index, &mut staging)?;
         bytes += ckpt.bytes_with_prefix(&format!("model.layers.{index}."));
     }
+    dev.synchronize()?;
     Ok(bytes as f64 / started.elapsed().as_secs_f64().max(1e-9))
 }
 
@@ -165,13 +168,13 @@ pub fn measure(
     let ckpt = Checkpoint::open_with(&cfg.model, &options)?;
     let model = ckpt.config().clone();
     let shape = ckpt.shape();
-    let cpu = Device::Cpu;
+    let dev = cfg.device.open()?;
     let most = cfg.memory.activation_tokens;
     let reps = 7;
     progress("reading layers");
-    let read = read_rate(&ckpt, 3)?;
+    let read = read_rate(&ckpt, 3, &dev)?;
     progress("timing decode");
-    let layer = DecoderLayer::load(&ckpt, 0, &cpu)?;
+    let layer = DecoderLayer::load(&ckpt, 0, &dev)?;
     let decode = [1usize, 2, 4, 8, 16]
         .into_iter()
         .filter(|&b| b <= most)
@@ -194,8 +197,8 @@ pub fn measure(
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     progress("timing the embedding and head");
-    let emb = Embedding::load(&ckpt, &cpu)?;
-    let head = Head::load(&ckpt, &cpu, Some(&emb))?;
+    let emb = Embedding::load(&ckpt, &dev)?;
+    let head = Head::load(&ckpt, &dev, Some(&emb))?;
     let ends = [1usize, 4, 16]
         .into_iter()
         .filter(|&b| b <= most)
