@@ -94,7 +94,7 @@ impl MicroBatch {
 
 /// Rows are the query heads of one KV group, each with `len` queries; query `i`
 /// sees keys `0..=pos + i`.
-fn causal_mask(group: usize, s: &SeqSpan, device: &Device) -> Result<Tensor> {
+pub(crate) fn causal_mask(group: usize, s: &SeqSpan, device: &Device) -> Result<Tensor> {
     let keys = s.pos + s.len;
     let mut mask = Vec::with_capacity(group * s.len * keys);
     for _ in 0..group {

@@ -646,3 +646,52 @@ fn project(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 fn tensor_bytes(t: &Tensor) -> usize {
     t.elem_count() * t.dtype().size_in_bytes()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{causal_mask, SeqSpan};
+
+    /// The GPU's attention (general matmuls and the batch's causal mask) computes
+    /// what the CPU's exact kernel does, over a cache view narrowed to the keys.
+    #[test]
+    fn matmul_attention_matches_the_exact_kernel() {
+        let dev = Device::Cpu;
+        let (n, heads, kv_heads, cap, d, pos) = (5, 8, 2, 16, 32, 3);
+        let q = Tensor::randn(0f32, 1.0, (n, heads, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (kv_heads, cap, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (kv_heads, cap, d), &dev).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let exact = q
+            .apply_op3_no_bwd(
+                &k,
+                &v,
+                &CausalAttention {
+                    pos,
+                    group: heads / kv_heads,
+                    scale: scale as f32,
+                },
+            )
+            .unwrap();
+        let keys = pos + n;
+        let mask = causal_mask(heads / kv_heads, &SeqSpan { pos, len: n }, &dev).unwrap();
+        let general = attend_with_matmul(
+            &q,
+            &k.narrow(1, 0, keys).unwrap(),
+            &v.narrow(1, 0, keys).unwrap(),
+            Some(&mask),
+            scale,
+        )
+        .unwrap();
+        assert_eq!(general.dims(), exact.dims());
+        let diff: f32 = (general - exact)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-5, "largest difference {diff}");
+    }
+}
