@@ -366,10 +366,25 @@ pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     )
 }
 
+/// A port for a child process to listen on. It is taken below Linux's ephemeral
+/// range (32768 and up), so that between this check and the child's bind the
+/// kernel cannot hand it to another socket bound to port 0 or connecting out (the
+/// broker's internal listeners, clients of concurrent clusters). Ports are spread
+/// by process and never repeat within one.
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (start + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port between {FIRST} and {}", FIRST + SPAN)
 }
 
 /// One stage's settings file.
