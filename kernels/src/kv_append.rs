@@ -118,6 +118,7 @@ fn scatter<T: Copy>(cache: &mut [T], src: &[T], p: &Placement) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::f32_values;
     use candle_core::{DType, Device, IndexOp, Tensor};
 
     #[test]
@@ -140,32 +141,10 @@ mod tests {
                 let t = rows.transpose(0, 1).unwrap().contiguous().unwrap();
                 want.slice_set(&t, 1, pos).unwrap();
             }
-            let (a, b) = (
-                cache
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
-                want.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
-            );
+            let (a, b) = (f32_values(&cache), f32_values(&want));
             assert_eq!(a, b, "{dtype:?}");
             // Past the appended tokens the cache is untouched.
-            let tail: Vec<f32> = cache
-                .i((.., 7.., ..))
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let tail = f32_values(&cache.i((.., 7.., ..)).unwrap());
             assert!(tail.iter().all(|v| *v == 0.0));
         }
     }

@@ -43,3 +43,18 @@ pub use storage::{ReadOptions, StagingBuffer};
 pub use text::{TextStream, TextTokenizer};
 
 pub use candle_core::{DType, Device, Tensor};
+
+/// Helpers the unit tests share.
+#[cfg(test)]
+mod test_support {
+    use candle_core::{DType, Device, Tensor};
+
+    /// A tensor's values on the host, widened to f32, in row-major order.
+    pub(crate) fn f32_values(t: &Tensor) -> Vec<f32> {
+        t.to_device(&Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("a tensor's values")
+    }
+}

@@ -141,6 +141,7 @@ fn norm_rows<T: Element>(x: &[T], w: &[T], hidden: usize, eps: f32) -> Vec<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::f32_values;
     use candle_core::{DType, Device, Tensor};
 
     fn rows(n: usize, hidden: usize) -> Vec<f32> {
@@ -218,20 +219,8 @@ mod tests {
                 .unwrap()
                 .broadcast_mul(&wt)
                 .unwrap();
-            let a: Vec<f32> = fused
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let b: Vec<f32> = unfused
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let a = f32_values(&fused);
+            let b = f32_values(&unfused);
             // The mean square may differ in its last f32 bit (summation order), which
             // moves a rounding at most one step of the narrow dtype.
             let step = if dtype == DType::BF16 {

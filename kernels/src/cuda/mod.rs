@@ -183,16 +183,7 @@ mod tests {
             Device::new_cuda(0).expect("these tests need a GPU")
         }
 
-        fn values(t: &Tensor) -> Vec<f32> {
-            t.to_device(&Device::Cpu)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        }
+        use crate::test_support::f32_values as values;
 
         #[test]
         fn fused_norm_matches_its_cpu_twin() {
