@@ -109,6 +109,10 @@ pub struct PlannerConfig {
     pub change_factor: f64,
     /// ...once every report for this long says so.
     pub sustain_ms: u64,
+    /// Then the planner waits up to this long for every link to be measured
+    /// since the change began (stages probe each link about once a second), so
+    /// that one plan covers every link the event moved.
+    pub settle_ms: u64,
     /// A new plan is published only if predicted at least this much better
     /// (0.05: 5% more tokens/s, or 5% less time per token)...
     pub min_gain: f64,
@@ -136,6 +140,7 @@ impl Default for PlannerConfig {
             adapt: true,
             change_factor: 1.5,
             sustain_ms: 1_000,
+            settle_ms: 2_000,
             min_gain: 0.05,
             payback_s: 30.0,
             switch_interval_ms: 5_000,
@@ -221,6 +226,10 @@ impl BrokerConfig {
         anyhow::ensure!(
             p.change_factor.is_finite() && p.change_factor > 1.0,
             "planner.change_factor must be above 1"
+        );
+        anyhow::ensure!(
+            p.sustain_ms <= 60_000 && p.settle_ms <= 60_000,
+            "planner.sustain_ms and planner.settle_ms must be at most 60000 (a minute)"
         );
         anyhow::ensure!(
             p.min_gain.is_finite() && (0.0..1.0).contains(&p.min_gain),
@@ -317,5 +326,22 @@ impl BrokerConfig {
             v5: server("v5", internal.v5),
             ..Default::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn planner_timings_beyond_a_minute_are_refused() {
+        assert!(BrokerConfig::default().validate().is_ok());
+        let mut cfg = BrokerConfig::default();
+        cfg.planner.settle_ms = u64::MAX;
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("planner.settle_ms"), "{e}");
+        let mut cfg = BrokerConfig::default();
+        cfg.planner.sustain_ms = 60_001;
+        assert!(cfg.validate().is_err());
     }
 }

@@ -116,7 +116,11 @@ pub struct Planner {
 
 impl Planner {
     pub fn new(cfg: PlannerConfig, links: Links) -> Self {
-        let conditions = Conditions::new(cfg.change_factor, Duration::from_millis(cfg.sustain_ms));
+        let conditions = Conditions::new(
+            cfg.change_factor,
+            Duration::from_millis(cfg.sustain_ms),
+            Duration::from_millis(cfg.settle_ms),
+        );
         Self {
             cfg,
             links,
@@ -234,7 +238,11 @@ impl Planner {
                     from: t.stage.clone(),
                     to: l.to.clone(),
                 };
-                self.conditions.observe(figure, assumed, l.mbit_per_s, now);
+                let sampled = now
+                    .checked_sub(Duration::from_millis(l.age_ms))
+                    .unwrap_or(now);
+                self.conditions
+                    .observe(figure, assumed, l.mbit_per_s, sampled, now);
                 self.conditions.latency(&t.stage, &l.to, l.rtt_ms / 2.0);
             }
         }
@@ -250,7 +258,7 @@ impl Planner {
                     stage: t.stage.clone(),
                 };
                 self.conditions
-                    .observe(figure, profiled, db as f64 / ds, now);
+                    .observe(figure, profiled, db as f64 / ds, now, now);
             }
         }
         let changes = self.conditions.changed(now);

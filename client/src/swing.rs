@@ -67,6 +67,18 @@ pub struct PlanSeen {
     pub rebuilt_at_s: Option<f64>,
 }
 
+/// A stage's report of its link to the next, as the robots' side saw it.
+#[derive(Debug, Clone)]
+pub struct LinkSeen {
+    pub at_s: f64,
+    pub from: String,
+    pub to: String,
+    pub mbit_per_s: f64,
+    pub samples: u32,
+    /// Age of the newest sample behind the figure.
+    pub age_ms: u64,
+}
+
 /// What happened.
 #[derive(Debug, Clone, Default)]
 pub struct SwingRun {
@@ -82,6 +94,8 @@ pub struct SwingRun {
     pub failed: Vec<String>,
     /// Token ids of each completed request, by prompt template.
     pub tokens: BTreeMap<usize, Vec<Vec<u32>>>,
+    /// Every link report in the stages' telemetry: what the planner saw.
+    pub links: Vec<LinkSeen>,
 }
 
 impl SwingRun {
@@ -97,6 +111,21 @@ impl SwingRun {
     /// The first plan published at or after `t` seconds.
     pub fn plan_after(&self, t: f64) -> Option<&PlanSeen> {
         self.plans.iter().find(|p| p.at_s >= t)
+    }
+
+    /// The link reports over `[from, to]` seconds, one line each, to explain
+    /// a plan.
+    pub fn link_reports(&self, from: f64, to: f64) -> String {
+        self.links
+            .iter()
+            .filter(|l| (from..=to).contains(&l.at_s))
+            .map(|l| {
+                format!(
+                    "{:6.2} s {}→{} {:.0} Mb/s ({} samples, newest {} ms old)\n",
+                    l.at_s, l.from, l.to, l.mbit_per_s, l.samples, l.age_ms
+                )
+            })
+            .collect()
     }
 }
 
@@ -253,6 +282,16 @@ async fn load(
             continue;
         }
         if let Ok(t) = serde_json::from_slice::<Telemetry>(&p.payload) {
+            if let Some(l) = &t.link_out {
+                out.links.push(LinkSeen {
+                    at_s: now,
+                    from: t.stage.clone(),
+                    to: l.to.clone(),
+                    mbit_per_s: l.mbit_per_s,
+                    samples: l.samples,
+                    age_ms: l.age_ms,
+                });
+            }
             if let Some(plan) = out.plans.last_mut().filter(|plan| {
                 plan.rebuilt_at_s.is_none()
                     && plan.epoch == t.epoch

@@ -77,8 +77,9 @@ fn a_bandwidth_swing_replans_in_time_and_loses_nothing() {
             .unwrap_or_else(|| panic!("no new plan after the change to {mbit} Mb/s at {at:.1} s"));
         assert!(
             plan.at_s - at <= 5.0,
-            "the plan for {mbit} Mb/s came {:.1} s after the change",
-            plan.at_s - at
+            "the plan for {mbit} Mb/s came {:.1} s after the change; the link reports:\n{}",
+            plan.at_s - at,
+            run.link_reports(at, plan.at_s)
         );
     }
 
@@ -110,7 +111,9 @@ fn a_bandwidth_swing_replans_in_time_and_loses_nothing() {
         );
         assert!(
             (measured / predicted - 1.0).abs() <= 0.15,
-            "at {mbit} Mb/s measured {measured:.1} tokens/s against a prediction of {predicted:.1}"
+            "at {mbit} Mb/s measured {measured:.1} tokens/s against a prediction of {predicted:.1}; \
+             the link reports from the change to the plan:\n{}",
+            run.link_reports(at, plan.at_s)
         );
     }
 }
