@@ -327,7 +327,7 @@ fn stage_budgets(
     let mut out = std::collections::HashMap::new();
     for (i, stage) in plan.stages.iter_mut().enumerate() {
         let n = counts[i];
-        let costs = Costs::of(&ckpt, n, i == 0, &memory)?;
+        let costs = Costs::of(&ckpt, n, i == 0, &memory, lime_kernels::Placement::Cpu)?;
         let budget = match spec.memory.budget {
             _ if !spec.memory.stage_budget_bytes.is_empty() => spec.memory.stage_budget(i),
             Budget::Unlimited => None,

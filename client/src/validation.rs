@@ -213,7 +213,7 @@ pub async fn run(bench: &ValidateBench) -> anyhow::Result<Report> {
             kv_reserve_tokens: Some(bench.context),
             ..MemoryConfig::default()
         };
-        let costs = Costs::of(&ckpt, layers, true, &memory)?;
+        let costs = Costs::of(&ckpt, layers, true, &memory, lime_kernels::Placement::Cpu)?;
         let room = costs.fixed_weights + costs.activations + costs.kv_reserve + costs.read_buffer;
         let budgets: Vec<u64> = setup
             .shares

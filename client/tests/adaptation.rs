@@ -45,7 +45,7 @@ fn kv_growth_streams_more_layers_without_oom_and_changes_no_bits() {
     };
     let budgets: Vec<u64> = (0..3)
         .map(|i| {
-            Costs::of(&ckpt, 4, i == 0, &memory)
+            Costs::of(&ckpt, 4, i == 0, &memory, lime_kernels::Placement::Cpu)
                 .unwrap()
                 .budget_for(4, 4)
         })

@@ -124,7 +124,16 @@ fn kv_growth_in_namespaces_streams_more_layers_without_oom_and_changes_no_bits()
         ..MemoryConfig::default()
     };
     let costs: Vec<Costs> = (0..STAGES)
-        .map(|i| Costs::of(&ckpt, LAYERS_PER_STAGE, i == 0, &memory).unwrap())
+        .map(|i| {
+            Costs::of(
+                &ckpt,
+                LAYERS_PER_STAGE,
+                i == 0,
+                &memory,
+                lime_kernels::Placement::Cpu,
+            )
+            .unwrap()
+        })
         .collect();
     let budgets: Vec<u64> = costs
         .iter()

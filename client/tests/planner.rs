@@ -131,7 +131,14 @@ fn the_planners_memory_model_is_the_stages_account() {
                 kv_reserve_tokens: Some(64),
                 ..Default::default()
             };
-            let stage = lime_stage::memory::Costs::of(&ckpt, 5, true, &memory).unwrap();
+            let stage = lime_stage::memory::Costs::of(
+                &ckpt,
+                5,
+                true,
+                &memory,
+                lime_kernels::Placement::Cpu,
+            )
+            .unwrap();
             let shape = ckpt.shape();
             let profile = DeviceProfile {
                 name: "d".into(),
@@ -187,10 +194,11 @@ fn a_cluster_planned_by_the_broker_answers_bit_identically() {
     };
     // Each stage has room for about three of the 12 layers and KV for 8
     // sequences over four: some layers must stream.
-    let budget = lime_stage::memory::Costs::of(&ckpt, 4, false, &memory)
-        .unwrap()
-        .budget_for(2, 4)
-        + lime_stage::memory::kv_bytes(ckpt.config(), 4, 7 * 128, 4);
+    let budget =
+        lime_stage::memory::Costs::of(&ckpt, 4, false, &memory, lime_kernels::Placement::Cpu)
+            .unwrap()
+            .budget_for(2, 4)
+            + lime_stage::memory::kv_bytes(ckpt.config(), 4, 7 * 128, 4);
     let work = tempfile::tempdir().unwrap();
     let mut spec = ClusterSpec::new(reference.path(), 3, work.path());
     spec.memory.stage_budget_bytes = vec![budget; 3];

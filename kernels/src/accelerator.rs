@@ -94,6 +94,48 @@ pub enum LoadPath {
     Mapped,
 }
 
+/// Where a stage's tensors live and how its streamed layers reach them: what its
+/// memory account must know, in a form that needs no GPU to reason about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    Cpu,
+    Gpu(LoadPath),
+}
+
+impl Placement {
+    /// The placement of `device`; a GPU's load path is read from its driver.
+    pub fn of(device: &Device) -> Result<Self> {
+        if device.is_cpu() {
+            return Ok(Self::Cpu);
+        }
+        #[cfg(feature = "cuda")]
+        {
+            Ok(Self::Gpu(GpuTraits::query(device)?.load_path()))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Err(Error::Input(format!(
+                "{device:?} needs a build with the `cuda` feature"
+            )))
+        }
+    }
+
+    /// The dtype a tensor stored as `stored` is computed in here; `None` for
+    /// stored dtypes lime does not compute in.
+    pub fn compute_dtype(self, stored: safetensors::Dtype) -> Option<candle_core::DType> {
+        crate::checkpoint::compute_dtype_on(stored, self == Self::Cpu)
+    }
+
+    /// Page-locked host bytes the GPU loader holds to stream tensors of up to
+    /// `largest` bytes: two buffers, one filling while the other is copied.
+    pub fn loader_bytes(self, largest: usize) -> usize {
+        match self {
+            Self::Gpu(LoadPath::PinnedCopy) => 2 * largest.max(1),
+            Self::Cpu | Self::Gpu(LoadPath::Mapped) => 0,
+        }
+    }
+}
+
 /// What lime needs to know of a GPU, read from the driver at run time.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GpuTraits {

@@ -11,7 +11,7 @@
 //! stage streams offloaded layers through preallocated slots.
 
 use crate::storage::{self, ReadOptions, StagingBuffer, Throttle};
-use crate::{Config, Error, Result};
+use crate::{Config, Error, Placement, Result};
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
 use safetensors::Dtype;
 use std::cell::RefCell;
@@ -221,18 +221,41 @@ impl Checkpoint {
         self.tensors.get(name)
     }
 
-    /// The read buffer [`Checkpoint::fill`] needs to refill every tensor whose name
-    /// starts with `prefix`: none when each reads straight into its tensor (f32,
-    /// buffered), else room for the largest.
-    pub fn staging_needed(&self, prefix: &str) -> usize {
+    /// The host read buffer [`Checkpoint::fill`] needs to refill every tensor
+    /// whose name starts with `prefix` at `placement`: none when each reads
+    /// straight into its tensor, else room for the largest. On the CPU that is
+    /// f32 read buffered; a GPU reads every dtype straight into its page-locked
+    /// buffers or mapped slots, and needs the buffer only for direct I/O's
+    /// alignment. The GPU loader's own buffers are [`Placement::loader_bytes`].
+    pub fn staging_needed(&self, prefix: &str, placement: Placement) -> usize {
         let direct = self.direct_io();
+        let cpu = placement == Placement::Cpu;
         let largest = self
             .tensors
             .iter()
-            .filter(|(n, e)| n.starts_with(prefix) && (direct || e.dtype != Dtype::F32))
+            .filter(|(n, e)| n.starts_with(prefix) && (direct || (cpu && e.dtype != Dtype::F32)))
             .map(|(_, e)| e.byte_len())
             .max();
         largest.map_or(0, |b| StagingBuffer::footprint(b as usize))
+    }
+
+    /// Staging to refill decoder layers on `device`: the host buffer
+    /// [`Checkpoint::staging_needed`] says and, on a GPU, its loader.
+    pub fn layer_staging(&self, device: &Device) -> Result<StagingBuffer> {
+        let prefix = "model.layers.";
+        StagingBuffer::for_device(
+            device,
+            self.staging_needed(prefix, Placement::of(device)?),
+            self.largest_with_prefix(prefix) as usize,
+        )
+    }
+
+    /// Bytes `name` takes once loaded at `placement`; `None` if absent or of a
+    /// dtype lime does not compute in.
+    pub fn loaded_bytes(&self, name: &str, placement: Placement) -> Option<u64> {
+        let e = self.tensors.get(name)?;
+        let dtype = placement.compute_dtype(e.dtype)?;
+        Some(e.shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64)
     }
 
     /// Bytes on disk of every tensor whose name starts with `prefix`.
@@ -241,6 +264,15 @@ impl Checkpoint {
             .iter()
             .filter(|(n, _)| n.starts_with(prefix))
             .map(|(_, e)| e.byte_len())
+            .sum()
+    }
+
+    /// Values in every tensor whose name starts with `prefix`.
+    pub fn elements_with_prefix(&self, prefix: &str) -> u64 {
+        self.tensors
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, e)| e.shape.iter().product::<usize>() as u64)
             .sum()
     }
 
@@ -530,7 +562,11 @@ fn shards_path(shards: &[Shard], i: usize) -> &Path {
 /// The CPU backend multiplies only f32 well (its bf16 matmul rounds results back to
 /// bf16), so on CPU every float dtype is widened, exactly, to f32.
 pub fn compute_dtype(stored: Dtype, device: &Device) -> Option<DType> {
-    match (stored, device.is_cpu()) {
+    compute_dtype_on(stored, device.is_cpu())
+}
+
+pub(crate) fn compute_dtype_on(stored: Dtype, cpu: bool) -> Option<DType> {
+    match (stored, cpu) {
         (Dtype::F32 | Dtype::F16 | Dtype::BF16, true) => Some(DType::F32),
         (Dtype::F32, false) => Some(DType::F32),
         (Dtype::F16, false) => Some(DType::F16),

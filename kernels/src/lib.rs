@@ -28,7 +28,7 @@ pub mod storage;
 pub mod synth;
 pub mod text;
 
-pub use accelerator::{DeviceSpec, GpuTraits, LoadPath};
+pub use accelerator::{DeviceSpec, GpuTraits, LoadPath, Placement};
 pub use batch::{MicroBatch, SeqSpan};
 pub use checkpoint::Checkpoint;
 pub use config::{Architecture, Config, RopeScaling};

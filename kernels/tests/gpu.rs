@@ -12,8 +12,7 @@ use common::split::{partitions, split, whole};
 use common::{bits, prompt, Fixture};
 use lime_kernels::synth::StoredDtype;
 use lime_kernels::{
-    sampling::argmax, DecoderLayer, Device, DeviceSpec, KvCache, MicroBatch, Rope, SeqSpan,
-    StagingBuffer, Tensor,
+    sampling::argmax, DecoderLayer, Device, DeviceSpec, KvCache, MicroBatch, Rope, SeqSpan, Tensor,
 };
 
 fn gpu() -> Device {
@@ -145,12 +144,7 @@ fn streamed_gpu_slots_equal_resident_layers() {
         let cfg = ckpt.config();
         let layer_dtype = ckpt.layer_dtype(&dev);
         let mut slot = DecoderLayer::empty(cfg, layer_dtype, &dev).unwrap();
-        let mut staging = StagingBuffer::for_device(
-            &dev,
-            ckpt.staging_needed("model.layers."),
-            ckpt.largest_with_prefix("model.layers.") as usize,
-        )
-        .unwrap();
+        let mut staging = ckpt.layer_staging(&dev).unwrap();
         let rope = Rope::new(cfg, 32, &dev).unwrap();
         let spans = [SeqSpan { pos: 0, len: 5 }];
         let batch = MicroBatch::new(cfg, &rope, &spans, &dev).unwrap();

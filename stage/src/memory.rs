@@ -9,7 +9,7 @@
 //! client, the tokenizer at the starter, thread stacks and allocator slack.
 
 use crate::config::MemoryConfig;
-use lime_kernels::{Checkpoint, Config, DType, DecoderLayer, Device};
+use lime_kernels::{Checkpoint, Config, DType, Placement};
 use std::fmt;
 
 /// What the stage holds, by kind, in bytes.
@@ -130,7 +130,8 @@ impl Budget {
 /// Bytes that depend on the model's shape and the stage's settings, for sizing.
 #[derive(Debug, Clone, Copy)]
 pub struct Costs {
-    /// One decoder layer's weights as computed (f32 on the CPU).
+    /// One decoder layer's weights as computed (f32 on the CPU, the checkpoint's
+    /// dtype on a GPU).
     pub layer: u64,
     /// The raw read buffer for streamed layers (0 when reads go straight into the
     /// slots).
@@ -146,35 +147,49 @@ pub struct Costs {
 
 impl Costs {
     /// The costs of a stage holding `layers` layers of `ckpt` (and the embedding and
-    /// head when it is the `starter`) with `memory`'s settings, all computed from
-    /// the checkpoint's config and headers, before anything is loaded.
+    /// head when it is the `starter`) at `placement` with `memory`'s settings, all
+    /// computed from the checkpoint's config and headers, before anything is
+    /// loaded. Weights and caches count in the dtype they compute in there: f32 on
+    /// the CPU, the checkpoint's own on a GPU.
     pub fn of(
         ckpt: &Checkpoint,
         layers: usize,
         starter: bool,
         memory: &MemoryConfig,
+        placement: Placement,
     ) -> lime_kernels::Result<Self> {
         let cfg = ckpt.config();
-        let f32_bytes = 4u64;
-        let (vocab, h) = (cfg.vocab_size as u64, cfg.hidden_size as u64);
+        let loaded = |name: &str| ckpt.loaded_bytes(name, placement).unwrap_or(0);
         let ends = if starter {
             let tied = cfg.tie_word_embeddings && ckpt.entry("lm_head.weight").is_none();
-            let head = if tied { h } else { vocab * h + h };
-            (vocab * h + head) * f32_bytes
+            let head =
+                loaded("model.norm.weight") + if tied { 0 } else { loaded("lm_head.weight") };
+            loaded("model.embed_tokens.weight") + head
         } else {
             0
         };
-        let rope = (cfg.max_context() * cfg.head_dim) as u64 * f32_bytes;
+        // Rotary tables are f32 everywhere.
+        let rope = (cfg.max_context() * cfg.head_dim * 4) as u64;
+        let layer_dtype = ckpt
+            .entry("model.layers.0.self_attn.q_proj.weight")
+            .and_then(|e| placement.compute_dtype(e.dtype))
+            .unwrap_or(DType::F32);
         let kv_reserve_tokens = memory
             .kv_reserve_tokens
             .unwrap_or(cfg.max_context())
             .min(cfg.max_context());
+        let prefix = "model.layers.";
+        let largest = ckpt.largest_with_prefix(prefix) as usize;
         Ok(Self {
-            layer: DecoderLayer::empty(cfg, DType::F32, &Device::Cpu)?.bytes() as u64,
-            read_buffer: ckpt.staging_needed("model.layers.") as u64,
+            // Layer 0's tensors in the dtype of a slot (lime's checkpoints
+            // store every layer alike).
+            layer: ckpt.elements_with_prefix("model.layers.0.")
+                * layer_dtype.size_in_bytes() as u64,
+            read_buffer: (ckpt.staging_needed(prefix, placement) + placement.loader_bytes(largest))
+                as u64,
             fixed_weights: ends + rope,
             activations: activation_bytes(cfg, memory.activation_tokens),
-            kv_reserve: kv_bytes(cfg, layers, kv_reserve_tokens, f32_bytes as usize),
+            kv_reserve: kv_bytes(cfg, layers, kv_reserve_tokens, layer_dtype.size_in_bytes()),
             kv_reserve_tokens,
         })
     }
@@ -364,6 +379,57 @@ mod tests {
     use super::*;
 
     const MB: u64 = 1 << 20;
+
+    #[test]
+    fn costs_count_weights_in_the_dtype_they_compute_in() {
+        use lime_kernels::synth::{self, Preset, StoredDtype, SynthSpec};
+        use lime_kernels::{DecoderLayer, Device, Embedding, Head, LoadPath, Rope};
+        let dir = tempfile::tempdir().unwrap();
+        let spec = SynthSpec::preset(Preset::Tiny, StoredDtype::BF16, 3);
+        synth::synthesize(&spec, dir.path(), &mut |_, _| {}).unwrap();
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        let cfg = ckpt.config();
+        let memory = MemoryConfig::default();
+
+        // On the CPU the account is what loading there holds: bf16 widened to f32.
+        let cpu = Costs::of(&ckpt, 2, true, &memory, Placement::Cpu).unwrap();
+        let layer = DecoderLayer::load(&ckpt, 0, &Device::Cpu).unwrap();
+        assert_eq!(cpu.layer, layer.bytes() as u64);
+        let emb = Embedding::load(&ckpt, &Device::Cpu).unwrap();
+        let head = Head::load(&ckpt, &Device::Cpu, Some(&emb)).unwrap();
+        let rope = Rope::new(cfg, cfg.max_context(), &Device::Cpu).unwrap();
+        let ends = (emb.bytes() + head.bytes() + rope.bytes()) as u64;
+        assert_eq!(cpu.fixed_weights, ends);
+        let largest = ckpt.largest_with_prefix("model.layers.") as usize;
+        assert_eq!(
+            cpu.read_buffer,
+            lime_kernels::StagingBuffer::footprint(largest) as u64,
+            "bf16 is widened through the read buffer"
+        );
+
+        // A GPU keeps bf16: half the weights and caches; the rotary tables stay f32.
+        let gpu = Costs::of(
+            &ckpt,
+            2,
+            true,
+            &memory,
+            Placement::Gpu(LoadPath::PinnedCopy),
+        )
+        .unwrap();
+        let rope = rope.bytes() as u64;
+        assert_eq!(gpu.layer * 2, cpu.layer);
+        assert_eq!((gpu.fixed_weights - rope) * 2, cpu.fixed_weights - rope);
+        assert_eq!(gpu.kv_reserve * 2, cpu.kv_reserve);
+        assert_eq!(gpu.activations, cpu.activations);
+        // Reads land in the loader's two page-locked buffers, not a host buffer...
+        assert_eq!(gpu.read_buffer, 2 * largest as u64);
+        // ...and on an integrated GPU straight in the mapped slots.
+        let mapped = Costs::of(&ckpt, 2, true, &memory, Placement::Gpu(LoadPath::Mapped)).unwrap();
+        assert_eq!((mapped.layer, mapped.read_buffer), (gpu.layer, 0));
+        // Not the starter: no embedding or head.
+        let middle = Costs::of(&ckpt, 2, false, &memory, Placement::Cpu).unwrap();
+        assert_eq!(middle.fixed_weights, rope);
+    }
 
     fn costs() -> Costs {
         Costs {

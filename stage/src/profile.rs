@@ -8,8 +8,8 @@
 
 use crate::config::StageConfig;
 use lime_kernels::{
-    Checkpoint, Config, DType, DecoderLayer, Device, Embedding, Head, KvCache, MicroBatch,
-    ReadOptions, Rope, SeqSpan, StagingBuffer, Tensor,
+    Checkpoint, Config, DecoderLayer, Device, DeviceSpec, Embedding, Head, KvCache, MicroBatch,
+    ReadOptions, Rope, SeqSpan, Tensor,
 };
 use lime_schemas::{DeviceProfile, MeasuredCompute, ModelShape, TimePoint};
 use std::time::Instant;
@@ -134,11 +134,7 @@ fn time_ends(
 fn read_rate(ckpt: &Checkpoint, layers: usize, dev: &Device) -> anyhow::Result<f64> {
     let cfg = ckpt.config();
     let mut slot = DecoderLayer::empty(cfg, ckpt.layer_dtype(dev), dev)?;
-    let mut staging = StagingBuffer::for_device(
-        dev,
-        ckpt.staging_needed("model.layers."),
-        ckpt.largest_with_prefix("model.layers.") as usize,
-    )?;
+    let mut staging = ckpt.layer_staging(dev)?;
     let (mut bytes, started) = (0u64, Instant::now());
     for i in 0..layers.min(cfg.num_hidden_layers) {
         let index = cfg.num_hidden_layers - 1 - i;
@@ -223,7 +219,14 @@ pub fn measure(
     let threads = rayon::current_num_threads();
     let profile = DeviceProfile {
         name: cfg.name.clone(),
-        kind: format!("{} CPU thread(s), {}", threads, std::env::consts::ARCH),
+        kind: match cfg.device {
+            DeviceSpec::Cpu => format!("{} CPU thread(s), {}", threads, std::env::consts::ARCH),
+            gpu => format!(
+                "{gpu} beside {} CPU thread(s), {}",
+                threads,
+                std::env::consts::ARCH
+            ),
+        },
         estimate: false,
         source: format!(
             "measured by lime-stage --profile on {} ({} layers of {})",
@@ -233,8 +236,9 @@ pub fn measure(
         ),
         memory_bytes: memory,
         read_bytes_per_s: read,
-        // The CPU backend computes in f32 whatever the checkpoint stores.
-        weight_bytes: Some(DType::F32.size_in_bytes() as u32),
+        // The CPU backend computes in f32 whatever the checkpoint stores; a GPU
+        // in the checkpoint's dtype.
+        weight_bytes: Some(ckpt.layer_dtype(&dev).size_in_bytes() as u32),
         direct_io: ckpt.direct_io(),
         memory_bandwidth_bytes_per_s: bandwidth,
         flops,

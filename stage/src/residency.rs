@@ -155,11 +155,7 @@ impl Streamer {
             changed: Condvar::new(),
         });
         // On a GPU this also holds the loader's page-locked buffers and copy stream.
-        let staging = StagingBuffer::for_device(
-            device,
-            ckpt.staging_needed("model.layers."),
-            ckpt.largest_with_prefix("model.layers.") as usize,
-        )?;
+        let staging = ckpt.layer_staging(device)?;
         let (ckpt, loader_shared) = (ckpt.clone(), shared.clone());
         let thread = std::thread::Builder::new()
             .name("lime-loader".into())

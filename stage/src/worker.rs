@@ -141,7 +141,8 @@ impl Worker {
             .entry("model.embed_tokens.weight")
             .and_then(|e| lime_kernels::checkpoint::compute_dtype(e.dtype, &device))
             .unwrap_or(DType::F32);
-        let costs = Costs::of(&ckpt, layers.len(), ends.is_some(), memory)?;
+        let placement = lime_kernels::Placement::of(&device)?;
+        let costs = Costs::of(&ckpt, layers.len(), ends.is_some(), memory, placement)?;
         let ends_bytes = ends
             .as_ref()
             .map_or(0, |e| e.embedding.bytes() + e.head.bytes());
