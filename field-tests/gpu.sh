@@ -3,7 +3,8 @@
 # for development). Builds with `--features cuda`, runs the GPU tests (lime's own
 # kernels against their CPU twins, GPU against CPU within tolerance with greedy
 # tokens alike, split-equals-whole on the GPU, streamed slots against resident
-# layers), then the device benchmark: batch-1 decode against the memory-bandwidth
+# layers, a cluster of GPU stage processes against one GPU process), then the
+# device benchmark: batch-1 decode against the memory-bandwidth
 # roofline, and with half the layers streamed from storage, its loading bubbles.
 #
 # Needs: the CUDA toolkit (nvcc, for candle's kernels), the driver, and Rust.
@@ -38,6 +39,9 @@ cargo test --release --features cuda -p lime-kernels --lib cuda:: 2>&1 | tee "$o
 
 step "GPU against CPU, split-equals-whole and streamed slots on the GPU"
 cargo test --release --features cuda -p lime-kernels --test gpu -- --test-threads=1 2>&1 | tee "$out/gpu-tests.log"
+
+step "lime-stage processes on the GPU answer as one GPU process, bit for bit (partitions, bf16/f32, streamed layers)"
+cargo test --release --features cuda -p lime --test gpu_cluster -- --test-threads=1 --nocapture 2>&1 | tee "$out/gpu-cluster.log"
 
 step "the CPU suite of the kernels still passes in the cuda build"
 cargo test --release --features cuda -p lime-kernels --test split_equals_whole --test slots --test batching 2>&1 \

@@ -4,7 +4,7 @@
 
 use crate::mqtt::BrokerAddr;
 use anyhow::Context;
-use lime_kernels::Checkpoint;
+use lime_kernels::{Checkpoint, DeviceSpec, Placement};
 use lime_schemas::{topics, Plan, PlanStage, StageState};
 use lime_stage::config::MemoryConfig;
 use lime_stage::memory::Costs;
@@ -53,6 +53,8 @@ pub struct ClusterSpec {
     pub telemetry_ms: Option<u64>,
     /// Compute threads per stage (absent: one per core).
     pub compute_threads: Option<usize>,
+    /// Where every stage computes; budgets are sized for it.
+    pub device: DeviceSpec,
     /// Let lime-broker's planner make the plan from the stages' profiles
     /// (instead of `interleave`, `cuts` and the budget's offloaded sets).
     pub planner: Option<PlannerSpec>,
@@ -271,6 +273,7 @@ impl ClusterSpec {
             memory: MemorySpec::default(),
             telemetry_ms: None,
             compute_threads: None,
+            device: DeviceSpec::Cpu,
             planner: None,
             namespaces: None,
         }
@@ -324,10 +327,14 @@ fn stage_budgets(
         Budget::Offload(f) => offloaded_counts(&counts, f),
         _ => vec![0; layers.len()],
     };
+    let placement = match spec.device {
+        DeviceSpec::Cpu => Placement::Cpu,
+        gpu => Placement::of(&gpu.open()?)?,
+    };
     let mut out = std::collections::HashMap::new();
     for (i, stage) in plan.stages.iter_mut().enumerate() {
         let n = counts[i];
-        let costs = Costs::of(&ckpt, n, i == 0, &memory, lime_kernels::Placement::Cpu)?;
+        let costs = Costs::of(&ckpt, n, i == 0, &memory, placement)?;
         let budget = match spec.memory.budget {
             _ if !spec.memory.stage_budget_bytes.is_empty() => spec.memory.stage_budget(i),
             Budget::Unlimited => None,
@@ -421,6 +428,7 @@ impl StageSettings<'_> {
         if let Some(n) = spec.compute_threads {
             toml.push_str(&format!("compute_threads = {n}\n"));
         }
+        toml.push_str(&format!("device = \"{}\"\n", spec.device));
         toml.push_str(&format!(
             "\n[broker]\nhost = {:?}\nport = {}\n",
             broker.host, broker.port

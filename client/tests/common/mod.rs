@@ -28,10 +28,15 @@ impl Reference {
 
     /// Any synthetic model, loaded whole in this process.
     pub fn synthesized(spec: &SynthSpec) -> Self {
+        Self::synthesized_on(spec, &Device::Cpu)
+    }
+
+    /// Any synthetic model, loaded whole in this process on `device`.
+    pub fn synthesized_on(spec: &SynthSpec, device: &Device) -> Self {
         let dir = tempfile::tempdir().unwrap();
         synth::synthesize(spec, dir.path(), &mut |_, _| {}).unwrap();
         let ckpt = Checkpoint::open(dir.path()).unwrap();
-        let model = Model::load(&ckpt, &Device::Cpu, |_, _| {}).unwrap();
+        let model = Model::load(&ckpt, device, |_, _| {}).unwrap();
         let tokenizer = TextTokenizer::from_path(dir.path()).unwrap();
         let eos = ckpt.eos_token_ids().unwrap();
         Self {
