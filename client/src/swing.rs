@@ -38,7 +38,9 @@ pub struct SwingSpec {
 impl SwingSpec {
     /// The scenario the field test and the benchmark run: budgets that make every
     /// stage stream one of its layers, fast enough storage that interleaving
-    /// hides the reads at a gigabit, and a load of 16 sequences.
+    /// hides the reads at a gigabit, and a load of 16 sequences. Each phase after
+    /// a change is long enough that, after the new plan (about 3 s) and the
+    /// caches' rebuild (3 to 5 s), 8 s or so are left to measure it by.
     pub fn standard(model: PathBuf, dir: PathBuf, adapt: bool) -> Self {
         Self {
             model,
@@ -46,7 +48,7 @@ impl SwingSpec {
             adapt,
             high_mbit_per_s: 1000.0,
             low_mbit_per_s: 50.0,
-            phases_s: [12.0, 16.0, 12.0],
+            phases_s: [12.0, 16.0, 16.0],
             concurrency: 16,
             max_tokens: 160,
             budget_bytes: 68_000_000,
