@@ -135,7 +135,7 @@ impl Conditions {
             return Vec::new();
         };
         let settling = sustained.checked_add(self.settle).is_none_or(|s| now < s);
-        if settling && !self.unmeasured_links().is_empty() {
+        if settling && self.awaiting_a_link() {
             return Vec::new();
         }
         self.tracks
@@ -149,20 +149,16 @@ impl Conditions {
             .collect()
     }
 
-    /// Links not off whose newest sample predates the first sample of the
+    /// Whether a link not off has no sample since the first sample of the
     /// changes under way. Only links: they are probed even when idle, while a
     /// stage's reads are measured only when it streams.
-    fn unmeasured_links(&self) -> Vec<&Figure> {
+    fn awaiting_a_link(&self) -> bool {
         let Some(began) = self.tracks.values().filter_map(|t| t.off_sampled).min() else {
-            return Vec::new();
+            return false;
         };
-        self.tracks
-            .iter()
-            .filter(|(f, t)| {
-                matches!(f, Figure::Link { .. }) && t.off_since.is_none() && t.sampled < began
-            })
-            .map(|(f, _)| f)
-            .collect()
+        self.tracks.iter().any(|(f, t)| {
+            matches!(f, Figure::Link { .. }) && t.off_since.is_none() && t.sampled < began
+        })
     }
 
     /// Takes `changes` as the new assumptions.

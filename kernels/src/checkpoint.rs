@@ -418,9 +418,18 @@ impl Checkpoint {
     /// The dtype decoder layers compute in on `device` (that of their first
     /// projection; lime's checkpoints store every layer alike).
     pub fn layer_dtype(&self, device: &Device) -> DType {
+        self.layer_dtype_on(device.is_cpu())
+    }
+
+    /// [`Checkpoint::layer_dtype`] at `placement`, without a device at hand.
+    pub fn layer_dtype_at(&self, placement: Placement) -> DType {
+        self.layer_dtype_on(placement == Placement::Cpu)
+    }
+
+    fn layer_dtype_on(&self, cpu: bool) -> DType {
         self.tensors
             .get("model.layers.0.self_attn.q_proj.weight")
-            .and_then(|e| compute_dtype(e.dtype, device))
+            .and_then(|e| compute_dtype_on(e.dtype, cpu))
             .unwrap_or(DType::F32)
     }
 

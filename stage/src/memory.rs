@@ -9,7 +9,7 @@
 //! client, the tokenizer at the starter, thread stacks and allocator slack.
 
 use crate::config::MemoryConfig;
-use lime_kernels::{Checkpoint, Config, DType, Placement};
+use lime_kernels::{Checkpoint, Config, Placement};
 use std::fmt;
 
 /// What the stage holds, by kind, in bytes.
@@ -170,10 +170,7 @@ impl Costs {
         };
         // Rotary tables are f32 everywhere.
         let rope = (cfg.max_context() * cfg.head_dim * 4) as u64;
-        let layer_dtype = ckpt
-            .entry("model.layers.0.self_attn.q_proj.weight")
-            .and_then(|e| placement.compute_dtype(e.dtype))
-            .unwrap_or(DType::F32);
+        let layer_dtype = ckpt.layer_dtype_at(placement);
         let kv_reserve_tokens = memory
             .kv_reserve_tokens
             .unwrap_or(cfg.max_context())
