@@ -13,7 +13,8 @@ use serde::Deserialize;
 pub enum Role {
     /// Stages, `lime` tools, operators: every topic.
     Service,
-    /// Publishes requests; reads `lime/response/<user>/…` and `lime/error/<user>`.
+    /// Publishes requests and cancels them; reads `lime/response/<user>/…` and
+    /// `lime/error/<user>`.
     Robot,
     /// Reads stage status, telemetry, profiles, the plan and `lime/error`.
     Monitor,
@@ -49,6 +50,9 @@ impl Rules<'_> {
             Role::Service => Publish::Forward,
             Role::Robot if topic == topics::REQUEST => {
                 Publish::Retopic(topics::request_from(self.user))
+            }
+            Role::Robot if topic == topics::CANCEL => {
+                Publish::Retopic(topics::cancel_from(self.user))
             }
             Role::Robot | Role::Monitor => Publish::Refuse,
         }
@@ -138,7 +142,12 @@ mod tests {
             r.publish("lime/request"),
             Publish::Retopic("lime/request/arm-2".into())
         );
+        assert_eq!(
+            r.publish("lime/cancel"),
+            Publish::Retopic("lime/cancel/arm-2".into())
+        );
         for topic in [
+            "lime/cancel/arm-3",
             "lime/request/arm-3",
             "lime/control/plan",
             "lime/status/s0",

@@ -30,6 +30,13 @@ pub struct BrokerConfig {
     /// ...and this many full segments besides the one filling: the most a
     /// subscription holds is about (log_segments + 1) x log_segment_bytes.
     pub log_segments: usize,
+    /// What the router keeps of the requests on their way to the starter
+    /// (each request filter has its own log of this size): a burst of requests
+    /// the starter has not read yet must fit, or rumqttd drops the oldest
+    /// without a word. The starter reads at wire speed and refuses what it has
+    /// no room for, so this only has to cover a burst published faster than
+    /// one router pass delivers it.
+    pub request_log_bytes: usize,
     /// How long a new connection may take to send CONNECT.
     pub connection_timeout_ms: u16,
     pub max_connections: usize,
@@ -157,6 +164,7 @@ impl Default for BrokerConfig {
             max_inflight: 256,
             log_segment_bytes: 256 << 10,
             log_segments: 2,
+            request_log_bytes: 16 << 20,
             connection_timeout_ms: 10_000,
             max_connections: 1024,
             users: None,
@@ -208,6 +216,12 @@ impl BrokerConfig {
         anyhow::ensure!(
             (1..=1024).contains(&self.log_segments),
             "log_segments must be between 1 and 1024"
+        );
+        anyhow::ensure!(
+            self.request_log_bytes >= 2 * self.max_payload_bytes
+                && self.request_log_bytes <= 4 << 30,
+            "request_log_bytes must hold at least two requests of max_payload_bytes ({}), and at most 4 GiB",
+            2 * self.max_payload_bytes
         );
         let p = &self.planner;
         anyhow::ensure!(
@@ -320,12 +334,32 @@ impl BrokerConfig {
                 // filter's log, so this bounds the broker's memory.
                 max_segment_size: self.log_segment_bytes,
                 max_segment_count: self.log_segments,
+                custom_segment: Some(self.request_logs()),
                 ..Default::default()
             },
             v4: server("v4", internal.v4),
             v5: server("v5", internal.v5),
             ..Default::default()
         }
+    }
+}
+
+impl BrokerConfig {
+    /// The request filters' logs: segments of 1 MiB (a larger request
+    /// overfills one), as many as `request_log_bytes` holds.
+    fn request_logs(&self) -> HashMap<String, rumqttd::SegmentConfig> {
+        const SEGMENT: usize = 1 << 20;
+        let log = rumqttd::SegmentConfig {
+            max_segment_size: SEGMENT,
+            max_segment_count: (self.request_log_bytes / SEGMENT).max(2),
+        };
+        [
+            lime_schemas::topics::REQUEST,
+            lime_schemas::topics::REQUEST_FROM_USERS,
+        ]
+        .into_iter()
+        .map(|filter| (filter.to_owned(), log.clone()))
+        .collect()
     }
 }
 

@@ -884,6 +884,40 @@ impl Cluster {
         Ok(())
     }
 
+    /// The stages (not the broker) whose process has exited.
+    pub fn exited_stages(&mut self) -> anyhow::Result<Vec<String>> {
+        let mut exited = Vec::new();
+        for (name, child) in &mut self.children {
+            if name != "broker" && child.try_wait()?.is_some() {
+                exited.push(name.clone());
+            }
+        }
+        Ok(exited)
+    }
+
+    /// Starts again every stage that has exited, as a supervisor does (the
+    /// starter replays what the ring lost); returns who was restarted and how
+    /// each had ended. The broker exiting is an error: the cluster has no
+    /// control plane without it.
+    pub fn revive_exited_stages(&mut self) -> anyhow::Result<Vec<(String, String)>> {
+        let mut exited = Vec::new();
+        for (name, child) in &mut self.children {
+            if let Some(status) = child.try_wait()? {
+                exited.push((name.clone(), status.to_string()));
+            }
+        }
+        if let Some((_, status)) = exited.iter().find(|(n, _)| n == "broker") {
+            let log = std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            anyhow::bail!("the broker exited ({status}):\n{}", tail.join("\n"));
+        }
+        for (name, _) in &exited {
+            self.restart_stage(name)?;
+        }
+        Ok(exited)
+    }
+
     /// Stops a stage (SIGTERM) and starts it again with the same settings; its
     /// neighbours reconnect to it on their own.
     pub fn restart_stage(&mut self, name: &str) -> anyhow::Result<()> {

@@ -84,11 +84,55 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
 async fn wait_for_ctrl_c(cluster: &mut Cluster) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut supervisor = Supervisor::default();
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = term.recv() => return Ok(()),
-            _ = tokio::time::sleep(Duration::from_secs(1)) => cluster.check_alive()?,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => supervisor.tend(cluster)?,
         }
+    }
+}
+
+/// Restarts stages that die, as systemd's `Restart=on-failure` does in the
+/// field: at once the first time, then after a back-off that doubles up to
+/// 30 s for a stage that keeps dying within a minute of its last start. The
+/// starter replays the requests the ring lost, so a death costs them time, not
+/// their answers.
+#[derive(Default)]
+struct Supervisor {
+    /// Per stage: when it was last restarted and the back-off before the next.
+    restarts: std::collections::HashMap<String, (Instant, Duration)>,
+}
+
+impl Supervisor {
+    const FIRST: Duration = Duration::from_millis(500);
+    const MOST: Duration = Duration::from_secs(30);
+    const CALM: Duration = Duration::from_secs(60);
+
+    fn tend(&mut self, cluster: &mut Cluster) -> anyhow::Result<()> {
+        // A stage in its back-off is left for a later round.
+        let due =
+            |name: &str, restarts: &std::collections::HashMap<String, (Instant, Duration)>| {
+                restarts
+                    .get(name)
+                    .is_none_or(|(at, wait)| at.elapsed() >= *wait)
+            };
+        if !cluster
+            .exited_stages()?
+            .iter()
+            .all(|n| due(n, &self.restarts))
+        {
+            return Ok(());
+        }
+        for (name, how) in cluster.revive_exited_stages()? {
+            let wait = match self.restarts.get(&name) {
+                Some((at, wait)) if at.elapsed() < Self::CALM => (*wait * 2).min(Self::MOST),
+                _ => Self::FIRST,
+            };
+            self.restarts.insert(name.clone(), (Instant::now(), wait));
+            eprintln!("{name} exited ({how}); restarted it (next back-off {wait:?})");
+        }
+        Ok(())
     }
 }

@@ -178,40 +178,55 @@ fn a_restarted_stage_rejoins_the_ring() {
 }
 
 #[test]
-fn requests_caught_in_a_crash_fail_with_an_error_and_others_then_succeed() {
+fn requests_caught_in_a_crash_are_replayed_and_answered_in_full() {
     let reference = Reference::tiny();
     let work = tempfile::tempdir().unwrap();
-    let mut spec = ClusterSpec::new(reference.path(), 3, work.path());
-    spec.stage_env = vec![("LIME_STAGE_STARTER__STALL_TIMEOUT_MS".into(), "1500".into())];
-    let long = lime_schemas::Request {
-        prompt: Some("Robot".into()),
-        max_tokens: Some(2000),
-        ignore_eos: true,
-        ..Default::default()
-    };
+    let spec = ClusterSpec::new(reference.path(), 3, work.path());
+    // Long enough to be on the ring when s1 dies, greedy and sampled alike.
+    let requests: Vec<_> = varied_requests(8)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut r)| {
+            r.max_tokens = Some(600 + 10 * i as u32);
+            r.ignore_eos = true;
+            r
+        })
+        .collect();
     runtime().block_on(async {
         let mut cluster = up(&spec).await;
         let broker = cluster.broker.clone();
+        let asked = requests.clone();
         let asking = tokio::spawn(async move {
-            ask_all(&broker, &[long], Duration::from_secs(60), |_, _| {}).await
+            let mut told_to_wait = 0;
+            let answers = ask_all(&broker, &asked, Duration::from_secs(120), |_, reply| {
+                if matches!(reply, lime_schemas::Reply::Queued(q) if q.waiting_for == "ring") {
+                    told_to_wait += 1;
+                }
+            })
+            .await;
+            (answers, told_to_wait)
         });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
         let pid = cluster.pid("s1").unwrap();
         std::process::Command::new("kill")
             .args(["-KILL", &pid.to_string()])
             .status()
             .unwrap();
-        let answer = asking.await.unwrap().unwrap();
-        let err = answer[0]
-            .outcome
-            .as_ref()
-            .expect_err("the request cannot finish");
-        assert_eq!(err.error.code, lime_schemas::ErrorCode::Internal, "{err:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
         cluster.restart_stage("s1").unwrap();
-        cluster.wait_online(Duration::from_secs(60)).await.unwrap();
-        let requests = varied_requests(4);
-        let after = ask(&cluster.broker, &requests).await;
-        assert_answers(&reference, &requests, &after, "after a crash");
+        let (answers, told_to_wait) = asking.await.unwrap();
+        let answers = answers.unwrap();
+        // Every answer whole, in order, bit for bit what one process makes.
+        assert_answers(&reference, &requests, &answers, "replayed after a crash");
+        assert!(
+            told_to_wait > 0,
+            "no request heard that it waits for the ring"
+        );
+        let s0 = std::fs::read_to_string(work.path().join("s0.log")).unwrap();
+        assert!(s0.contains("the ring broke"), "{s0}");
+        assert!(s0.contains("replaying every sequence"), "{s0}");
+        let after = ask(&cluster.broker, &requests[..4]).await;
+        assert_answers(&reference, &requests[..4], &after, "after a crash");
     });
 }
 

@@ -23,7 +23,7 @@ pub use profile::{
 pub use reply::{
     ErrorCode, ErrorReply, Final, FinishReason, Queued, Reply, TextPiece, Timing, Usage,
 };
-pub use request::{ChatMessage, Invalid, Request};
+pub use request::{Cancel, ChatMessage, Invalid, Priority, Request};
 pub use sampling::{SamplingError, SamplingParams};
 pub use status::{MemoryUse, Role, StageState, StageStatus};
 pub use telemetry::{

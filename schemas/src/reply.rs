@@ -82,6 +82,11 @@ pub enum ErrorCode {
     ForbiddenReplyTopic,
     /// The request was accepted but could not be completed.
     Internal,
+    /// The answer was not complete by the request's deadline (`deadline_ms`);
+    /// what was streamed stands, the rest is not coming.
+    DeadlineExceeded,
+    /// Its sender cancelled it on `lime/cancel`.
+    Cancelled,
 }
 
 /// An error reply.

@@ -54,6 +54,36 @@ pub struct Request {
     /// Put the logits the last token was drawn from in the final message.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub return_logits: bool,
+    /// Give up with `deadline_exceeded` if the answer is not complete this many
+    /// milliseconds after the request arrived (the starter's
+    /// `default_deadline_ms` when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    /// `high` requests are admitted before `normal` ones, and those before
+    /// `low` ones; within a priority, oldest first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
+}
+
+/// The longest deadline a request may ask for: a day.
+pub const MAX_DEADLINE_MS: u64 = 86_400_000;
+
+/// How soon a request is admitted, next to the others waiting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+}
+
+/// What a robot publishes on `lime/cancel`: stop the request it sent with this
+/// id (its KV is freed round the ring). Only the login that asked may cancel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cancel {
+    pub id: String,
 }
 
 /// One turn of a chat.
@@ -201,6 +231,13 @@ impl Request {
                 return Err(invalid("`reply_to` must be a topic without wildcards"));
             }
         }
+        if let Some(ms) = self.deadline_ms {
+            if ms == 0 || ms > MAX_DEADLINE_MS {
+                return Err(invalid(format!(
+                    "`deadline_ms` must be 1 to {MAX_DEADLINE_MS} (a day)"
+                )));
+            }
+        }
         self.input()?;
         self.max_tokens()?;
         self.sampling()?;
@@ -232,6 +269,16 @@ mod tests {
         r.validate().unwrap();
         assert_eq!(r.max_tokens().unwrap(), DEFAULT_MAX_TOKENS);
         assert!(r.sampling().unwrap().is_greedy());
+    }
+
+    #[test]
+    fn priorities_order_and_parse() {
+        let r = Request::parse(br#"{"prompt":"hi","priority":"high","deadline_ms":500}"#).unwrap();
+        r.validate().unwrap();
+        assert_eq!(r.priority, Some(Priority::High));
+        assert!(Priority::High > Priority::Normal && Priority::Normal > Priority::Low);
+        let e = Request::parse(br#"{"prompt":"hi","priority":"urgent"}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRequest);
     }
 
     #[test]
@@ -271,6 +318,7 @@ mod tests {
             (r#"{"prompt":"x","id":"a/b"}"#, "`id`"),
             (r#"{"prompt":"x","reply_to":"a/#"}"#, "reply_to"),
             (r#"{"prompt":"x","messages":[]}"#, "not both"),
+            (r#"{"prompt":"x","deadline_ms":0}"#, "deadline_ms"),
         ];
         for (payload, needle) in checks {
             let e = Request::parse(payload.as_bytes())

@@ -1,11 +1,18 @@
 //! MQTT topic names: the one place they are spelled.
 
+/// Every lime topic starts so; of them, answers go only under
+/// [`RESPONSE_PREFIX`].
+pub const PREFIX: &str = "lime/";
 /// Robots publish requests here (QoS 1).
 pub const REQUEST: &str = "lime/request";
 /// Requests lime-broker forwards under their sender's name: a robot's publish
 /// on [`REQUEST`] arrives at the starter as `lime/request/<user>`, so that its
 /// answers can be kept to topics that user may read.
 pub const REQUEST_FROM_USERS: &str = "lime/request/+";
+/// Robots cancel their requests here (`{"id"}`).
+pub const CANCEL: &str = "lime/cancel";
+/// Cancels lime-broker forwards under their sender's name, as requests.
+pub const CANCEL_FROM_USERS: &str = "lime/cancel/+";
 /// Errors that cannot be addressed to any reply topic.
 pub const ERROR: &str = "lime/error";
 /// The retained current plan.
@@ -53,9 +60,27 @@ pub fn response(id: &str) -> String {
     format!("{RESPONSE_PREFIX}{id}")
 }
 
+/// Where a lime tool connected as `client_id` (a service login) takes the
+/// answers to all its requests, told apart by their correlation data.
+pub fn tool_replies(client_id: &str) -> String {
+    format!("{RESPONSE_PREFIX}{client_id}/answers")
+}
+
 /// Where lime-broker forwards a request published by `user`.
 pub fn request_from(user: &str) -> String {
     format!("{REQUEST}/{user}")
+}
+
+/// Where lime-broker forwards a cancel published by `user`.
+pub fn cancel_from(user: &str) -> String {
+    format!("{CANCEL}/{user}")
+}
+
+/// The user a `lime/cancel/<user>` topic was published by.
+pub fn sender_of_cancel(topic: &str) -> Option<&str> {
+    topic
+        .strip_prefix("lime/cancel/")
+        .filter(|u| is_topic_level(u))
 }
 
 /// The user a `lime/request/<user>` topic was published by.

@@ -170,12 +170,22 @@ pub struct StarterConfig {
     pub max_sequences: usize,
     /// Requests waiting beyond this are refused with `overloaded`.
     pub max_queued: usize,
+    /// Request payloads received and not yet checked and tokenized, in bytes.
+    /// The MQTT loop hands requests to the intake thread and never waits on it
+    /// (rumqttd drops what a lagging subscriber has not read); beyond this a
+    /// request is refused with `overloaded`.
+    pub max_intake_bytes: usize,
     /// Tokens in one micro-batch; longer prompts are prefilled over several passes.
     pub max_batch_tokens: usize,
     /// Micro-batches travelling the ring at once; 0 means one per stage.
     pub max_inflight: usize,
-    /// A micro-batch not back after this long is given up, its requests failed.
+    /// A micro-batch not back after this long is taken as lost on the ring,
+    /// and every sequence is replayed as after a broken link.
     pub stall_timeout_ms: u64,
+    /// A request that names no `deadline_ms` gets this one: its answer must be
+    /// complete this long after it arrived (waiting for room, or for a broken
+    /// ring to be whole again, included), or it ends with `deadline_exceeded`.
+    pub default_deadline_ms: u64,
     /// A request's id is taken while it is answered: the same request again is
     /// served once (QoS 1 redelivers), another under that id is refused with
     /// `duplicate_id`. The same request arriving this long after its answer
@@ -191,9 +201,11 @@ impl Default for StarterConfig {
             max_request_bytes: 256 << 10,
             max_sequences: 64,
             max_queued: 1024,
+            max_intake_bytes: 16 << 20,
             max_batch_tokens: 512,
             max_inflight: 0,
             stall_timeout_ms: 60_000,
+            default_deadline_ms: 600_000,
             redelivery_grace_ms: 10_000,
             max_remembered_ids: 65_536,
         }
@@ -234,6 +246,11 @@ impl StageConfig {
         anyhow::ensure!(
             s.max_batch_tokens > 0,
             "starter.max_batch_tokens must be positive"
+        );
+        anyhow::ensure!(
+            (1..=lime_schemas::request::MAX_DEADLINE_MS).contains(&s.default_deadline_ms),
+            "starter.default_deadline_ms must be 1 to {} (a day)",
+            lime_schemas::request::MAX_DEADLINE_MS
         );
         let m = &self.memory;
         anyhow::ensure!(

@@ -3,6 +3,7 @@
 //! replies out.
 
 use crate::config::StageConfig;
+use crate::inflow::Inflow;
 use crate::intake::{Intake, Sender};
 use crate::pipeline::Event;
 use crate::starter::Outgoing;
@@ -43,7 +44,8 @@ pub fn options(cfg: &StageConfig) -> anyhow::Result<MqttOptions> {
     Ok(o)
 }
 
-/// Where incoming requests go once the starter is ready for them.
+/// Where checked requests go once the starter is ready for them ([`Inflow`]
+/// feeds it).
 pub struct RequestSink {
     pub intake: Arc<Intake>,
     pub events: std::sync::mpsc::Sender<Event>,
@@ -56,7 +58,7 @@ pub struct Inbox {
     /// one the stage starts with, later ones the starter moves the ring to.
     pub plan: Option<watch::Sender<Option<Plan>>>,
     /// Set when the starter can take requests; subscribing follows.
-    pub requests: OnceLock<RequestSink>,
+    pub requests: OnceLock<Inflow>,
     /// The status to publish again after a reconnect (retained messages survive a
     /// broker restart only on brokers that persist them).
     pub status: Mutex<Option<StageStatus>>,
@@ -66,6 +68,9 @@ pub struct Inbox {
     /// At the starter only, the plan the ring runs: a restarted broker has lost
     /// the retained plan, and stages that join later wait for it.
     pub running_plan: Mutex<Option<Plan>>,
+    /// At the starter only: where a stage going offline is reported (its last
+    /// will is how the death of a stage that is not a neighbour is seen).
+    pub stage_events: OnceLock<std::sync::mpsc::Sender<Event>>,
 }
 
 impl Inbox {
@@ -83,6 +88,7 @@ impl Inbox {
                 status: Mutex::new(None),
                 profile: Mutex::new(None),
                 running_plan: Mutex::new(None),
+                stage_events: OnceLock::new(),
             }),
             rx,
         )
@@ -145,8 +151,14 @@ pub async fn drive(mut eventloop: EventLoop, client: AsyncClient, inbox: Arc<Inb
                 let topic = String::from_utf8_lossy(&p.topic).into_owned();
                 if let Some(sender) = Sender::of_topic(&topic) {
                     handle_request(&inbox, &p.payload, sender, p.properties.as_ref(), received);
+                } else if let Some(sender) = Sender::of_cancel_topic(&topic) {
+                    if let Some(inflow) = inbox.requests.get() {
+                        inflow.offer_cancel(p.payload.clone(), sender);
+                    }
                 } else if topic == topics::PLAN {
                     handle_plan(&inbox, &p.payload);
+                } else if let Some(stage) = topics::stage_of_status(&topic) {
+                    handle_status(&inbox, stage, &p.payload);
                 }
             }
             Ok(_) => {}
@@ -201,6 +213,9 @@ async fn resubscribe(client: &AsyncClient, inbox: &Inbox) {
     if inbox.requests.get().is_some() {
         subscribe_requests(client).await;
     }
+    if inbox.stage_events.get().is_some() {
+        let _ = client.subscribe(topics::STATUS_ALL, QoS::AtLeastOnce).await;
+    }
     let status = inbox.status.lock().ok().and_then(|s| s.clone());
     if let Some(status) = status {
         let payload = serde_json::to_vec(&status).unwrap_or_default();
@@ -215,17 +230,48 @@ async fn resubscribe(client: &AsyncClient, inbox: &Inbox) {
     }
 }
 
+/// At the starter: from now on every stage that goes offline is reported to
+/// the pipeline, which replays what the ring lost.
+pub async fn watch_stages(
+    client: &AsyncClient,
+    inbox: &Inbox,
+    events: std::sync::mpsc::Sender<Event>,
+) {
+    if inbox.stage_events.set(events).is_ok() {
+        if let Err(e) = client.subscribe(topics::STATUS_ALL, QoS::AtLeastOnce).await {
+            tracing::error!(error = %e, "could not subscribe to the stages' status");
+        }
+    }
+}
+
+fn handle_status(inbox: &Inbox, stage: &str, payload: &[u8]) {
+    let Some(events) = inbox.stage_events.get() else {
+        return;
+    };
+    // Only service logins may publish a status; one unreadable is no news.
+    if let Ok(status) = serde_json::from_slice::<StageStatus>(payload) {
+        if status.state == lime_schemas::StageState::Offline && status.stage == stage {
+            let _ = events.send(Event::StageLost(stage.to_owned()));
+        }
+    }
+}
+
 /// Starts taking requests: from now on `lime/request` is subscribed.
-pub async fn open_requests(client: &AsyncClient, inbox: &Inbox, sink: RequestSink) {
-    if inbox.requests.set(sink).is_ok() {
+pub async fn open_requests(client: &AsyncClient, inbox: &Inbox, inflow: Inflow) {
+    if inbox.requests.set(inflow).is_ok() {
         subscribe_requests(client).await;
     }
 }
 
 /// Requests come on `lime/request`, and as `lime/request/<user>` when
-/// lime-broker forwards them for a robot login.
+/// lime-broker forwards them for a robot login; cancels likewise.
 async fn subscribe_requests(client: &AsyncClient) {
-    for topic in [topics::REQUEST, topics::REQUEST_FROM_USERS] {
+    for topic in [
+        topics::REQUEST,
+        topics::REQUEST_FROM_USERS,
+        topics::CANCEL,
+        topics::CANCEL_FROM_USERS,
+    ] {
         if let Err(e) = client.subscribe(topic, QoS::AtLeastOnce).await {
             tracing::error!(error = %e, %topic, "could not subscribe to requests");
         }
@@ -234,41 +280,23 @@ async fn subscribe_requests(client: &AsyncClient) {
 
 fn handle_request(
     inbox: &Inbox,
-    payload: &[u8],
+    payload: &bytes::Bytes,
     sender: Sender<'_>,
     props: Option<&PublishProperties>,
     received: Instant,
 ) {
-    let Some(sink) = inbox.requests.get() else {
+    let Some(inflow) = inbox.requests.get() else {
         return;
     };
     let response_topic = props.and_then(|p| p.response_topic.as_deref());
     let correlation = props.and_then(|p| p.correlation_data.as_deref());
-    match sink
-        .intake
-        .accept(payload, sender, response_topic, correlation, received)
-    {
-        Ok(Some(job)) => {
-            tracing::debug!(id = %job.id, ?sender, prompt = job.prompt.len(), "request accepted");
-            let _ = sink.events.send(Event::Job(Box::new(job)));
-        }
-        Ok(None) => tracing::info!("a request taken lately arrived again; served once"),
-        Err(refusal) => {
-            tracing::warn!(
-                id = ?refusal.error.id,
-                ?sender,
-                code = ?refusal.error.error.code,
-                message = %refusal.error.error.message,
-                topic = %refusal.reply.topic,
-                "request refused"
-            );
-            let payload = serde_json::to_vec(&refusal.error).unwrap_or_default();
-            let _ = sink.outbox.send(Outgoing {
-                reply: refusal.reply,
-                payload,
-            });
-        }
-    }
+    inflow.offer(
+        payload.clone(),
+        sender,
+        response_topic,
+        correlation,
+        received,
+    );
 }
 
 fn handle_plan(inbox: &Inbox, payload: &[u8]) {

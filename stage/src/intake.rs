@@ -44,10 +44,31 @@ impl Sender<'_> {
         }
     }
 
-    /// Why this sender may not be answered on `topic`, if it may not.
+    /// The sender of a publish on `topic`, if it is a cancel topic.
+    pub fn of_cancel_topic(topic: &str) -> Option<Sender<'_>> {
+        if topic == topics::CANCEL {
+            Some(Sender::Trusted)
+        } else {
+            topics::sender_of_cancel(topic).map(Sender::Robot)
+        }
+    }
+
+    /// Why this sender may not be answered on `topic`, if it may not. Whoever
+    /// asks, no answer goes to a lime topic but a response topic: generated
+    /// text on the plan, a status or the request topic would be taken for
+    /// the control plane's own.
     fn refuses_reply_on(self, topic: &str) -> Option<Invalid> {
         let Sender::Robot(user) = self else {
-            return None;
+            return (topic.starts_with(topics::PREFIX) && !topic.starts_with(topics::RESPONSE_PREFIX))
+                .then(|| {
+                    Invalid::new(
+                        ErrorCode::ForbiddenReplyTopic,
+                        format!(
+                            "answers never go to {topic:?}: name a reply topic outside lime/ or under {:?}",
+                            topics::RESPONSE_PREFIX
+                        ),
+                    )
+                });
         };
         let mine = topics::user_responses(user);
         (!topic.starts_with(&mine)).then(|| {
@@ -84,7 +105,7 @@ impl Sender<'_> {
     }
 
     /// What the starter remembers an id under: each robot has its own ids.
-    fn id_key(self, id: &str) -> String {
+    pub fn id_key(self, id: &str) -> String {
         match self {
             Sender::Trusted => id.to_owned(),
             Sender::Robot(user) => format!("{user}/{id}"),
@@ -134,6 +155,10 @@ pub struct Job {
     pub return_token_ids: bool,
     pub return_logits: bool,
     pub received: Instant,
+    /// When the answer must be complete, or the request ends with
+    /// `deadline_exceeded`.
+    pub deadline: Instant,
+    pub priority: lime_schemas::Priority,
 }
 
 /// A refused request and where to say so.
@@ -149,6 +174,7 @@ pub struct Intake {
     template: Option<ChatTemplate>,
     max_context: usize,
     max_request_bytes: usize,
+    default_deadline_ms: u64,
     id_prefix: String,
     next_id: AtomicU64,
     /// Ids robots gave the requests in flight (generated ids never repeat).
@@ -161,6 +187,7 @@ impl Intake {
         template: Option<ChatTemplate>,
         max_context: usize,
         max_request_bytes: usize,
+        default_deadline_ms: u64,
         recent: SharedIds,
     ) -> Self {
         let started = std::time::SystemTime::now()
@@ -172,9 +199,62 @@ impl Intake {
             template,
             max_context,
             max_request_bytes,
+            default_deadline_ms,
             id_prefix: format!("{started:x}"),
             next_id: AtomicU64::new(0),
             recent,
+        }
+    }
+
+    /// The refusal of a request the starter has no room to read now
+    /// (`overloaded`), found from a quick look at its id and reply topic.
+    pub fn overloaded(
+        &self,
+        payload: &[u8],
+        sender: Sender<'_>,
+        response_topic: Option<&str>,
+        correlation: Option<&[u8]>,
+        why: &str,
+    ) -> Box<Refusal> {
+        let v5_reply = response_topic
+            .filter(|t| lime_schemas::request::is_publish_topic(t))
+            .map(|t| ReplyTo {
+                topic: t.to_owned(),
+                correlation: correlation.map(<[u8]>::to_vec),
+            });
+        let (id, reply_to) = peek_id_and_reply(payload);
+        let route = Route::new(sender, v5_reply.or_else(|| named(reply_to)), id.as_deref());
+        Box::new(Refusal {
+            reply: route.reply.unwrap_or_else(|| sender.nowhere()),
+            error: ErrorReply::new(id, ErrorCode::Overloaded, why),
+        })
+    }
+
+    /// Reads a cancel from `sender`: the key its request is remembered under
+    /// (a robot can only name its own requests), or why it is refused.
+    pub fn cancel(&self, payload: &[u8], sender: Sender<'_>) -> Result<String, Box<Refusal>> {
+        let refuse = |id: Option<String>, message: String| {
+            let id = id.filter(|i| topics::is_topic_level(i));
+            Box::new(Refusal {
+                reply: id
+                    .as_deref()
+                    .map_or_else(|| sender.nowhere(), |i| sender.default_reply(i)),
+                error: ErrorReply::new(id, ErrorCode::InvalidRequest, message),
+            })
+        };
+        if payload.len() > 4096 {
+            return Err(refuse(
+                None,
+                "a cancel is `{\"id\": ...}`, at most 4 KiB".into(),
+            ));
+        }
+        match serde_json::from_slice::<lime_schemas::Cancel>(payload) {
+            Ok(c) if topics::is_topic_level(&c.id) => Ok(sender.id_key(&c.id)),
+            Ok(c) => Err(refuse(None, format!("{:?} is not a request id", c.id))),
+            Err(e) => Err(refuse(
+                peek_id_and_reply(payload).0,
+                format!("a cancel is `{{\"id\": ...}}`: {e}"),
+            )),
         }
     }
 
@@ -341,6 +421,11 @@ impl Intake {
             return_token_ids: request.return_token_ids,
             return_logits: request.return_logits,
             received,
+            deadline: received
+                + std::time::Duration::from_millis(
+                    request.deadline_ms.unwrap_or(self.default_deadline_ms),
+                ),
+            priority: request.priority.unwrap_or_default(),
         })
     }
 }
@@ -389,6 +474,20 @@ mod tests {
         assert!(r.forbidden.is_none());
         let r = Route::new(Sender::Trusted, None, Some("7"));
         assert_eq!(r.reply.unwrap().topic, "lime/response/7");
+        let r = Route::new(Sender::Trusted, named("lime/response/ops/7"), Some("7"));
+        assert!(r.forbidden.is_none());
+        for control in [
+            "lime/control/plan",
+            "lime/status/s0",
+            "lime/profile/s1",
+            "lime/request",
+            "lime/telemetry/s0",
+        ] {
+            let r = Route::new(Sender::Trusted, named(control), Some("7"));
+            assert_eq!(r.reply.unwrap().topic, "lime/response/7", "{control}");
+            let e = r.forbidden.expect(control);
+            assert_eq!(e.code, ErrorCode::ForbiddenReplyTopic);
+        }
         assert_eq!(Sender::Trusted.nowhere().topic, "lime/error");
     }
 

@@ -15,6 +15,7 @@ pub mod config;
 pub mod connection;
 pub mod control;
 pub mod demand;
+pub mod inflow;
 pub mod intake;
 pub mod link;
 pub mod memory;
@@ -176,13 +177,17 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
             events_tx.clone(),
         ));
     }
-    let topology = topology::Topology::new(
+    let mut topology = topology::Topology::new(
         tokio::runtime::Handle::current(),
         &cfg.name,
         &cfg.data,
         key,
         route_tx,
     );
+    if starter {
+        topology = topology.reporting_breaks(events_tx.clone());
+        control::watch_stages(&client, &inbox, events_tx.clone()).await;
+    }
     let next_tx = topology.join(&plan);
     // Later plans go to the pipeline; the starter moves the ring to them.
     if let Some(mut rx) = plan_updates {
@@ -260,6 +265,7 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
             template,
             parts.worker.config().max_context(),
             cfg.starter.max_request_bytes,
+            cfg.starter.default_deadline_ms,
             ids.clone(),
         ));
         let scheduler_ids = ids;
@@ -298,7 +304,8 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
         if cfg.plan_file.is_none() {
             control::remember_running_plan(&inbox, &plan);
         }
-        control::open_requests(&client, &inbox, sink).await;
+        let inflow = inflow::Inflow::start(sink, cfg.starter.max_intake_bytes)?;
+        control::open_requests(&client, &inbox, inflow).await;
         engine
     } else {
         std::thread::Builder::new()

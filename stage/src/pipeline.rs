@@ -31,6 +31,13 @@ pub enum Event {
     Job(Box<crate::intake::Job>),
     /// A plan published on the control plane; the starter moves the ring to it.
     Plan(Box<Plan>),
+    /// A link of the ring under plan `epoch` closed or broke: what was on it
+    /// may be lost (the starter replays it).
+    RingBroken { epoch: u64, why: String },
+    /// A stage's status went offline (its last will, or it said so).
+    StageLost(String),
+    /// Its sender cancelled the request remembered under this key.
+    Cancel(String),
     /// Finish: drop everything and return.
     Stop,
 }
@@ -62,6 +69,12 @@ pub struct Pipeline<'t> {
     pub telemetry_every: Duration,
     /// Every hop is connected (the starter's ping came back).
     pub ring_closed: bool,
+    /// Times the ring broke under this plan: part of the ping's nonce, so that
+    /// a ping sent before a break cannot pass for the ring being whole again.
+    pub breaks: u64,
+    /// Since when the ring has been broken with sequences to replay.
+    pub recovering: Option<Instant>,
+    pub last_ping: Option<Instant>,
 }
 
 /// Everything a pipeline starts from but the starter's scheduler (which borrows
@@ -91,12 +104,17 @@ impl Parts {
             memory: self.memory,
             telemetry_every: self.telemetry_every,
             ring_closed: false,
+            breaks: 0,
+            recovering: None,
+            last_ping: None,
         }
     }
 }
 
 /// How often the loop wakes with nothing to do (ring probes, memory notes).
 const TICK: Duration = Duration::from_millis(500);
+/// How often a broken ring is pinged until it is whole again.
+const RECOVERY_PING: Duration = Duration::from_millis(100);
 
 impl Pipeline<'_> {
     pub fn run(mut self, events: Receiver<Event>) {
@@ -104,20 +122,26 @@ impl Pipeline<'_> {
         if self.ring_closed {
             self.ring_is_closed(Vec::new());
         }
-        let mut last_ping: Option<Instant> = None;
         let mut clock = StageTime::default();
         let mut reports = 0;
         let mut last_report = Instant::now();
         loop {
+            // A broken ring is pinged often: the sooner it is seen whole, the
+            // sooner its requests go on.
+            let every = if self.recovering.is_some() {
+                RECOVERY_PING
+            } else {
+                Duration::from_secs(2)
+            };
             if self.starter.is_some()
                 && !self.ring_closed
-                && last_ping.is_none_or(|t| t.elapsed() > Duration::from_secs(2))
+                && self.last_ping.is_none_or(|t| t.elapsed() > every)
             {
                 self.send(Frame::Ping {
-                    nonce: self.plan.epoch,
+                    nonce: self.ping_nonce(),
                     rooms: Vec::new(),
                 });
-                last_ping = Some(Instant::now());
+                self.last_ping = Some(Instant::now());
             }
             // With a micro-batch ready to launch, take only what has already arrived.
             let busy = self.starter.as_ref().is_some_and(Scheduler::can_launch);
@@ -150,12 +174,19 @@ impl Pipeline<'_> {
                 return;
             }
             if let Some(s) = &mut self.starter {
-                let lost = s.expire_stalled();
-                self.release(lost);
+                if s.stalled() {
+                    self.ring_broken(
+                        "a micro-batch did not come back within starter.stall_timeout_ms".into(),
+                    );
+                }
+            }
+            if let Some(s) = &mut self.starter {
+                let expired = s.expire_deadlines();
+                self.release(expired);
             }
             if self.ready_to_switch() {
                 self.switch_ring();
-                last_ping = None;
+                self.last_ping = None;
             }
             while let Some(s) = &mut self.starter {
                 match s.launch(&mut self.worker) {
@@ -212,6 +243,15 @@ impl Pipeline<'_> {
         for event in events {
             match event {
                 Event::Frame(Frame::Activations(a)) => {
+                    // Back at the starter from before the ring broke: its
+                    // sequences are replayed, and its caches must not grow here.
+                    if self.starter.as_ref().is_some_and(|s| s.stale(&a.batches)) {
+                        tracing::debug!(
+                            batch = a.batch(),
+                            "dropping a micro-batch from before the ring broke"
+                        );
+                        continue;
+                    }
                     if let Err(e) = self.worker.admissible(&a) {
                         tracing::error!(batch = a.batch(), chunk = a.chunk, error = %e, "micro-batch refused");
                         let seqs = a.seqs.iter().map(|s| s.id).collect();
@@ -250,11 +290,23 @@ impl Pipeline<'_> {
                 None => tracing::error!("a request reached a secondary stage"),
             },
             Event::Plan(plan) => self.offered(*plan),
+            Event::RingBroken { epoch, why } if epoch == self.plan.epoch => self.ring_broken(why),
+            Event::RingBroken { .. } => {}
+            Event::StageLost(stage) if self.plan.position(&stage).is_some() => {
+                self.ring_broken(format!("stage {stage} went offline"))
+            }
+            Event::StageLost(_) => {}
+            Event::Cancel(key) => {
+                if let Some(s) = &mut self.starter {
+                    let done = s.cancel(&key);
+                    self.release(done);
+                }
+            }
             Event::Frame(Frame::Ping { nonce, mut rooms }) => {
                 if self.starter.is_none() {
                     rooms.push(self.worker.kv_room(&self.stage));
                     self.send(Frame::Ping { nonce, rooms });
-                } else if !self.ring_closed && nonce == self.plan.epoch {
+                } else if !self.ring_closed && nonce == self.ping_nonce() {
                     self.ring_is_closed(rooms);
                 }
             }
@@ -286,10 +338,51 @@ impl Pipeline<'_> {
             "ring closed: every hop is connected"
         );
         if let Some(s) = &mut self.starter {
+            if let Some(since) = self.recovering.take() {
+                let replayed = s.rebuild(self.plan.stages.len(), self.plan.max_inflight);
+                tracing::info!(
+                    down_ms = since.elapsed().as_secs_f64() * 1e3,
+                    replayed,
+                    "the ring is whole again: replaying every sequence from its tokens"
+                );
+            }
             rooms.insert(0, self.worker.kv_room(&self.stage));
             s.set_rooms(rooms);
         }
         let _ = self.notes.send(Note::RingClosed);
+    }
+
+    /// The starter's ping nonce under this plan since the last break.
+    fn ping_nonce(&self) -> u64 {
+        (self.plan.epoch << 20) | (self.breaks & 0xF_FFFF)
+    }
+
+    /// At the starter: the ring lost what was on it. Every sequence's cache is
+    /// freed here and, by a `Release` that travels behind whatever was lost,
+    /// on every stage; once a ping gets round (every hop connected again,
+    /// whether the stage came back or the ring was planned anew) each
+    /// sequence recomputes its cache from its prompt and the tokens already
+    /// streamed. The kernels make those caches and the tokens that follow
+    /// bit-identical to a run without the fault, and nothing is streamed twice:
+    /// a sequence samples again only once its cache has caught up.
+    fn ring_broken(&mut self, why: String) {
+        let Some(s) = &mut self.starter else { return };
+        if self.next.is_none() || self.recovering.is_some() {
+            return;
+        }
+        if !self.ring_closed && s.sequences_in_flight() == 0 {
+            // Not closed yet: the first ping still has to get round.
+            return;
+        }
+        let seqs = s.ring_broken(&why);
+        self.worker.release(&seqs);
+        self.breaks += 1;
+        self.ring_closed = false;
+        self.recovering = Some(Instant::now());
+        self.last_ping = None;
+        if !seqs.is_empty() {
+            self.send(Frame::Release { seqs });
+        }
     }
 
     /// A micro-batch could not be run: free its caches here and tell the starter

@@ -168,8 +168,34 @@ async fn serve_peer(
     let hello = accept_peer(&mut stream, id, &accepted).await?;
     let mine = generation.fetch_add(1, Ordering::SeqCst) + 1;
     tracing::info!(from = %hello.from, epoch = hello.epoch, "previous stage connected");
+    let ended = relay(&mut stream, &hello, route, events, generation, mine).await;
+    // Unless the ring moved to another plan, frames may have been lost with
+    // the link: the starter replays what was on the ring.
+    if route.borrow().epoch == hello.epoch {
+        let why = match &ended {
+            Ok(()) => format!("the link from {} closed", hello.from),
+            Err(e) => format!("the link from {} ended: {e}", hello.from),
+        };
+        let _ = events.send(Event::RingBroken {
+            epoch: hello.epoch,
+            why,
+        });
+    }
+    ended
+}
+
+/// Feeds one connected predecessor's frames to the pipeline until the link
+/// ends, answering large ones with acks.
+async fn relay(
+    stream: &mut TcpStream,
+    hello: &Hello,
+    route: &watch::Receiver<Route>,
+    events: &std::sync::mpsc::Sender<Event>,
+    generation: &AtomicU64,
+    mine: u64,
+) -> Result<(), String> {
     loop {
-        let read = read_timed(&mut stream).await.map_err(|e| e.to_string())?;
+        let read = read_timed(stream).await.map_err(|e| e.to_string())?;
         if generation.load(Ordering::SeqCst) != mine {
             return Err("replaced by a newer connection from the same stage".into());
         }
@@ -193,7 +219,7 @@ async fn serve_peer(
                 receive_us: arrival.took.as_micros() as u64,
             };
             let bytes = ack.encode().map_err(|e| e.to_string())?;
-            write_bytes(&mut stream, &bytes)
+            write_bytes(stream, &bytes)
                 .await
                 .map_err(|e| e.to_string())?;
         }
@@ -252,7 +278,16 @@ pub async fn connect(
     probing: Probing,
     gauge: LinkGauge,
     mut frames: UnboundedReceiver<Frame>,
+    breaks: Option<std::sync::mpsc::Sender<Event>>,
 ) {
+    let broke = |why: String| {
+        if let Some(b) = &breaks {
+            let _ = b.send(Event::RingBroken {
+                epoch: id.epoch,
+                why: format!("the link to {to} {why}"),
+            });
+        }
+    };
     gauge.reset(&to);
     let mut unsent: Option<Vec<u8>> = None;
     let mut wait = backoff.0;
@@ -316,6 +351,7 @@ pub async fn connect(
                 .await
                 {
                     tracing::warn!(%to, error = %e, "probing the next stage failed; reconnecting");
+                    broke(format!("failed: {e}"));
                     break;
                 }
             }
@@ -339,6 +375,7 @@ pub async fn connect(
                         reason = &mut closed => {
                             let reason = reason.unwrap_or_else(|_| "closed".into());
                             tracing::warn!(%to, %reason, "the link to the next stage closed; reconnecting");
+                            broke(format!("closed: {reason}"));
                             break;
                         }
                         _ = tokio::time::sleep(probing.every) => continue,
@@ -347,6 +384,7 @@ pub async fn connect(
             };
             if let Err(e) = write_bytes(&mut writer, &bytes).await {
                 tracing::warn!(%to, error = %e, "link to the next stage broke; reconnecting");
+                broke(format!("broke: {e}"));
                 unsent = Some(bytes);
                 break;
             }

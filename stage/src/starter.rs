@@ -45,6 +45,9 @@ pub struct Scheduler<'t> {
     rebuilding: Option<(Instant, HashSet<u64>)>,
     /// Request ids in flight, freed here once each answer ends.
     ids: SharedIds,
+    /// The ring broke and is not whole again yet: nothing launches, and new
+    /// requests are told they wait for it.
+    ring_down: bool,
 }
 
 impl<'t> Scheduler<'t> {
@@ -82,6 +85,7 @@ impl<'t> Scheduler<'t> {
             holding: false,
             rebuilding: None,
             ids,
+            ring_down: false,
         }
     }
 
@@ -128,6 +132,11 @@ impl<'t> Scheduler<'t> {
         }
     }
 
+    /// Sequences admitted and not finished.
+    pub fn sequences_in_flight(&self) -> usize {
+        self.sequences.len()
+    }
+
     /// Nothing is on the ring.
     pub fn drained(&self) -> bool {
         self.launched.is_empty()
@@ -150,6 +159,7 @@ impl<'t> Scheduler<'t> {
         self.ready = ids.into();
         self.ledger.forget_rooms();
         self.holding = false;
+        self.ring_down = false;
         rebuilt
     }
 
@@ -174,9 +184,19 @@ impl<'t> Scheduler<'t> {
         }
         tracing::debug!(id = %job.id, prompt = job.prompt.len(), max_tokens = job.max_tokens, "request queued");
         let (id, reply) = (job.id.clone(), job.reply.clone());
-        self.waiting.push_back(job);
+        // Behind every request of its priority or higher, ahead of the rest.
+        let at = self
+            .waiting
+            .iter()
+            .position(|j| j.priority < job.priority)
+            .unwrap_or(self.waiting.len());
+        self.waiting.insert(at, job);
         self.admit();
-        if let Some(position) = self.waiting.iter().position(|j| j.id == id) {
+        if self.ring_down {
+            let position = self.sequences.len() + self.waiting.len();
+            tracing::info!(%id, "request waits for the ring to be whole again");
+            self.tell_waiting(&reply, &id, position.saturating_sub(1), Waiting::Ring);
+        } else if let Some(position) = self.waiting.iter().position(|j| j.id == id) {
             let waiting_for = if self.sequences.len() >= self.limits.max_sequences {
                 "sequences"
             } else {
@@ -279,6 +299,13 @@ impl<'t> Scheduler<'t> {
     /// A micro-batch came back round the ring: sample, stream, and requeue or
     /// finish its sequences. Returns the finished ones, to release.
     pub fn returned(&mut self, act: Activations, worker: &mut Worker) -> Vec<u64> {
+        if self.stale(&act.batches) {
+            tracing::debug!(
+                batch = act.batch(),
+                "a micro-batch from before the ring broke came back; dropped"
+            );
+            return Vec::new();
+        }
         for b in &act.batches {
             self.launched.remove(b);
         }
@@ -330,8 +357,13 @@ impl<'t> Scheduler<'t> {
         done
     }
 
-    /// A stage failed a micro-batch: its requests get an error.
+    /// A stage failed a micro-batch: its requests get an error. One launched
+    /// before the ring broke is history: its sequences are being replayed.
     pub fn failed(&mut self, seqs: &[u64], batches: &[u64], message: &str) -> Vec<u64> {
+        if self.stale(batches) {
+            tracing::debug!(?batches, %message, "a micro-batch from before the ring broke failed; its sequences are replayed");
+            return Vec::new();
+        }
         for b in batches {
             self.launched.remove(b);
         }
@@ -340,33 +372,60 @@ impl<'t> Scheduler<'t> {
         done
     }
 
-    /// Fails the sequences of micro-batches that have not come back within the
-    /// stall timeout: a stage restarted (losing their caches) or a link dropped
-    /// them. Their requests get an error instead of waiting for ever. Returns the
-    /// sequences to release.
-    pub fn expire_stalled(&mut self) -> Vec<u64> {
+    /// Whether a micro-batch has not come back within the stall timeout: the
+    /// ring lost it without a link or a stage being seen to fail (a frame
+    /// written into a socket its peer had just lost), and it is replayed like
+    /// any other loss.
+    pub fn stalled(&self) -> bool {
         let timeout = std::time::Duration::from_millis(self.limits.stall_timeout_ms);
-        let stalled: Vec<u64> = self
-            .launched
+        self.launched.values().any(|(at, _)| at.elapsed() > timeout)
+    }
+
+    /// Micro-batches none of which is on the ring now: they left before the
+    /// ring broke, and what they carry is being replayed.
+    pub fn stale(&self, batches: &[u64]) -> bool {
+        !batches.iter().any(|b| self.launched.contains_key(b))
+    }
+
+    /// The ring lost what was on it (a stage died, a link broke, a micro-batch
+    /// stalled). Forgets every micro-batch in flight, stops launching, and tells
+    /// every request it now waits for the ring. Returns every sequence: their
+    /// caches anywhere on the ring are suspect, to be freed and recomputed
+    /// from their tokens once the ring is whole ([`Scheduler::rebuild`]).
+    pub fn ring_broken(&mut self, why: &str) -> Vec<u64> {
+        let lost = self.launched.len();
+        self.launched.clear();
+        self.holding = true;
+        self.ring_down = true;
+        let mut ids: Vec<u64> = self.sequences.keys().copied().collect();
+        ids.sort_unstable();
+        tracing::warn!(%why, lost, sequences = ids.len(), queued = self.waiting.len(), "the ring broke: requests wait for it to be whole again");
+        for (position, seq) in ids
             .iter()
-            .filter(|(_, (at, _))| at.elapsed() > timeout)
-            .map(|(b, _)| *b)
-            .collect();
-        let mut done = Vec::new();
-        for b in stalled {
-            if let Some((_, seqs)) = self.launched.remove(&b) {
-                tracing::error!(batch = b, seqs = seqs.len(), "micro-batch lost on the ring");
-                let message = format!(
-                    "lost on the ring: no answer from the stages within {} ms (a stage restarted or a link broke)",
-                    self.limits.stall_timeout_ms
-                );
-                done.extend(self.fail(&seqs, &message));
-            }
+            .filter_map(|id| self.sequences.get(id))
+            .enumerate()
+        {
+            self.tell_waiting(&seq.job.reply, &seq.job.id, position, Waiting::Ring);
         }
-        if !done.is_empty() {
-            self.admit();
+        let ahead = ids.len();
+        for (i, job) in self.waiting.iter().enumerate() {
+            self.tell_waiting(&job.reply, &job.id, ahead + i, Waiting::Ring);
         }
-        done
+        ids
+    }
+
+    /// Whether the ring is down and requests wait for it.
+    pub fn waiting_for_ring(&self) -> bool {
+        self.ring_down
+    }
+
+    fn tell_waiting(&self, reply: &ReplyTo, id: &str, position: usize, why: Waiting) {
+        let queued = Queued {
+            id: id.to_owned(),
+            position: position as u32,
+            waiting_for: why.as_str().into(),
+        };
+        self.publish(reply, &queued);
     }
 
     /// Samples one token for sequence `id`; true when it finished.
@@ -421,21 +480,93 @@ impl<'t> Scheduler<'t> {
             .finished(id_key, Instant::now());
     }
 
-    /// Ends sequences with an error reply; returns those to release.
+    /// Ends sequences with an `internal` error reply; returns those to release.
     fn fail(&mut self, seqs: &[u64], message: &str) -> Vec<u64> {
+        self.end(seqs, ErrorCode::Internal, message)
+    }
+
+    /// Ends sequences with an error reply; returns those to release.
+    fn end(&mut self, seqs: &[u64], code: ErrorCode, message: &str) -> Vec<u64> {
         let mut done = Vec::new();
         for id in seqs {
             if let Some(seq) = self.sequences.remove(id) {
                 self.ledger.free(*id);
                 self.caught_up(*id);
-                tracing::error!(id = %seq.job.id, %message, "request failed");
+                tracing::warn!(id = %seq.job.id, ?code, %message, generated = seq.generated().len(), "request ended");
                 self.answered(&seq.job.id_key);
-                let err = ErrorReply::new(Some(seq.job.id.clone()), ErrorCode::Internal, message);
+                let err = ErrorReply::new(Some(seq.job.id.clone()), code, message);
                 self.publish(&seq.job.reply, &err);
                 done.push(*id);
             }
         }
         self.ready.retain(|id| !seqs.contains(id));
+        // A sequence on the ring comes back unknown and is dropped; its caches
+        // are freed by the release that follows it.
+        done
+    }
+
+    /// Ends a queued request with an error reply.
+    fn end_waiting(&mut self, index: usize, code: ErrorCode, message: &str) {
+        if let Some(job) = self.waiting.remove(index) {
+            tracing::warn!(id = %job.id, ?code, %message, "queued request ended");
+            self.answered(&job.id_key);
+            self.publish(
+                &job.reply,
+                &ErrorReply::new(Some(job.id.clone()), code, message),
+            );
+        }
+    }
+
+    /// Ends every request past its deadline, queued or generating, with
+    /// `deadline_exceeded`. Returns the sequences to release.
+    pub fn expire_deadlines(&mut self) -> Vec<u64> {
+        let now = Instant::now();
+        while let Some(i) = self.waiting.iter().position(|j| j.deadline <= now) {
+            let ms = self.waiting[i].received.elapsed().as_millis();
+            self.end_waiting(
+                i,
+                ErrorCode::DeadlineExceeded,
+                &format!("not served within its deadline ({ms} ms after it arrived)"),
+            );
+        }
+        let mut late: Vec<u64> = self
+            .sequences
+            .iter()
+            .filter(|(_, s)| s.job.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        if late.is_empty() {
+            return late;
+        }
+        late.sort_unstable();
+        let done = self.end(
+            &late,
+            ErrorCode::DeadlineExceeded,
+            "the answer was not complete by the request's deadline; what was streamed stands",
+        );
+        self.admit();
+        done
+    }
+
+    /// Its sender cancelled the request remembered under `id_key`: it ends
+    /// with `cancelled`, queued or generating. Returns the sequences to release.
+    pub fn cancel(&mut self, id_key: &str) -> Vec<u64> {
+        if let Some(i) = self.waiting.iter().position(|j| j.id_key == id_key) {
+            self.end_waiting(i, ErrorCode::Cancelled, "cancelled by its sender");
+            return Vec::new();
+        }
+        let found: Vec<u64> = self
+            .sequences
+            .iter()
+            .filter(|(_, s)| s.job.id_key == id_key)
+            .map(|(id, _)| *id)
+            .collect();
+        if found.is_empty() {
+            tracing::info!(%id_key, "a cancel for no request in flight");
+            return found;
+        }
+        let done = self.end(&found, ErrorCode::Cancelled, "cancelled by its sender");
+        self.admit();
         done
     }
 

@@ -18,6 +18,8 @@ pub struct Topology {
     key: Option<RingKey>,
     route: watch::Sender<Route>,
     gauge: LinkGauge,
+    /// At the starter, where a broken link to the next stage is reported.
+    breaks: Option<std::sync::mpsc::Sender<crate::pipeline::Event>>,
 }
 
 impl Topology {
@@ -36,7 +38,18 @@ impl Topology {
             key,
             route,
             gauge: LinkGauge::default(),
+            breaks: None,
         }
+    }
+
+    /// Reports every break of the link to the next stage to `events` (the
+    /// starter's pipeline, which replays what was on the ring).
+    pub fn reporting_breaks(
+        mut self,
+        events: std::sync::mpsc::Sender<crate::pipeline::Event>,
+    ) -> Self {
+        self.breaks = Some(events);
+        self
     }
 
     /// The route a stage's listener starts with under `plan`.
@@ -86,6 +99,7 @@ impl Topology {
             probing,
             self.gauge.clone(),
             rx,
+            self.breaks.clone(),
         ));
         Some(tx)
     }

@@ -512,6 +512,12 @@ impl Worker {
         let mut out = Vec::with_capacity(seqs.len());
         for s in seqs {
             let cache = match self.caches.remove(&s.id) {
+                // A sequence replayed from its first token (after the ring
+                // broke) whose old cache outlived the release: start it afresh.
+                Some(mut c) if s.pos == 0 && c.capacity() >= s.len as usize => {
+                    c.clear();
+                    c
+                }
                 Some(c) if c.capacity() >= (s.pos + s.len) as usize => c,
                 None if s.pos == 0 => match self.new_cache(s.capacity as usize) {
                     Ok(c) => c,
