@@ -89,6 +89,13 @@ impl Rules<'_> {
     }
 }
 
+/// The client id rumqttd knows a restricted login's session by: its own
+/// name first, so that sessions of different logins never collide. Ids of
+/// lime's own processes have no `:`, so none can be reached this way.
+pub fn session_id(user: &str, client_id: &str) -> String {
+    format!("{user}:{client_id}")
+}
+
 /// Whether every topic that `filter` matches is matched by `allowed` (both MQTT
 /// topic filters).
 fn within(filter: &str, allowed: &str) -> bool {

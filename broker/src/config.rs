@@ -13,11 +13,17 @@ use std::path::{Path, PathBuf};
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
     /// A plain MQTT listener (3.1.1 or 5, as each client chooses); empty to
-    /// disable.
-    pub v4_listen: String,
+    /// disable. Unset: port 1883 on every interface, or on loopback only when
+    /// anonymous clients are allowed.
+    pub v4_listen: Option<String>,
     /// Another, by custom the one MQTT 5 clients (lime's own processes) use;
-    /// empty to disable.
-    pub v5_listen: String,
+    /// empty to disable. Unset: port 1884, bound as `v4_listen` is.
+    pub v5_listen: Option<String>,
+    /// Let clients without a login in, with every topic (as a `service`
+    /// login). Off, a broker with no `users` refuses to start, since no one
+    /// could connect. For a bench on one machine; unless listeners are given,
+    /// such a broker listens on loopback only.
+    pub allow_anonymous: bool,
     /// Largest publish accepted. Big enough for a request the starter will refuse
     /// with a clear error, and for final messages that carry logits.
     pub max_payload_bytes: usize,
@@ -47,6 +53,11 @@ pub struct BrokerConfig {
     pub tls: Option<TlsSettings>,
     /// The planner that turns the stages' profiles into the plan.
     pub planner: PlannerConfig,
+    /// The ring key (the stages' `data.key_file`): the planner signs every
+    /// plan with it, and follows no plan on the topic that is not signed with
+    /// it. Without it, plans go out unsigned, and only stages that run
+    /// `data.insecure` take them.
+    pub ring_key_file: Option<PathBuf>,
 }
 
 /// One login.
@@ -158,8 +169,9 @@ impl Default for PlannerConfig {
 impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
-            v4_listen: "0.0.0.0:1883".into(),
-            v5_listen: "0.0.0.0:1884".into(),
+            v4_listen: None,
+            v5_listen: None,
+            allow_anonymous: false,
             max_payload_bytes: 4 << 20,
             max_inflight: 256,
             log_segment_bytes: 256 << 10,
@@ -170,6 +182,7 @@ impl Default for BrokerConfig {
             users: None,
             tls: None,
             planner: PlannerConfig::default(),
+            ring_key_file: None,
         }
     }
 }
@@ -193,12 +206,40 @@ impl BrokerConfig {
         Ok(cfg)
     }
 
+    /// The plain MQTT listener's address (empty: none).
+    pub fn v4_listen(&self) -> &str {
+        self.v4_listen
+            .as_deref()
+            .unwrap_or(if self.allow_anonymous {
+                "127.0.0.1:1883"
+            } else {
+                "0.0.0.0:1883"
+            })
+    }
+
+    /// The second plain listener's address (empty: none).
+    pub fn v5_listen(&self) -> &str {
+        self.v5_listen
+            .as_deref()
+            .unwrap_or(if self.allow_anonymous {
+                "127.0.0.1:1884"
+            } else {
+                "0.0.0.0:1884"
+            })
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
-            !(self.v4_listen.is_empty() && self.v5_listen.is_empty() && self.tls.is_none()),
+            self.users.is_some() || self.allow_anonymous,
+            "no logins ([users.NAME] with a password and a role) and allow_anonymous is off: \
+             no client could connect. Give the stages a service login and each robot a robot \
+             login, or set allow_anonymous = true on a machine no one else can reach"
+        );
+        anyhow::ensure!(
+            !(self.v4_listen().is_empty() && self.v5_listen().is_empty() && self.tls.is_none()),
             "every listener is disabled"
         );
-        for addr in [&self.v4_listen, &self.v5_listen] {
+        for addr in [self.v4_listen(), self.v5_listen()] {
             if !addr.is_empty() {
                 addr.parse::<SocketAddr>()
                     .map_err(|e| anyhow::anyhow!("listen address {addr:?}: {e}"))?;
@@ -282,19 +323,30 @@ impl BrokerConfig {
         Ok(())
     }
 
+    /// The ring key, read from `ring_key_file`.
+    pub fn ring_key(&self) -> anyhow::Result<Option<lime_schemas::signing::RingKey>> {
+        let Some(path) = &self.ring_key_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading the ring key {}: {e}", path.display()))?;
+        lime_schemas::signing::RingKey::from_hex(&text)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("the ring key {}: {e}", path.display()))
+    }
+
     /// Every address the broker listens on, plain and TLS.
     pub fn listeners(&self) -> Vec<&str> {
         let tls = self.tls.as_ref();
         [
-            Some(&self.v4_listen),
-            Some(&self.v5_listen),
-            tls.map(|t| &t.v4_listen),
-            tls.map(|t| &t.v5_listen),
+            Some(self.v4_listen()),
+            Some(self.v5_listen()),
+            tls.map(|t| t.v4_listen.as_str()),
+            tls.map(|t| t.v5_listen.as_str()),
         ]
         .into_iter()
         .flatten()
         .filter(|a| !a.is_empty())
-        .map(String::as_str)
         .collect()
     }
 
@@ -367,14 +419,48 @@ impl BrokerConfig {
 mod tests {
     use super::*;
 
+    fn open() -> BrokerConfig {
+        BrokerConfig {
+            allow_anonymous: true,
+            ..BrokerConfig::default()
+        }
+    }
+
+    #[test]
+    fn anonymous_clients_only_when_allowed_and_then_on_loopback() {
+        let e = BrokerConfig::default().validate().unwrap_err().to_string();
+        assert!(e.contains("allow_anonymous"), "{e}");
+        let cfg = open();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.listeners(), ["127.0.0.1:1883", "127.0.0.1:1884"]);
+        let cfg = BrokerConfig {
+            users: Some(HashMap::from([(
+                "fleet".to_owned(),
+                User {
+                    password: "pw".into(),
+                    role: Role::Service,
+                },
+            )])),
+            ..BrokerConfig::default()
+        };
+        cfg.validate().unwrap();
+        assert_eq!(cfg.listeners(), ["0.0.0.0:1883", "0.0.0.0:1884"]);
+        let cfg = BrokerConfig {
+            v4_listen: Some(String::new()),
+            v5_listen: Some("0.0.0.0:9000".into()),
+            ..open()
+        };
+        assert_eq!(cfg.listeners(), ["0.0.0.0:9000"]);
+    }
+
     #[test]
     fn planner_timings_beyond_a_minute_are_refused() {
-        assert!(BrokerConfig::default().validate().is_ok());
-        let mut cfg = BrokerConfig::default();
+        assert!(open().validate().is_ok());
+        let mut cfg = open();
         cfg.planner.settle_ms = u64::MAX;
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("planner.settle_ms"), "{e}");
-        let mut cfg = BrokerConfig::default();
+        let mut cfg = open();
         cfg.planner.sustain_ms = 60_001;
         assert!(cfg.validate().is_err());
     }

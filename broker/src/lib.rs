@@ -58,6 +58,10 @@ pub fn run(cfg: &BrokerConfig) -> anyhow::Result<()> {
                 tracing::error!(error = %e, "the service watchdog stopped");
             }
         })?;
+    let ring_key = cfg.ring_key()?;
+    if ring_key.is_none() && cfg.planner.stages > 0 {
+        tracing::warn!("no ring_key_file: plans go out unsigned, and only stages with data.insecure follow them");
+    }
     if cfg.planner.stages > 0 {
         let planner_cfg = cfg.clone();
         let planner_login = internal.clone();
@@ -68,7 +72,7 @@ pub fn run(cfg: &BrokerConfig) -> anyhow::Result<()> {
                     .enable_all()
                     .build()
                 {
-                    Ok(rt) => rt.block_on(planning::run(planner_cfg, planner_login)),
+                    Ok(rt) => rt.block_on(planning::run(planner_cfg, planner_login, ring_key)),
                     Err(e) => tracing::error!(error = %e, "planner not started"),
                 }
             })?;
@@ -78,11 +82,12 @@ pub fn run(cfg: &BrokerConfig) -> anyhow::Result<()> {
         );
     }
     tracing::info!(
-        v4 = %cfg.v4_listen,
-        v5 = %cfg.v5_listen,
+        v4 = cfg.v4_listen(),
+        v5 = cfg.v5_listen(),
         tls_v4 = cfg.tls.as_ref().map_or("", |t| t.v4_listen.as_str()),
         tls_v5 = cfg.tls.as_ref().map_or("", |t| t.v5_listen.as_str()),
         auth = cfg.users.is_some(),
+        anonymous = cfg.allow_anonymous,
         "MQTT broker starting"
     );
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();

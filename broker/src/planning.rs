@@ -17,6 +17,7 @@
 use crate::conditions::{Change, Conditions, Figure};
 use crate::config::{BrokerConfig, PlannerConfig};
 use crate::planner::{self, Layout, Prediction, Runtime, Workload, WorkloadKind};
+use lime_schemas::signing::{RingKey, Signature};
 use lime_schemas::{topics, DeviceProfile, LinkSpeed, Links, Plan, StageProfile, Telemetry};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
@@ -26,7 +27,7 @@ use std::time::{Duration, Instant};
 
 /// Runs the planner against rumqttd's internal listener (as the gate's login)
 /// until the process ends.
-pub async fn run(cfg: BrokerConfig, login: crate::gate::internal::Internal) {
+pub async fn run(cfg: BrokerConfig, login: crate::gate::internal::Internal, key: Option<RingKey>) {
     let links = match load_links(&cfg.planner) {
         Ok(l) => l,
         Err(e) => {
@@ -43,7 +44,7 @@ pub async fn run(cfg: BrokerConfig, login: crate::gate::internal::Internal) {
     options.set_max_packet_size(Some(cfg.max_payload_bytes as u32));
     options.set_credentials(login.username.clone(), login.password.clone());
     let (client, mut eventloop) = AsyncClient::new(options, 64);
-    let mut planner = Planner::new(cfg.planner.clone(), links);
+    let mut planner = Planner::new(cfg.planner.clone(), links).with_key(key.clone());
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -56,8 +57,7 @@ pub async fn run(cfg: BrokerConfig, login: crate::gate::internal::Internal) {
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let topic = String::from_utf8_lossy(&p.topic).into_owned();
                 let plan = if topic == topics::PLAN {
-                    planner.plan_seen(&p.payload);
-                    None
+                    planner.plan_seen(&p.payload)
                 } else if let Some(stage) = topics::stage_of_profile(&topic) {
                     planner.profile(stage, &p.payload)
                 } else if topics::stage_of_telemetry(&topic).is_some() {
@@ -71,7 +71,10 @@ pub async fn run(cfg: BrokerConfig, login: crate::gate::internal::Internal) {
                 } else {
                     None
                 };
-                if let Some(plan) = plan {
+                if let Some(mut plan) = plan {
+                    if let Some(key) = &key {
+                        key.sign(&mut plan);
+                    }
                     let payload = serde_json::to_vec(&plan).unwrap_or_default();
                     if let Err(e) = client
                         .publish(topics::PLAN, QoS::AtLeastOnce, true, payload)
@@ -112,6 +115,8 @@ pub struct Planner {
     /// A plan found on the retained topic before this planner made one: the
     /// ring's, republished by its starter after this broker restarted.
     found: Option<Plan>,
+    /// Plans are signed with it, and only plans signed with it are followed.
+    key: Option<RingKey>,
 }
 
 impl Planner {
@@ -130,14 +135,39 @@ impl Planner {
             reads: HashMap::new(),
             context_tokens: 0,
             found: None,
+            key: None,
         }
     }
 
-    /// A plan on the retained topic (this planner's own included).
-    pub fn plan_seen(&mut self, payload: &[u8]) {
-        let Ok(plan) = serde_json::from_slice::<Plan>(payload) else {
-            return;
+    /// Signs and checks plans with `key`.
+    pub fn with_key(mut self, key: Option<RingKey>) -> Self {
+        self.key = key;
+        self
+    }
+
+    /// A plan on the retained topic (this planner's own included). One not
+    /// signed with the ring key is not followed, and the running plan is
+    /// returned to be published again over it.
+    pub fn plan_seen(&mut self, payload: &[u8]) -> Option<Plan> {
+        let plan = match serde_json::from_slice::<Plan>(payload) {
+            Ok(p) => p,
+            Err(e) if !payload.is_empty() => {
+                tracing::warn!(error = %e, "an unreadable plan on the plan topic; publishing the running one over it");
+                return self.running.as_ref().map(|r| r.plan.clone());
+            }
+            Err(_) => return None,
         };
+        if let Some(key) = &self.key {
+            let signature = key.check(&plan);
+            if signature != Signature::Valid {
+                tracing::warn!(
+                    epoch = plan.epoch,
+                    ?signature,
+                    "a plan not signed with the ring key was published; not following it, publishing the running one over it"
+                );
+                return self.running.as_ref().map(|r| r.plan.clone());
+            }
+        }
         match &self.running {
             Some(r) if r.plan.epoch >= plan.epoch => {}
             Some(_) => {
@@ -154,6 +184,7 @@ impl Planner {
                 self.found = Some(plan);
             }
         }
+        None
     }
 
     /// Takes `plan` as the running one, in the cost model's terms.

@@ -24,8 +24,8 @@ fn free_port() -> u16 {
 fn broker() -> u16 {
     let port = free_port();
     let cfg = BrokerConfig {
-        v4_listen: format!("127.0.0.1:{port}"),
-        v5_listen: String::new(),
+        v4_listen: Some(format!("127.0.0.1:{port}")),
+        v5_listen: Some(String::new()),
         users: Some(HashMap::from([
             (
                 "svc".to_owned(),
@@ -130,6 +130,47 @@ async fn a_client_displaced_by_its_own_id_is_closed() {
     })
     .await;
     assert!(displaced.is_ok(), "the displaced client was left open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_robot_cannot_take_a_service_sessions_id() {
+    let port = broker();
+    let (svc, mut svc_events) = client(port, "lime-stage-s0", "svc");
+    expect(&mut svc_events, "CONNACK", |p| {
+        matches!(p, Packet::ConnAck(_))
+    })
+    .await;
+    svc.subscribe("lime/request", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    expect(&mut svc_events, "SUBACK", |p| {
+        matches!(p, Packet::SubAck(_))
+    })
+    .await;
+    for _ in 0..3 {
+        let (_arm, mut arm_events) = client(port, "lime-stage-s0", "arm");
+        expect(&mut arm_events, "CONNACK", |p| {
+            matches!(p, Packet::ConnAck(_))
+        })
+        .await;
+    }
+    // The service session was not displaced: it still gets what it asked for.
+    let (probe, mut probe_events) = client(port, "probe", "svc");
+    expect(&mut probe_events, "CONNACK", |p| {
+        matches!(p, Packet::ConnAck(_))
+    })
+    .await;
+    probe
+        .publish("lime/request", QoS::AtLeastOnce, false, "still here")
+        .await
+        .unwrap();
+    tokio::spawn(async move { while probe_events.poll().await.is_ok() {} });
+    expect(
+        &mut svc_events,
+        "the publish",
+        |p| matches!(p, Packet::Publish(m) if m.payload.as_ref() == b"still here"),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

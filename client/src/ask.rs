@@ -44,7 +44,7 @@ pub async fn ask_raw(
     mut on_reply: impl FnMut(usize, &Reply),
 ) -> anyhow::Result<Vec<Answer>> {
     let (client, mut eventloop, client_id) = broker.connect("lime-ask");
-    let reply_topic = lime_schemas::topics::tool_replies(&client_id);
+    let reply_topic = lime_schemas::topics::tool_replies(broker.username.as_deref(), &client_id);
     let deadline = tokio::time::Instant::now() + timeout;
     // Subscribe first and wait for the acknowledgement so no reply is missed.
     client.subscribe(&reply_topic, QoS::AtLeastOnce).await?;

@@ -61,6 +61,69 @@ pub struct ClusterSpec {
     /// Run stage `i` in network namespace `stages[i]`, reaching the broker
     /// (listening on every address) at `host_ip`.
     pub namespaces: Option<Namespaces>,
+    /// Who may use the cluster.
+    pub security: Security,
+}
+
+/// How a cluster's processes tell friend from stranger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// The test bench on one machine: lime-broker admits clients without a
+    /// login (`allow_anonymous`, unless [`ClusterSpec::login`] is set) and the
+    /// ring runs without a key (`data.insecure`), each said in so many words
+    /// in the processes' settings.
+    Open,
+    /// What `lime up` runs: a service and a robot login and a ring key made
+    /// for this cluster ([`Credentials`]); nothing anonymous.
+    Locked,
+}
+
+/// The logins and ring key a [`Security::Locked`] cluster was given.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// The stages' and lime tools' login.
+    pub service: (String, String),
+    /// A robot's login: asks on `lime/request`, reads `lime/response/<user>/#`.
+    pub robot: (String, String),
+    /// The ring key every stage holds (`data.key_file`).
+    pub ring_key: PathBuf,
+}
+
+impl Credentials {
+    /// Fresh passwords and a fresh ring key (written, owner-only, into `dir`).
+    fn make(dir: &Path) -> anyhow::Result<Self> {
+        let secret = |bytes: usize| -> anyhow::Result<String> {
+            let mut b = vec![0u8; bytes];
+            getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+            Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+        };
+        let ring_key = dir.join("ring.key");
+        std::fs::write(&ring_key, format!("{}\n", secret(32)?))?;
+        std::fs::set_permissions(
+            &ring_key,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )?;
+        Ok(Self {
+            service: ("lime".into(), secret(16)?),
+            robot: ("robot".into(), secret(12)?),
+            ring_key,
+        })
+    }
+
+    /// lime-broker's settings for these logins.
+    fn broker_env(&self) -> Vec<(String, String)> {
+        [(&self.service, "service"), (&self.robot, "robot")]
+            .into_iter()
+            .flat_map(|((user, password), role)| {
+                let key =
+                    |field: &str| format!("LIME_BROKER_USERS__{}__{field}", user.to_uppercase());
+                [
+                    (key("PASSWORD"), password.clone()),
+                    (key("ROLE"), role.into()),
+                ]
+            })
+            .collect()
+    }
 }
 
 /// The broker's certificate and key, and the CA that everyone verifies it
@@ -276,6 +339,7 @@ impl ClusterSpec {
             device: DeviceSpec::Cpu,
             planner: None,
             namespaces: None,
+            security: Security::Open,
         }
     }
 }
@@ -294,6 +358,8 @@ pub struct Cluster {
     /// lime-broker's environment (its settings), to start it again.
     broker_env: Vec<(String, String)>,
     log: String,
+    /// A locked cluster's logins and ring key.
+    pub credentials: Option<Credentials>,
 }
 
 /// Each stage's budget in bytes (`None`: unlimited), following `spec.memory.budget`.
@@ -403,6 +469,8 @@ struct StageSettings<'a> {
     budget: Option<u64>,
     read_mb_per_s: Option<f64>,
     profile_file: Option<PathBuf>,
+    /// The ring key; without one the ring runs `data.insecure`.
+    ring_key: Option<&'a Path>,
 }
 
 impl StageSettings<'_> {
@@ -439,8 +507,13 @@ impl StageSettings<'_> {
         if let Some(tls) = &broker.tls {
             toml.push_str(&format!("ca_file = {:?}\n", tls.ca_file));
         }
+        toml.push_str("\n[data]\n");
         if let Some(listen) = self.listen {
-            toml.push_str(&format!("\n[data]\nlisten = {listen:?}\n"));
+            toml.push_str(&format!("listen = {listen:?}\n"));
+        }
+        match self.ring_key {
+            Some(key) => toml.push_str(&format!("key_file = {:?}\n", key.display().to_string())),
+            None => toml.push_str("insecure = true\n"),
         }
         toml.push_str(&format!(
             "\n[starter]\nmax_inflight = {}\n",
@@ -494,6 +567,7 @@ pub fn profile_stages(spec: &ClusterSpec) -> anyhow::Result<Vec<PathBuf>> {
                 budget: spec.memory.stage_budget(i),
                 read_mb_per_s: spec.memory.stage_read(i),
                 profile_file: None,
+                ring_key: None,
             };
             let toml = settings.to_toml(spec, &broker);
             (name, toml)
@@ -602,7 +676,12 @@ impl Cluster {
             stage_env: spec.stage_env.clone(),
             broker_env: Vec::new(),
             log: spec.log.clone(),
+            credentials: match spec.security {
+                Security::Locked => Some(Credentials::make(&spec.dir)?),
+                Security::Open => None,
+            },
         };
+        let ring_key = cluster.credentials.as_ref().map(|c| c.ring_key.clone());
         // Stage configs first: the broker's planner needs their profiles.
         let model = std::fs::canonicalize(&spec.model)?;
         let settings = |i: usize, profile_file: Option<PathBuf>| {
@@ -617,6 +696,7 @@ impl Cluster {
                 budget: budgets.get(&stage.name).copied().flatten(),
                 read_mb_per_s: spec.memory.stage_read(i),
                 profile_file,
+                ring_key: ring_key.as_deref(),
             }
         };
         let placeholder = BrokerAddr::parse("127.0.0.1:1")?;
@@ -680,6 +760,20 @@ impl Cluster {
                         tls.key_file.display().to_string(),
                     ));
                 }
+                match &cluster.credentials {
+                    Some(c) => {
+                        env.extend(c.broker_env());
+                        env.push((
+                            "LIME_BROKER_RING_KEY_FILE".into(),
+                            c.ring_key.display().to_string(),
+                        ));
+                    }
+                    // Logins come with `broker_env` when the spec names one.
+                    None if spec.login.is_none() => {
+                        env.push(("LIME_BROKER_ALLOW_ANONYMOUS".into(), "true".into()))
+                    }
+                    None => {}
+                }
                 env.extend(spec.broker_env.iter().cloned());
                 if let Some(p) = &spec.planner {
                     let memory = spec.memory.config(spec.mode);
@@ -723,12 +817,20 @@ impl Cluster {
                 addr
             }
         };
-        if let Some((user, password)) = &spec.login {
+        let login = match &cluster.credentials {
+            Some(c) if spec.external_broker.is_none() => Some(&c.service),
+            _ => spec.login.as_ref(),
+        };
+        if let Some((user, password)) = login {
             cluster.broker.username = Some(user.clone());
             cluster.broker.password = Some(password.clone());
         }
         wait_for_port(&cluster.broker, Duration::from_secs(10)).await?;
         if spec.plan_over_mqtt && spec.planner.is_none() {
+            let mut plan = plan.clone();
+            if let Some(c) = &cluster.credentials {
+                lime_stage::auth::load_key(&c.ring_key)?.sign(&mut plan);
+            }
             publish_plan(&cluster.broker, &plan).await?;
         }
         // Stages in namespaces reach the broker through the bridge.

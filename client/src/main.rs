@@ -47,6 +47,8 @@ enum Command {
         /// MQTT 5 listener of the cluster's broker.
         #[arg(long, default_value = "127.0.0.1:1884")]
         broker: String,
+        #[command(flatten)]
+        login: LoginCli,
     },
     /// Keep a local cluster busy for a bounded time (bursts of requests, some
     /// malformed, robots that hang up mid-answer) and check that every request
@@ -290,6 +292,42 @@ struct UpCli {
     /// Read streamed layers with O_DIRECT, bypassing the page cache.
     #[arg(long)]
     direct_io: bool,
+    /// No logins and no ring key: anonymous MQTT on loopback
+    /// (allow_anonymous) and an unauthenticated data plane (data.insecure).
+    /// Without it the cluster gets a service and a robot login and a ring key
+    /// of its own, printed when it is up.
+    #[arg(long)]
+    insecure: bool,
+}
+
+/// A login at the broker (what `lime up` prints, or one of lime-broker's
+/// `[users]`).
+#[derive(Args)]
+struct LoginCli {
+    /// User name at the broker.
+    #[arg(long)]
+    user: Option<String>,
+    /// Its password; else the LIME_MQTT_PASSWORD environment variable, which
+    /// keeps it out of the shell's history and `ps`.
+    #[arg(long, requires = "user")]
+    password: Option<String>,
+}
+
+impl LoginCli {
+    fn apply(self, broker: &mut lime::mqtt::BrokerAddr) -> anyhow::Result<()> {
+        let Some(user) = self.user else {
+            return Ok(());
+        };
+        let password = match self.password {
+            Some(p) => p,
+            None => std::env::var("LIME_MQTT_PASSWORD").map_err(|_| {
+                anyhow::anyhow!("--user {user} needs --password or LIME_MQTT_PASSWORD")
+            })?,
+        };
+        broker.username = Some(user);
+        broker.password = Some(password);
+        Ok(())
+    }
 }
 
 #[derive(Args)]
@@ -298,6 +336,8 @@ struct AskCli {
     /// MQTT 5 listener of the cluster's broker.
     #[arg(long, default_value = "127.0.0.1:1884")]
     broker: String,
+    #[command(flatten)]
+    login: LoginCli,
     /// Send the prompt as a one-message chat (rendered with the model's template).
     #[arg(long)]
     chat: bool,
@@ -493,6 +533,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             spec.memory.read_mb_per_s = u.read_mb_s;
             spec.memory.direct_io = u.direct_io;
+            spec.security = if u.insecure {
+                lime::cluster::Security::Open
+            } else {
+                lime::cluster::Security::Locked
+            };
             block_on(lime::up::run(lime::up::UpArgs {
                 spec,
                 preset: u.preset,
@@ -501,7 +546,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }))
         }
         Command::Ask(a) => {
-            let broker = lime::mqtt::BrokerAddr::parse(&a.broker)?;
+            let mut broker = lime::mqtt::BrokerAddr::parse(&a.broker)?;
+            a.login.apply(&mut broker)?;
             let mut request = lime_schemas::Request {
                 max_tokens: Some(a.max_tokens),
                 temperature: a.temperature,
@@ -540,8 +586,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json: p.json,
             out: p.out,
         }),
-        Command::Status { broker } => {
-            let broker = lime::mqtt::BrokerAddr::parse(&broker)?;
+        Command::Status { broker, login } => {
+            let mut broker = lime::mqtt::BrokerAddr::parse(&broker)?;
+            login.apply(&mut broker)?;
             let stages = block_on(lime::status::collect(
                 &broker,
                 std::time::Duration::from_millis(500),

@@ -154,7 +154,7 @@ async fn burst(
     // the README), so a fresh topic per connection would grow the broker.
     let client_id = format!("lime-soak-robot-{robot}-{}", std::process::id());
     let (client, mut events) = broker.connect_as(&client_id);
-    let reply_topic = lime_schemas::topics::tool_replies(&client_id);
+    let reply_topic = lime_schemas::topics::tool_replies(broker.username.as_deref(), &client_id);
     client.subscribe(&reply_topic, QoS::AtLeastOnce).await?;
     loop {
         if let Event::Incoming(Packet::SubAck(_)) = events.poll().await? {

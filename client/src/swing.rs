@@ -196,7 +196,7 @@ async fn load(
     progress: &mut impl FnMut(&str),
 ) -> anyhow::Result<SwingRun> {
     let (client, mut eventloop, id) = broker.connect("lime-swing");
-    let reply_topic = lime_schemas::topics::tool_replies(&id);
+    let reply_topic = lime_schemas::topics::tool_replies(broker.username.as_deref(), &id);
     client.subscribe(&reply_topic, QoS::AtLeastOnce).await?;
     client.subscribe(topics::PLAN, QoS::AtLeastOnce).await?;
     client

@@ -40,13 +40,30 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
     if args.asks.is_empty() {
         let v4 = cluster.v4_port.unwrap_or(cluster.broker.port);
-        eprintln!(
-            "ask with:  lime ask --broker {}:{} \"Hello\"",
-            cluster.broker.host, cluster.broker.port
-        );
-        eprintln!(
-            "or:        mosquitto_sub -p {v4} -t 'lime/response/demo' & mosquitto_pub -p {v4} -t lime/request -q 1 -m '{{\"id\":\"demo\",\"prompt\":\"Hello\"}}'"
-        );
+        let (host, port) = (&cluster.broker.host, cluster.broker.port);
+        match &cluster.credentials {
+            Some(c) if args.spec.external_broker.is_none() => {
+                let (robot, pw) = &c.robot;
+                eprintln!(
+                    "logins: robot {robot:?} password {pw:?}; the stages' service login {:?} password {:?}; ring key {}",
+                    c.service.0,
+                    c.service.1,
+                    c.ring_key.display()
+                );
+                eprintln!(
+                    "ask with:  LIME_MQTT_PASSWORD={pw} lime ask --broker {host}:{port} --user {robot} \"Hello\""
+                );
+                eprintln!(
+                    "or:        mosquitto_sub -p {v4} -u {robot} -P {pw} -t 'lime/response/{robot}/demo' & mosquitto_pub -p {v4} -u {robot} -P {pw} -t lime/request -q 1 -m '{{\"id\":\"demo\",\"prompt\":\"Hello\"}}'"
+                );
+            }
+            _ => {
+                eprintln!("ask with:  lime ask --broker {host}:{port} \"Hello\"");
+                eprintln!(
+                    "or:        mosquitto_sub -p {v4} -t 'lime/response/demo' & mosquitto_pub -p {v4} -t lime/request -q 1 -m '{{\"id\":\"demo\",\"prompt\":\"Hello\"}}'"
+                );
+            }
+        }
         eprintln!("Ctrl-C stops the cluster");
         wait_for_ctrl_c(&mut cluster).await?;
     } else {

@@ -7,7 +7,7 @@ mod common;
 use common::{ask, assert_answers, runtime, up, varied_requests, Reference};
 use lime::cluster::ClusterSpec;
 use lime_schemas::{Frame, Hello};
-use lime_stage::auth::{RingKey, Side};
+use lime_stage::auth::{Handshake, RingKey, Side};
 use lime_stage::connection::{read_frame, write_bytes};
 use std::time::Duration;
 use tokio::net::TcpStream;

@@ -184,7 +184,9 @@ fn broker(fake: &FakeSystemd, dir: &Path) -> (Child, u16) {
     let config = dir.join("broker.toml");
     std::fs::write(
         &config,
-        format!("v4_listen = \"127.0.0.1:{v4}\"\nv5_listen = \"127.0.0.1:{v5}\"\n"),
+        format!(
+            "allow_anonymous = true\nv4_listen = \"127.0.0.1:{v4}\"\nv5_listen = \"127.0.0.1:{v5}\"\n"
+        ),
     )
     .unwrap();
     let child = fake.spawn(

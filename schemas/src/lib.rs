@@ -10,6 +10,7 @@ pub mod profile;
 pub mod reply;
 pub mod request;
 mod sampling;
+pub mod signing;
 pub mod status;
 pub mod telemetry;
 pub mod topics;

@@ -60,6 +60,10 @@ pub struct Plan {
     /// What the planner predicts for this plan, when a planner made it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prediction: Option<PlanPrediction>,
+    /// HMAC-SHA-256 (hex) of the plan without it, made with the ring key
+    /// ([`crate::signing`]): stages with the key follow no plan without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// The planner's figures for a plan, carried with it so that operators and
@@ -137,6 +141,7 @@ impl Plan {
             chunks,
             max_inflight: None,
             prediction: None,
+            signature: None,
         };
         plan.validate(num_layers)?;
         Ok(plan)

@@ -60,10 +60,14 @@ pub fn response(id: &str) -> String {
     format!("{RESPONSE_PREFIX}{id}")
 }
 
-/// Where a lime tool connected as `client_id` (a service login) takes the
-/// answers to all its requests, told apart by their correlation data.
-pub fn tool_replies(client_id: &str) -> String {
-    format!("{RESPONSE_PREFIX}{client_id}/answers")
+/// Where a lime tool connected as `client_id` takes the answers to all its
+/// requests, told apart by their correlation data: under its login's name when
+/// it has one (where a robot login may read), else under its own.
+pub fn tool_replies(user: Option<&str>, client_id: &str) -> String {
+    match user {
+        Some(user) => format!("{RESPONSE_PREFIX}{user}/{client_id}"),
+        None => format!("{RESPONSE_PREFIX}{client_id}/answers"),
+    }
 }
 
 /// Where lime-broker forwards a request published by `user`.

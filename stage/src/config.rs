@@ -143,6 +143,10 @@ pub struct DataConfig {
     /// hold the key before any activation moves; without it, any host that can
     /// reach the data port can join.
     pub key_file: Option<std::path::PathBuf>,
+    /// Run a ring of several stages without `key_file`. Off, such a stage
+    /// refuses to start: a stranger's hello could take a link, and the plan
+    /// could not be checked. For a bench on one machine.
+    pub insecure: bool,
 }
 
 impl Default for DataConfig {
@@ -156,6 +160,7 @@ impl Default for DataConfig {
             probe_every_ms: 1_000,
             probe_target_ms: 20,
             key_file: None,
+            insecure: false,
         }
     }
 }

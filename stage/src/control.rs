@@ -7,6 +7,7 @@ use crate::inflow::Inflow;
 use crate::intake::{Intake, Sender};
 use crate::pipeline::Event;
 use crate::starter::Outgoing;
+use lime_schemas::signing::{RingKey, Signature};
 use lime_schemas::{topics, Plan, StageStatus};
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
@@ -71,10 +72,16 @@ pub struct Inbox {
     /// At the starter only: where a stage going offline is reported (its last
     /// will is how the death of a stage that is not a neighbour is seen).
     pub stage_events: OnceLock<std::sync::mpsc::Sender<Event>>,
+    /// The ring key plans must be signed with; without one (`data.insecure`)
+    /// any readable plan is taken.
+    pub key: Option<RingKey>,
 }
 
 impl Inbox {
-    pub fn new(want_plan: bool) -> (Arc<Self>, Option<watch::Receiver<Option<Plan>>>) {
+    pub fn new(
+        want_plan: bool,
+        key: Option<RingKey>,
+    ) -> (Arc<Self>, Option<watch::Receiver<Option<Plan>>>) {
         let (tx, rx) = if want_plan {
             let (tx, rx) = watch::channel(None);
             (Some(tx), Some(rx))
@@ -89,6 +96,7 @@ impl Inbox {
                 profile: Mutex::new(None),
                 running_plan: Mutex::new(None),
                 stage_events: OnceLock::new(),
+                key,
             }),
             rx,
         )
@@ -156,7 +164,9 @@ pub async fn drive(mut eventloop: EventLoop, client: AsyncClient, inbox: Arc<Inb
                         inflow.offer_cancel(p.payload.clone(), sender);
                     }
                 } else if topic == topics::PLAN {
-                    handle_plan(&inbox, &p.payload);
+                    if !handle_plan(&inbox, &p.payload) {
+                        heal_plan(&client, &inbox);
+                    }
                 } else if let Some(stage) = topics::stage_of_status(&topic) {
                     handle_status(&inbox, stage, &p.payload);
                 }
@@ -299,16 +309,49 @@ fn handle_request(
     );
 }
 
-fn handle_plan(inbox: &Inbox, payload: &[u8]) {
-    let Some(tx) = &inbox.plan else { return };
+/// Takes a plan from the plan topic; false when it was refused (unreadable, or
+/// not signed with the ring key), so that the last good plan stays.
+fn handle_plan(inbox: &Inbox, payload: &[u8]) -> bool {
+    let Some(tx) = &inbox.plan else { return true };
     if payload.is_empty() {
-        return;
+        return true;
     }
-    match serde_json::from_slice::<Plan>(payload) {
-        Ok(plan) => {
-            let _ = tx.send(Some(plan));
+    let plan = match serde_json::from_slice::<Plan>(payload) {
+        Ok(plan) => plan,
+        Err(e) => {
+            tracing::error!(error = %e, "ignoring an unreadable plan on {}; the last good one stays", topics::PLAN);
+            return false;
         }
-        Err(e) => tracing::error!(error = %e, "ignoring an unreadable plan on {}", topics::PLAN),
+    };
+    if let Some(key) = &inbox.key {
+        let signature = key.check(&plan);
+        if signature != Signature::Valid {
+            tracing::error!(
+                epoch = plan.epoch,
+                ?signature,
+                stages = ?plan.stages.iter().map(|s| (&s.name, &s.data_addr)).collect::<Vec<_>>(),
+                "refusing a plan on {} that is not signed with the ring key: someone without the key published it",
+                topics::PLAN
+            );
+            return false;
+        }
+    }
+    let _ = tx.send(Some(plan));
+    true
+}
+
+/// At the starter of a ring planned over MQTT: a refused plan on the retained
+/// topic would keep stages that start later waiting; the running plan goes
+/// over it.
+fn heal_plan(client: &AsyncClient, inbox: &Inbox) {
+    let running = inbox.running_plan.lock().ok().and_then(|p| p.clone());
+    if let Some(plan) = running {
+        tracing::warn!(
+            epoch = plan.epoch,
+            "publishing the running plan over the refused one"
+        );
+        let client = client.clone();
+        tokio::spawn(async move { republish_plan(&client, &plan).await });
     }
 }
 

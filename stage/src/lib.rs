@@ -62,16 +62,16 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
         .data
         .key_file
         .as_deref()
-        .map(auth::RingKey::load)
+        .map(auth::load_key)
         .transpose()?;
-    if key.is_none() {
-        tracing::warn!("no data.key_file: any host that can reach the data port can join the ring");
+    if key.is_none() && cfg.data.insecure {
+        tracing::warn!("no data.key_file (data.insecure): any host that can reach the data port can join the ring");
     }
     let mut service = service::Service::from_env();
     let starting = tokio::spawn(service.keep_alive_while_starting());
     service.status("connecting to the broker");
     let (client, eventloop) = rumqttc::v5::AsyncClient::new(control::options(&cfg)?, 256);
-    let (inbox, plan_rx) = Inbox::new(cfg.plan_file.is_none());
+    let (inbox, plan_rx) = Inbox::new(cfg.plan_file.is_none(), key.clone());
     tokio::spawn(control::drive(eventloop, client.clone(), inbox.clone()));
     let mut status = StageStatus {
         pid: Some(std::process::id()),
@@ -159,6 +159,13 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
         .unwrap_or_else(|| me.data_addr.clone());
     status.data_addr = Some(me.data_addr.clone());
 
+    anyhow::ensure!(
+        plan.stages.len() < 2 || key.is_some() || cfg.data.insecure,
+        "a ring of {} stages needs data.key_file (`openssl rand -hex 32 > ring.key`, the same \
+         file on every stage): without it anyone who reaches the data port can join the ring. \
+         Set data.insecure = true to run without one on a machine no one else can reach",
+        plan.stages.len()
+    );
     // Listen before loading so the previous stage's link is up when we are.
     let (events_tx, events_rx) = std::sync::mpsc::channel::<Event>();
     let (route_tx, route_rx) =

@@ -12,7 +12,7 @@
 //! The listener outlives plans: which epoch and predecessor it accepts is a
 //! [`Route`] the pipeline changes when the ring moves to a new plan.
 
-use crate::auth::{self, RingKey, Side};
+use crate::auth::{self, Handshake, RingKey, Side};
 use crate::connection::{read_frame, read_handshake, read_timed, write_bytes};
 use crate::link::{LinkGauge, MIN_TIMED_BYTES};
 use crate::pipeline::Event;
@@ -303,6 +303,13 @@ pub async fn connect(
                 s.into_split()
             }
             Err((reason, reached)) => {
+                // The plan moved on and this link is no longer in it: what it
+                // still holds was for a ring that is gone. Give it up rather
+                // than knock on a stage that has moved on, for ever.
+                if frames.is_closed() {
+                    tracing::info!(%to, %addr, %reason, "giving up the link of a superseded plan");
+                    return;
+                }
                 tracing::debug!(%to, %addr, %reason, "next stage not ready; retrying");
                 tokio::time::sleep(wait).await;
                 // A stage that answers but refuses is moving to our plan: retry
@@ -383,6 +390,11 @@ pub async fn connect(
                 }
             };
             if let Err(e) = write_bytes(&mut writer, &bytes).await {
+                if frames.is_closed() {
+                    tracing::info!(%to, error = %e, "the link of a superseded plan broke; giving it up");
+                    acks.abort();
+                    return;
+                }
                 tracing::warn!(%to, error = %e, "link to the next stage broke; reconnecting");
                 broke(format!("broke: {e}"));
                 unsent = Some(bytes);

@@ -28,6 +28,8 @@ use tokio_rustls::TlsAcceptor;
 /// What every connection through the gate shares.
 pub struct Gate {
     users: Option<HashMap<String, User>>,
+    /// Clients without a login get in (as services).
+    anonymous: bool,
     internal: Internal,
     /// The largest packet relayed either way: a publish of the payload limit
     /// with room for its topic and properties.
@@ -40,6 +42,7 @@ impl Gate {
     pub fn new(cfg: &BrokerConfig, internal: Internal) -> Self {
         Self {
             users: cfg.users.clone(),
+            anonymous: cfg.allow_anonymous,
             internal,
             max_packet: cfg.max_payload_bytes + (64 << 10),
             connect_timeout: Duration::from_millis(u64::from(cfg.connection_timeout_ms)),
@@ -49,11 +52,16 @@ impl Gate {
 
     /// Who a CONNECT logs in as: their role and name (empty without logins).
     fn admit(&self, connect: &Connect) -> Result<(Role, String), Refusal> {
-        let Some(users) = &self.users else {
-            let name = connect.login().map_or("", |(u, _)| u);
-            return Ok((Role::Service, name.to_owned()));
+        let login = connect.login();
+        let users = match (&self.users, login) {
+            (Some(users), Some(_)) => users,
+            (_, None) if self.anonymous => return Ok((Role::Service, String::new())),
+            (None, Some((name, _))) if self.anonymous => {
+                return Ok((Role::Service, name.to_owned()))
+            }
+            _ => return Err(Refusal::BadLogin),
         };
-        let (name, password) = connect.login().ok_or(Refusal::BadLogin)?;
+        let (name, password) = login.ok_or(Refusal::BadLogin)?;
         let user = users.get(name).ok_or(Refusal::BadLogin)?;
         if !same_secret(user.password.as_bytes(), password.as_bytes()) {
             return Err(Refusal::BadLogin);
@@ -96,7 +104,7 @@ impl Listeners {
             l.set_nonblocking(true)?;
             Ok(l)
         };
-        let plain = [&cfg.v4_listen, &cfg.v5_listen]
+        let plain = [cfg.v4_listen(), cfg.v5_listen()]
             .into_iter()
             .filter(|a| !a.is_empty())
             .map(|a| bind(a))

@@ -154,6 +154,14 @@ impl Connect {
         }
     }
 
+    /// Gives the session another client id (rumqttd keys sessions by it).
+    pub fn set_client_id(&mut self, id: String) {
+        match self {
+            Connect::V4(c) => c.client_id = id,
+            Connect::V5(c) => c.0.client_id = id,
+        }
+    }
+
     /// Username and password, if the client gave a username.
     pub fn login(&self) -> Option<(&str, &str)> {
         match self {

@@ -33,7 +33,7 @@ where
     let Some(first) = first else {
         return Ok(());
     };
-    let connect = Connect::parse(first, gate.max_packet)?;
+    let mut connect = Connect::parse(first, gate.max_packet)?;
     let protocol = connect.protocol();
     let (role, user) = match gate.admit(&connect) {
         Ok(login) => login,
@@ -52,6 +52,13 @@ where
         }
     };
     let span = tracing::info_span!("mqtt", %peer, client = connect.client_id(), %user, ?role);
+    // A robot's or monitor's session is its own: under its login's name, so
+    // that no one can take a stage's id (rumqttd drops the older session of
+    // an id) or another login's.
+    if role != crate::acl::Role::Service && !connect.client_id().is_empty() {
+        let own = crate::acl::session_id(&user, connect.client_id());
+        connect.set_client_id(own);
+    }
     async move {
         tracing::debug!("connected");
         let broker = TcpStream::connect(gate.internal_addr(protocol)).await?;

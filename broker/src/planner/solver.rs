@@ -500,6 +500,7 @@ pub fn to_plan(p: &Problem, layout: &Layout, epoch: u64) -> Plan {
         chunks,
         max_inflight: Some(layout.micro_batches),
         prediction: None,
+        signature: None,
     }
 }
 
