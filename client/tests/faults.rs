@@ -282,3 +282,123 @@ fn a_crashed_broker_comes_back_and_the_ring_keeps_its_plan() {
         );
     });
 }
+
+/// Latency percentile of `times` (seconds), nearest rank.
+fn percentile(times: &[f64], p: f64) -> f64 {
+    let mut t = times.to_vec();
+    t.sort_by(f64::total_cmp);
+    t[((p * t.len() as f64).ceil() as usize).clamp(1, t.len()) - 1]
+}
+
+/// Asks `requests` at once; returns each answer with how many finals and
+/// repeated pieces its reply topic carried.
+async fn ask_counting(
+    broker: &lime::mqtt::BrokerAddr,
+    requests: &[lime_schemas::Request],
+) -> (Vec<lime::ask::Answer>, Vec<(u32, u32)>) {
+    let mut seen: Vec<(std::collections::HashSet<u32>, u32, u32)> =
+        vec![Default::default(); requests.len()];
+    let answers = ask_all(
+        broker,
+        requests,
+        Duration::from_secs(240),
+        |i, reply| match reply {
+            lime_schemas::Reply::Text(t) => {
+                if !seen[i].0.insert(t.seq) {
+                    seen[i].2 += 1;
+                }
+            }
+            lime_schemas::Reply::Final(_) => seen[i].1 += 1,
+            _ => {}
+        },
+    )
+    .await
+    .unwrap();
+    (answers, seen.into_iter().map(|(_, f, d)| (f, d)).collect())
+}
+
+#[test]
+fn a_fault_run_of_kills_and_a_freeze_loses_and_repeats_nothing() {
+    let reference = Reference::tiny();
+    let work = tempfile::tempdir().unwrap();
+    let mut spec = ClusterSpec::new(reference.path(), 4, work.path());
+    spec.max_inflight = 4;
+    // Interleaved: a replayed pass meets old caches on a stage more than once.
+    spec.interleave = 2;
+    let requests: Vec<_> = varied_requests(32)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut r)| {
+            r.max_tokens = Some(500 + 7 * i as u32);
+            r.ignore_eos = true;
+            r
+        })
+        .collect();
+    runtime().block_on(async {
+        let mut cluster = up(&spec).await;
+        // Fault-free first, for the latency each request takes without faults.
+        let (calm, _) = ask_counting(&cluster.broker, &requests).await;
+        assert_answers(&reference, &requests, &calm, "fault-free");
+        let took = |a: &lime::ask::Answer| a.last.duration_since(a.sent).as_secs_f64();
+        let calm_s: Vec<f64> = calm.iter().map(took).collect();
+
+        let broker = cluster.broker.clone();
+        let asked = requests.clone();
+        let asking = tokio::spawn(async move { ask_counting(&broker, &asked).await });
+        // Three SIGKILLs of a stage that is not the starter, each restarted
+        // as a supervisor would, then a SIGSTOP of 10 s.
+        let mut rng = 0x9e37_79b9_u32;
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            rng = rng.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let victim = format!("s{}", 1 + (rng >> 16) % 3);
+            let pid = cluster.pid(&victim).unwrap();
+            std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            eprintln!("killed {victim}; restarting it");
+            assert_eq!(cluster.revive_exited_stages().unwrap().len(), 1);
+        }
+        cluster.wait_online(Duration::from_secs(60)).await.unwrap();
+        let frozen = cluster.pid("s2").unwrap().to_string();
+        std::process::Command::new("kill").args(["-STOP", &frozen]).status().unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        std::process::Command::new("kill").args(["-CONT", &frozen]).status().unwrap();
+        let (faulty, counts) = asking.await.unwrap();
+        let answered = faulty.iter().filter(|a| a.outcome.is_ok()).count();
+        let repeated: u32 = counts.iter().map(|(finals, pieces)| finals.saturating_sub(1) + pieces).sum();
+        let fault_s: Vec<f64> = faulty.iter().map(took).collect();
+        let added: Vec<f64> = fault_s.iter().zip(&calm_s).map(|(f, c)| f - c).collect();
+        eprintln!(
+            "fault run: {answered} of {} answered, {} lost, {repeated} repeated; latency p50/p99 {:.2}/{:.2} s fault-free, {:.2}/{:.2} s with faults, added p50/p99 {:.2}/{:.2} s",
+            requests.len(),
+            requests.len() - answered,
+            percentile(&calm_s, 0.5),
+            percentile(&calm_s, 0.99),
+            percentile(&fault_s, 0.5),
+            percentile(&fault_s, 0.99),
+            percentile(&added, 0.5),
+            percentile(&added, 0.99),
+        );
+        assert_eq!(repeated, 0, "pieces or finals repeated: {counts:?}");
+        // The fault-free answers were checked against one process: the others
+        // must equal them bit for bit.
+        for ((r, calm), faulty) in requests.iter().zip(&calm).zip(&faulty) {
+            let (c, f) = (calm.outcome.as_ref().unwrap(), faulty.outcome.as_ref());
+            let f = f.unwrap_or_else(|e| panic!("{:?} failed through the faults: {e:?}", r.id));
+            assert_eq!(faulty.gaps, 0, "{:?}: pieces out of order", r.id);
+            assert_eq!(f.token_ids, c.token_ids, "{:?}: tokens differ", r.id);
+            let bits = |l: &Option<Vec<f32>>| l.as_ref().map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+            assert_eq!(bits(&f.logits), bits(&c.logits), "{:?}: final logits differ", r.id);
+        }
+        let s0 = std::fs::read_to_string(work.path().join("s0.log")).unwrap();
+        let replays: Vec<&str> = s0
+            .lines()
+            .filter(|l| l.contains("replaying every sequence"))
+            .collect();
+        eprintln!("replays at the starter:\n{}", replays.join("\n"));
+        assert!(replays.len() >= 3, "{s0}");
+    });
+}

@@ -72,6 +72,20 @@ impl KvCache {
         self.layers.get(layer)?.as_ref().map(|l| l.len)
     }
 
+    /// Forgets the cached tokens of `layers` (those this cache holds): the
+    /// sequence is computed again from its first token there.
+    pub fn clear_layers(&mut self, layers: std::ops::Range<usize>) {
+        for l in self
+            .layers
+            .iter_mut()
+            .skip(layers.start)
+            .take(layers.len())
+            .flatten()
+        {
+            l.len = 0;
+        }
+    }
+
     /// Forgets every cached token, keeping the allocation for the next sequence.
     pub fn clear(&mut self) {
         for l in self.layers.iter_mut().flatten() {

@@ -374,6 +374,15 @@ impl Worker {
         let x = self.hidden(act)?;
         let started = Instant::now();
         let mut caches = self.take_caches(&act.seqs)?;
+        // A sequence that starts again from its first token (replayed after
+        // the ring broke) may find its old cache here if the release did not
+        // come first: this chunk's layers start afresh. Other chunks of the
+        // same pass (interleaving) keep what they computed.
+        for (slot, cache) in act.seqs.iter().zip(&mut caches) {
+            if slot.pos == 0 {
+                cache.clear_layers(range.clone());
+            }
+        }
         let mut waited = Duration::ZERO;
         let result = {
             let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
@@ -512,12 +521,6 @@ impl Worker {
         let mut out = Vec::with_capacity(seqs.len());
         for s in seqs {
             let cache = match self.caches.remove(&s.id) {
-                // A sequence replayed from its first token (after the ring
-                // broke) whose old cache outlived the release: start it afresh.
-                Some(mut c) if s.pos == 0 && c.capacity() >= s.len as usize => {
-                    c.clear();
-                    c
-                }
                 Some(c) if c.capacity() >= (s.pos + s.len) as usize => c,
                 None if s.pos == 0 => match self.new_cache(s.capacity as usize) {
                     Ok(c) => c,
