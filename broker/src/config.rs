@@ -139,6 +139,10 @@ pub struct PlannerConfig {
     pub payback_s: f64,
     /// ...and not sooner than this after the last one.
     pub switch_interval_ms: u64,
+    /// A stage of the running plan offline this long is planned around, if
+    /// the others can hold the model; until then its return is waited for
+    /// (a supervised restart takes seconds).
+    pub lost_after_ms: u64,
 }
 
 impl Default for PlannerConfig {
@@ -162,6 +166,7 @@ impl Default for PlannerConfig {
             min_gain: 0.05,
             payback_s: 30.0,
             switch_interval_ms: 5_000,
+            lost_after_ms: 15_000,
         }
     }
 }

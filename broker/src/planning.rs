@@ -18,7 +18,9 @@ use crate::conditions::{Change, Conditions, Figure};
 use crate::config::{BrokerConfig, PlannerConfig};
 use crate::planner::{self, Layout, Prediction, Runtime, Workload, WorkloadKind};
 use lime_schemas::signing::{RingKey, Signature};
-use lime_schemas::{topics, DeviceProfile, LinkSpeed, Links, Plan, StageProfile, Telemetry};
+use lime_schemas::{
+    topics, DeviceProfile, LinkSpeed, Links, Plan, StageProfile, StageState, StageStatus, Telemetry,
+};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -45,10 +47,25 @@ pub async fn run(cfg: BrokerConfig, login: crate::gate::internal::Internal, key:
     options.set_credentials(login.username.clone(), login.password.clone());
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     let mut planner = Planner::new(cfg.planner.clone(), links).with_key(key.clone());
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
-        match eventloop.poll().await {
+        let event = tokio::select! {
+            e = eventloop.poll() => e,
+            _ = tick.tick() => {
+                if let Some(plan) = planner.tick(Instant::now()) {
+                    publish_plan(&client, key.as_ref(), plan).await;
+                }
+                continue;
+            }
+        };
+        match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                for topic in [topics::PROFILE_ALL, topics::TELEMETRY_ALL, topics::PLAN] {
+                for topic in [
+                    topics::PROFILE_ALL,
+                    topics::TELEMETRY_ALL,
+                    topics::PLAN,
+                    topics::STATUS_ALL,
+                ] {
                     if let Err(e) = client.subscribe(topic, QoS::AtMostOnce).await {
                         tracing::warn!(error = %e, %topic, "planner cannot subscribe");
                     }
@@ -58,6 +75,9 @@ pub async fn run(cfg: BrokerConfig, login: crate::gate::internal::Internal, key:
                 let topic = String::from_utf8_lossy(&p.topic).into_owned();
                 let plan = if topic == topics::PLAN {
                     planner.plan_seen(&p.payload)
+                } else if let Some(stage) = topics::stage_of_status(&topic) {
+                    planner.status(stage, &p.payload, Instant::now());
+                    None
                 } else if let Some(stage) = topics::stage_of_profile(&topic) {
                     planner.profile(stage, &p.payload)
                 } else if topics::stage_of_telemetry(&topic).is_some() {
@@ -71,17 +91,8 @@ pub async fn run(cfg: BrokerConfig, login: crate::gate::internal::Internal, key:
                 } else {
                     None
                 };
-                if let Some(mut plan) = plan {
-                    if let Some(key) = &key {
-                        key.sign(&mut plan);
-                    }
-                    let payload = serde_json::to_vec(&plan).unwrap_or_default();
-                    if let Err(e) = client
-                        .publish(topics::PLAN, QoS::AtLeastOnce, true, payload)
-                        .await
-                    {
-                        tracing::error!(error = %e, "plan not published");
-                    }
+                if let Some(plan) = plan {
+                    publish_plan(&client, key.as_ref(), plan).await;
                 }
             }
             Ok(_) => {}
@@ -90,6 +101,20 @@ pub async fn run(cfg: BrokerConfig, login: crate::gate::internal::Internal, key:
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+    }
+}
+
+/// Publishes `plan` retained, signed with `key` when there is one.
+async fn publish_plan(client: &AsyncClient, key: Option<&RingKey>, mut plan: Plan) {
+    if let Some(key) = key {
+        key.sign(&mut plan);
+    }
+    let payload = serde_json::to_vec(&plan).unwrap_or_default();
+    if let Err(e) = client
+        .publish(topics::PLAN, QoS::AtLeastOnce, true, payload)
+        .await
+    {
+        tracing::error!(error = %e, "plan not published");
     }
 }
 
@@ -117,6 +142,11 @@ pub struct Planner {
     found: Option<Plan>,
     /// Plans are signed with it, and only plans signed with it are followed.
     key: Option<RingKey>,
+    /// Stages of the running plan that went offline, and since when.
+    lost: BTreeMap<String, Instant>,
+    /// Stages planned around after they were lost: left out of every plan
+    /// until they report again.
+    excluded: std::collections::BTreeSet<String>,
 }
 
 impl Planner {
@@ -136,6 +166,93 @@ impl Planner {
             context_tokens: 0,
             found: None,
             key: None,
+            lost: BTreeMap::new(),
+            excluded: Default::default(),
+        }
+    }
+
+    /// A stage's retained status: a stage of the running plan that goes
+    /// offline is lost, and planned around if it stays away.
+    pub fn status(&mut self, stage: &str, payload: &[u8], now: Instant) {
+        let state = serde_json::from_slice::<StageStatus>(payload)
+            .ok()
+            .filter(|s| s.stage == stage)
+            .map(|s| s.state);
+        let in_plan = self
+            .running
+            .as_ref()
+            .is_some_and(|r| r.plan.position(stage).is_some());
+        match state {
+            Some(StageState::Offline) if in_plan => {
+                self.lost.entry(stage.to_owned()).or_insert_with(|| {
+                    tracing::warn!(%stage, "a stage of the running plan went offline");
+                    now
+                });
+            }
+            Some(StageState::Offline) | None => {}
+            Some(_) => {
+                if self.lost.remove(stage).is_some() {
+                    tracing::info!(%stage, "the lost stage is back");
+                }
+                if self.excluded.remove(stage) {
+                    tracing::info!(%stage, "a stage planned around is back; it is planned in when conditions next change");
+                }
+            }
+        }
+    }
+
+    /// A new plan over the stages still there, once one of the running plan
+    /// has been away for `planner.lost_after_ms` and the others can hold the
+    /// model (with more of it streamed); the starter replays every request on
+    /// it. A lost starter cannot be planned around: it holds the requests.
+    pub fn tick(&mut self, now: Instant) -> Option<Plan> {
+        let after = Duration::from_millis(self.cfg.lost_after_ms);
+        let gone: Vec<String> = self
+            .lost
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= after)
+            .map(|(s, _)| s.clone())
+            .collect();
+        if gone.is_empty() {
+            return None;
+        }
+        let running = self.running.as_ref()?;
+        let starter = running.plan.starter()?.name.clone();
+        for stage in &gone {
+            self.lost.remove(stage);
+        }
+        if gone.contains(&starter) {
+            tracing::error!(%starter, "the starter is lost: nothing to plan around it; its requests return with it");
+            return None;
+        }
+        self.excluded.extend(gone.iter().cloned());
+        let stages: Vec<String> = self
+            .profiles
+            .keys()
+            .filter(|s| !self.excluded.contains(*s))
+            .cloned()
+            .collect();
+        let links = self.conditions.links(&self.links, &stages);
+        let epoch = (running.plan.epoch + 1).max(unix_seconds());
+        match self.solve_from(&links, Some(&starter), None, epoch) {
+            Ok((mut planned, _)) => {
+                let why = format!("{} lost", gone.join(", "));
+                if let Some(p) = &mut planned.plan.prediction {
+                    p.reason = why.clone();
+                }
+                tracing::warn!(from = running.plan.epoch, to = epoch, lost = %why, stages = stages.len(), "planning around the lost stages");
+                let plan = planned.plan.clone();
+                self.running = Some(Running {
+                    plan: planned.plan,
+                    layout: planned.layout,
+                    switched: now,
+                });
+                Some(plan)
+            }
+            Err(e) => {
+                tracing::error!(lost = ?gone, "the other stages cannot hold the model ({e:#}); requests wait for the lost stages");
+                None
+            }
         }
     }
 
@@ -393,6 +510,7 @@ impl Planner {
         let devices: Vec<DeviceProfile> = self
             .profiles
             .values()
+            .filter(|p| !self.excluded.contains(&p.device.name))
             .map(|p| {
                 let mut d = p.device.clone();
                 if let Some(r) = self.conditions.read_bytes_per_s(&d.name) {
@@ -423,11 +541,28 @@ impl Planner {
         keep: Option<(&str, &Layout)>,
         epoch: u64,
     ) -> anyhow::Result<(planner::Planned, Option<Prediction>)> {
-        self.with_problem(links, keep.map(|(name, _)| name), |problem| {
+        self.solve_from(
+            links,
+            keep.map(|(name, _)| name),
+            keep.map(|(_, l)| l),
+            epoch,
+        )
+    }
+
+    /// As [`Planner::solve`], with the starter and the layout to compare with
+    /// given apart (a layout of other devices cannot be compared).
+    fn solve_from(
+        &self,
+        links: &Links,
+        starter: Option<&str>,
+        keep: Option<&Layout>,
+        epoch: u64,
+    ) -> anyhow::Result<(planner::Planned, Option<Prediction>)> {
+        self.with_problem(links, starter, |problem| {
             let planned = planner::plan(problem, epoch)?;
             tracing::info!(epoch, "plan made:\n{}", planner::render(problem, &planned));
             planned.plan.validate(problem.shape.layers)?;
-            let kept = keep.and_then(|(_, layout)| planner::evaluate(problem, layout).ok());
+            let kept = keep.and_then(|layout| planner::evaluate(problem, layout).ok());
             Ok((planned, kept))
         })
     }

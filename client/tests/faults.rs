@@ -231,6 +231,67 @@ fn requests_caught_in_a_crash_are_replayed_and_answered_in_full() {
 }
 
 #[test]
+fn a_stage_that_stays_dead_is_planned_around_and_its_requests_finish() {
+    let reference = Reference::tiny();
+    let work = tempfile::tempdir().unwrap();
+    let mut spec = ClusterSpec::new(reference.path(), 3, work.path());
+    spec.planner = Some(lime::cluster::PlannerSpec::new("sporadic", 8, 1024));
+    spec.broker_env = vec![("LIME_BROKER_PLANNER__LOST_AFTER_MS".into(), "2000".into())];
+    let requests: Vec<_> = varied_requests(6)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut r)| {
+            r.max_tokens = Some(700 + 10 * i as u32);
+            r.ignore_eos = true;
+            r
+        })
+        .collect();
+    runtime().block_on(async {
+        let cluster = up(&spec).await;
+        let epoch = cluster.plan.epoch;
+        let victim = cluster.plan.stages[2].name.clone();
+        let broker = cluster.broker.clone();
+        let asked = requests.clone();
+        let asking = tokio::spawn(async move {
+            ask_all(&broker, &asked, Duration::from_secs(120), |_, _| {}).await
+        });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let pid = cluster.pid(&victim).unwrap();
+        std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap();
+        let answers = asking.await.unwrap().unwrap();
+        assert_answers(
+            &reference,
+            &requests,
+            &answers,
+            "planned around a dead stage",
+        );
+        let plan = lime::status::retained::<lime_schemas::Plan>(
+            &cluster.broker,
+            lime_schemas::topics::PLAN,
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap()
+        .into_values()
+        .next()
+        .expect("a plan");
+        assert!(plan.epoch > epoch, "a new plan");
+        assert_eq!(plan.stages.len(), 2);
+        assert!(plan.position(&victim).is_none(), "{plan:?}");
+        let broker_log = std::fs::read_to_string(work.path().join("broker.log")).unwrap();
+        assert!(
+            broker_log.contains("planning around the lost stages"),
+            "{broker_log}"
+        );
+        let s0 = std::fs::read_to_string(work.path().join("s0.log")).unwrap();
+        assert!(s0.contains("moved to the new plan"), "{s0}");
+    });
+}
+
+#[test]
 fn a_crashed_broker_comes_back_and_the_ring_keeps_its_plan() {
     let reference = Reference::tiny();
     let work = tempfile::tempdir().unwrap();

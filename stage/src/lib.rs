@@ -184,15 +184,15 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
             events_tx.clone(),
         ));
     }
-    let mut topology = topology::Topology::new(
+    let topology = topology::Topology::new(
         tokio::runtime::Handle::current(),
         &cfg.name,
         &cfg.data,
         key,
         route_tx,
-    );
+    )
+    .reporting_breaks(events_tx.clone());
     if starter {
-        topology = topology.reporting_breaks(events_tx.clone());
         control::watch_stages(&client, &inbox, events_tx.clone()).await;
     }
     let next_tx = topology.join(&plan);

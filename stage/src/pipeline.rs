@@ -62,8 +62,13 @@ pub struct Pipeline<'t> {
     /// Who this is, for telemetry.
     pub stage: String,
     pub plan: Plan,
-    /// A newer plan the starter moves the ring to once nothing is in flight.
+    /// A newer plan the starter moves the ring to once nothing is in flight
+    /// (at another stage: the plan its switch will bring).
     pub pending: Option<Plan>,
+    /// Since when a stage other than the starter has known of `pending`.
+    pub pending_since: Option<Instant>,
+    /// When a link of this stage last broke under the running plan.
+    pub broken_at: Option<Instant>,
     pub topology: Topology,
     pub memory: MemoryConfig,
     pub telemetry_every: Duration,
@@ -100,6 +105,8 @@ impl Parts {
             stage: self.stage,
             plan: self.plan,
             pending: None,
+            pending_since: None,
+            broken_at: None,
             topology: self.topology,
             memory: self.memory,
             telemetry_every: self.telemetry_every,
@@ -187,6 +194,9 @@ impl Pipeline<'_> {
             if self.ready_to_switch() {
                 self.switch_ring();
                 self.last_ping = None;
+            }
+            if self.moves_on_its_own() {
+                self.move_on_its_own();
             }
             while let Some(s) = &mut self.starter {
                 match s.launch(&mut self.worker) {
@@ -290,7 +300,10 @@ impl Pipeline<'_> {
                 None => tracing::error!("a request reached a secondary stage"),
             },
             Event::Plan(plan) => self.offered(*plan),
-            Event::RingBroken { epoch, why } if epoch == self.plan.epoch => self.ring_broken(why),
+            Event::RingBroken { epoch, why } if epoch == self.plan.epoch => {
+                self.broken_at = Some(Instant::now());
+                self.ring_broken(why)
+            }
             Event::RingBroken { .. } => {}
             Event::StageLost(stage) if self.plan.position(&stage).is_some() => {
                 self.ring_broken(format!("stage {stage} went offline"))

@@ -13,6 +13,13 @@ use crate::pipeline::{Note, Pipeline};
 use lime_schemas::{Frame, Plan};
 use std::time::{Duration, Instant};
 
+/// How long a published plan waits for the starter's switch before a stage
+/// whose old ring broke moves to it alone...
+const SELF_MOVE_BROKEN: Duration = Duration::from_secs(2);
+/// ...and before any stage does (a ring pass of a large model takes seconds,
+/// and the starter waits for the passes in flight before it switches).
+const SELF_MOVE: Duration = Duration::from_secs(30);
+
 impl Pipeline<'_> {
     /// A plan from the control plane: the starter moves the ring to it once
     /// nothing is in flight; the others wait for the starter's switch.
@@ -29,6 +36,8 @@ impl Pipeline<'_> {
                 epoch = plan.epoch,
                 "a new plan was published; the starter will move the ring to it"
             );
+            self.pending_since = Some(Instant::now());
+            self.pending = Some(plan);
             return;
         };
         tracing::info!(
@@ -57,6 +66,42 @@ impl Pipeline<'_> {
             return Err(format!("it has no stage {}", self.stage));
         }
         Ok(())
+    }
+
+    /// A stage that is not the starter moves to a published plan on its own
+    /// when the starter's switch cannot reach it: the ring broke under the old
+    /// plan (the stage before it on the old ring is gone, so the switch is
+    /// not coming) and the plan has waited [`SELF_MOVE_BROKEN`], or it has
+    /// waited [`SELF_MOVE`] in any case. The starter replays every sequence
+    /// on the new ring either way.
+    pub(crate) fn moves_on_its_own(&self) -> bool {
+        if self.starter.is_some() {
+            return false;
+        }
+        let Some(since) = self.pending_since else {
+            return false;
+        };
+        let broken = self
+            .broken_at
+            .is_some_and(|at| at.elapsed() < SELF_MOVE + SELF_MOVE_BROKEN);
+        since.elapsed() >= if broken { SELF_MOVE_BROKEN } else { SELF_MOVE }
+    }
+
+    /// Moves to the pending plan without the starter's switch.
+    pub(crate) fn move_on_its_own(&mut self) {
+        self.pending_since = None;
+        let Some(plan) = self.pending.take() else {
+            return;
+        };
+        if plan.epoch <= self.plan.epoch {
+            return;
+        }
+        tracing::warn!(
+            from = self.plan.epoch,
+            to = plan.epoch,
+            "no switch came round the old ring: moving to the new plan alone"
+        );
+        self.move_to(plan);
     }
 
     /// The starter has a plan to move to and nothing on the ring.
@@ -105,6 +150,8 @@ impl Pipeline<'_> {
         self.send(Frame::Switch {
             plan: json.to_owned(),
         });
+        self.pending = None;
+        self.pending_since = None;
         self.move_to(plan);
     }
 
@@ -127,6 +174,10 @@ impl Pipeline<'_> {
             tracing::error!(error = %format!("{e:#}"), "this stage cannot run its part of the new plan");
         }
         self.next = self.topology.join(&plan);
+        // The switch recomputes every cache itself: a break of the old ring
+        // needs no replay of its own.
+        self.recovering = None;
+        self.broken_at = None;
         let rebuilt = match &mut self.starter {
             Some(s) => s.rebuild(plan.stages.len(), plan.max_inflight),
             None => 0,

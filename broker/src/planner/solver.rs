@@ -142,6 +142,13 @@ fn evaluate_with(
             layout.chunks.len()
         ));
     }
+    if layout.order.iter().any(|&d| d >= costs.len()) {
+        return Err(format!(
+            "the layout names device {} of {}",
+            layout.order.iter().max().copied().unwrap_or(0),
+            costs.len()
+        ));
+    }
     let layers: usize = layout.chunks.iter().map(|c| c.layers).sum();
     if layers != p.shape.layers
         || layout
