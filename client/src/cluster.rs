@@ -768,8 +768,12 @@ impl Cluster {
                             c.ring_key.display().to_string(),
                         ));
                     }
-                    // Logins come with `broker_env` when the spec names one.
-                    None if spec.login.is_none() => {
+                    // A spec that gives the broker logins wants them used.
+                    None if !spec
+                        .broker_env
+                        .iter()
+                        .any(|(k, _)| k.starts_with("LIME_BROKER_USERS__")) =>
+                    {
                         env.push(("LIME_BROKER_ALLOW_ANONYMOUS".into(), "true".into()))
                     }
                     None => {}
