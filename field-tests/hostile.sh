@@ -12,7 +12,7 @@ dir=$(mktemp -d /tmp/lime-hostile.XXXXXX)
 failed=0
 say() { printf '%-58s %s\n' "$1" "$2"; }
 check() { # what, expected (grep -E), got
-  if grep -Eq "$2" <<<"$3"; then say "$1" "ok: $(head -c 160 <<<"$3" | tr '\n' ' ')"; else
+  if grep -Eq "$2" <<<"$3"; then say "$1" "ok: $(grep -Em1 "$2" <<<"$3" | cut -c1-150)"; else
     say "$1" "WRONG: $(head -c 300 <<<"$3" | tr '\n' ' ')"; failed=1; fi
 }
 
@@ -28,7 +28,9 @@ for _ in $(seq 300); do grep -q "Ctrl-C stops" "$dir/up.out" && break; sleep 1; 
 grep -q "Ctrl-C stops" "$dir/up.out" || { cat "$dir/up.out"; exit 1; }
 robot_pw=$(sed -n 's/^logins: robot "robot" password "\([^"]*\)".*/\1/p' "$dir/up.out")
 svc_pw=$(sed -n 's/.*service login "lime" password "\([^"]*\)".*/\1/p' "$dir/up.out")
-ask() { LIME_MQTT_PASSWORD=$robot_pw timeout 60 "$lime" ask --user robot --max-tokens 8 "$1" 2>&1; }
+ask() { # prompt [max tokens]
+  LIME_MQTT_PASSWORD=$robot_pw timeout 60 "$lime" ask --user robot --max-tokens "${2:-8}" "$1" 2>&1
+}
 
 check "anonymous subscriber to #" "refused|not authori|bad user" \
   "$(timeout 5 mosquitto_sub -p 1883 -t '#' -W 2 2>&1)"
@@ -44,10 +46,12 @@ check "the ring still answers after the rogue plan" "tokens/s" "$(ask 'Robot, wh
 mosquitto_pub -p 1883 -u lime -P "$svc_pw" -t lime/control/plan -r -q 1 -m '{"junk":1}'
 sleep 1
 kill -KILL "$(pgrep -f "$dir/s2.toml" | head -1)"
+# lime up's supervisor restarts it, keeping the first life's log apart.
 for _ in $(seq 60); do
-  [ "$(grep -c 'stage online' "$dir/s2.log" 2>/dev/null)" -ge 1 ] && break; sleep 1
+  [ -f "$dir/s2.before-restart.log" ] && grep -q 'stage online' "$dir/s2.log" && break; sleep 1
 done
-check "a stage restarted after junk on the plan topic" "stage online" "$(cat "$dir/s2.log")"
+check "a stage restarted after junk on the plan topic" "stage online" \
+  "$([ -f "$dir/s2.before-restart.log" ] && cat "$dir/s2.log")"
 check "the retained plan is the signed running one again" '"signature"' \
   "$(timeout 5 mosquitto_sub -p 1883 -u lime -P "$svc_pw" -t lime/control/plan -C 1 -W 3)"
 
@@ -63,13 +67,14 @@ sub=$(timeout 8 mosquitto_sub -p 1883 -u lime -P "$svc_pw" -t lime/response/x1 -
 check "reply_to lime/control/plan (service login)" "forbidden_reply_topic" "$sub"
 
 # A stage killed under load: its requests are answered in full.
-(for i in 1 2 3 4; do ask "Robot $i, report everything." & done; wait) >"$dir/asks.out" 2>&1 &
+replays=$(grep -c "replaying every sequence" "$dir/s0.log")
+(for i in 1 2 3 4; do ask "Robot $i, report everything." 400 & done; wait) >"$dir/asks.out" 2>&1 &
 asks=$!
-sleep 0.5
+sleep 1
 kill -KILL "$(pgrep -f "$dir/s1.toml" | head -1)"
 wait $asks
 check "answers of 4 requests across a SIGKILL of s1" "^4$" "$(grep -c 'tokens/s' "$dir/asks.out")"
-check "the starter replayed" "replaying every sequence" "$(cat "$dir/s0.log")"
+check "the starter replayed them" "replayed=[1-9]" "$(grep "replaying every sequence" "$dir/s0.log" | tail -n +$((replays + 1)))"
 
 # The starter's memory after large prompts (refused by the context, tokenized all the same).
 rss() { awk '/VmRSS/ {print $2}' "/proc/$(pgrep -f "$dir/s0.toml" | head -1)/status"; }

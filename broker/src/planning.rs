@@ -241,13 +241,7 @@ impl Planner {
                     p.reason = why.clone();
                 }
                 tracing::warn!(from = running.plan.epoch, to = epoch, lost = %why, stages = stages.len(), "planning around the lost stages");
-                let plan = planned.plan.clone();
-                self.running = Some(Running {
-                    plan: planned.plan,
-                    layout: planned.layout,
-                    switched: now,
-                });
-                Some(plan)
+                Some(self.run(planned, now))
             }
             Err(e) => {
                 tracing::error!(lost = ?gone, "the other stages cannot hold the model ({e:#}); requests wait for the lost stages");
@@ -353,15 +347,7 @@ impl Planner {
         }
         let epoch = unix_seconds();
         match self.solve(&self.links.clone(), None, epoch) {
-            Ok((planned, _)) => {
-                let plan = planned.plan.clone();
-                self.running = Some(Running {
-                    plan: planned.plan,
-                    layout: planned.layout,
-                    switched: Instant::now(),
-                });
-                Some(plan)
-            }
+            Ok((planned, _)) => Some(self.run(planned, Instant::now())),
             Err(e) => {
                 tracing::error!("cannot plan: {e:#}");
                 None
@@ -473,13 +459,18 @@ impl Planner {
             payback_s = payback,
             "conditions changed: publishing a new plan"
         );
+        Some(self.run(planned, now))
+    }
+
+    /// Takes `planned` as the running plan from `now`; returns it to publish.
+    fn run(&mut self, planned: planner::Planned, now: Instant) -> Plan {
         let plan = planned.plan.clone();
         self.running = Some(Running {
             plan: planned.plan,
             layout: planned.layout,
             switched: now,
         });
-        Some(plan)
+        plan
     }
 
     /// The best plan under `links` (and the measured read rates), with what

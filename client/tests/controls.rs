@@ -44,6 +44,10 @@ fn deadlines_cancels_and_priorities() {
             assert!(out.status.success(), "{out:?}");
         };
         let sub = |id: &str| Sub::start(&["-p", &port, "-t", &format!("lime/response/{id}")]);
+        let cancel = |body: &str| {
+            let out = publish(&["-p", &port, "-t", "lime/cancel", "-q", "1", "-m", body]);
+            assert!(out.status.success(), "{out:?}");
+        };
 
         // A deadline too short for 1500 tokens.
         let timed = sub("timed");
@@ -68,17 +72,7 @@ fn deadlines_cancels_and_priorities() {
             .unwrap()
             .contains("{\"")
         {}
-        let out = publish(&[
-            "-p",
-            &port,
-            "-t",
-            "lime/cancel",
-            "-q",
-            "1",
-            "-m",
-            r#"{"id":"doomed"}"#,
-        ]);
-        assert!(out.status.success());
+        cancel(r#"{"id":"doomed"}"#);
         let lines = doomed.until_done();
         assert_eq!(error_of(&lines), Some(ErrorCode::Cancelled), "{lines:?}");
 
@@ -113,28 +107,9 @@ fn deadlines_cancels_and_priorities() {
         assert_eq!(finished, ["hog", "urgent", "n1", "n2", "n3"]);
 
         // A cancel of a request no one has in flight is harmless.
-        let out = publish(&[
-            "-p",
-            &port,
-            "-t",
-            "lime/cancel",
-            "-q",
-            "1",
-            "-m",
-            r#"{"id":"ghost"}"#,
-        ]);
-        assert!(out.status.success());
+        cancel(r#"{"id":"ghost"}"#);
         let bad = Sub::start(&["-p", &port, "-t", "lime/error"]);
-        publish(&[
-            "-p",
-            &port,
-            "-t",
-            "lime/cancel",
-            "-q",
-            "1",
-            "-m",
-            "not json",
-        ]);
+        cancel("not json");
         let lines = bad.until_done();
         assert_eq!(
             error_of(&lines),

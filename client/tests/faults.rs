@@ -364,11 +364,7 @@ async fn ask_counting(
         requests,
         Duration::from_secs(240),
         |i, reply| match reply {
-            lime_schemas::Reply::Text(t) => {
-                if !seen[i].0.insert(t.seq) {
-                    seen[i].2 += 1;
-                }
-            }
+            lime_schemas::Reply::Text(t) if !seen[i].0.insert(t.seq) => seen[i].2 += 1,
             lime_schemas::Reply::Final(_) => seen[i].1 += 1,
             _ => {}
         },

@@ -15,6 +15,8 @@ pub const CANCEL: &str = "lime/cancel";
 pub const CANCEL_FROM_USERS: &str = "lime/cancel/+";
 /// Errors that cannot be addressed to any reply topic.
 pub const ERROR: &str = "lime/error";
+/// The control topics (the plan), published by service logins only.
+pub const CONTROL_PREFIX: &str = "lime/control/";
 /// The retained current plan.
 pub const PLAN: &str = "lime/control/plan";
 /// Every stage's retained status document.

@@ -173,8 +173,12 @@ pub struct StarterConfig {
     pub max_request_bytes: usize,
     /// Sequences generating at once; later requests wait in the queue.
     pub max_sequences: usize,
-    /// Requests waiting beyond this are refused with `overloaded`.
+    /// Requests waiting beyond this are refused with `overloaded`...
     pub max_queued: usize,
+    /// ...and so are those beyond this many prompt tokens waiting in all:
+    /// what the queue holds for requests is bounded in bytes as well as in
+    /// number (4 bytes a token).
+    pub max_queued_tokens: usize,
     /// Request payloads received and not yet checked and tokenized, in bytes.
     /// The MQTT loop hands requests to the intake thread and never waits on it
     /// (rumqttd drops what a lagging subscriber has not read); beyond this a
@@ -206,6 +210,7 @@ impl Default for StarterConfig {
             max_request_bytes: 256 << 10,
             max_sequences: 64,
             max_queued: 1024,
+            max_queued_tokens: 1 << 20,
             max_intake_bytes: 16 << 20,
             max_batch_tokens: 512,
             max_inflight: 0,

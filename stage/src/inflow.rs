@@ -29,6 +29,20 @@ struct Arrival {
 }
 
 impl Arrival {
+    fn new(payload: bytes::Bytes, sender: Sender<'_>, received: Instant, cancel: bool) -> Self {
+        Self {
+            payload,
+            robot: match sender {
+                Sender::Robot(user) => Some(user.to_owned()),
+                Sender::Trusted => None,
+            },
+            response_topic: None,
+            correlation: None,
+            received,
+            cancel,
+        }
+    }
+
     fn sender(&self) -> Sender<'_> {
         match &self.robot {
             Some(user) => Sender::Robot(user),
@@ -41,6 +55,13 @@ impl Arrival {
 struct Queue {
     items: VecDeque<Arrival>,
     bytes: usize,
+}
+
+impl Queue {
+    fn push(&mut self, a: Arrival) {
+        self.bytes += a.payload.len();
+        self.items.push_back(a);
+    }
 }
 
 /// The MQTT loop's end of the queue.
@@ -93,17 +114,11 @@ impl Inflow {
             refuse(&self.sink, sender, *refusal);
             return;
         }
-        queue.bytes += payload.len();
-        queue.items.push_back(Arrival {
-            payload,
-            robot: match sender {
-                Sender::Robot(user) => Some(user.to_owned()),
-                Sender::Trusted => None,
-            },
+        let arrival = Arrival::new(payload, sender, received, false);
+        queue.push(Arrival {
             response_topic: response_topic.map(str::to_owned),
             correlation: correlation.map(<[u8]>::to_vec),
-            received,
-            cancel: false,
+            ..arrival
         });
         wake.notify_one();
     }
@@ -113,18 +128,7 @@ impl Inflow {
     pub fn offer_cancel(&self, payload: bytes::Bytes, sender: Sender<'_>) {
         let (lock, wake) = &*self.shared;
         let mut queue = lock.lock().unwrap_or_else(|e| e.into_inner());
-        queue.bytes += payload.len();
-        queue.items.push_back(Arrival {
-            payload,
-            robot: match sender {
-                Sender::Robot(user) => Some(user.to_owned()),
-                Sender::Trusted => None,
-            },
-            response_topic: None,
-            correlation: None,
-            received: Instant::now(),
-            cancel: true,
-        });
+        queue.push(Arrival::new(payload, sender, Instant::now(), true));
         wake.notify_one();
     }
 

@@ -261,18 +261,26 @@ fn check_hello(h: &Hello, epoch: u64, from: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The stage a link goes to.
+#[derive(Debug, Clone)]
+pub struct NextStage {
+    pub name: String,
+    /// `host:port` of its data-plane listener.
+    pub addr: String,
+}
+
 /// Probes sent and not yet acknowledged: when each left.
 type Outstanding = Arc<Mutex<HashMap<u64, Instant>>>;
 
-/// Keeps one connection to the next stage (`to` at `addr`) and writes the frames
-/// the pipeline hands it, reconnecting with exponential backoff, until the
-/// pipeline drops its sender (a new plan) and every frame is written. A frame
-/// whose write failed is sent again on the new connection; one written into a
-/// socket the peer had just lost is gone, and the starter's stall timeout fails
-/// its requests.
+/// Keeps one connection to the next stage and writes the frames the pipeline
+/// hands it, reconnecting with exponential backoff, until the pipeline drops
+/// its sender (a new plan) and every frame is written, or the link is found
+/// broken after that. A frame whose write failed is sent again on the new
+/// connection; one written into a socket the peer had just lost is gone. Every
+/// break is reported to `breaks` (at the starter, which replays what was on
+/// the ring).
 pub async fn connect(
-    addr: String,
-    to: String,
+    next: NextStage,
     id: LinkIdentity,
     backoff: (Duration, Duration),
     probing: Probing,
@@ -280,6 +288,7 @@ pub async fn connect(
     mut frames: UnboundedReceiver<Frame>,
     breaks: Option<std::sync::mpsc::Sender<Event>>,
 ) {
+    let NextStage { name: to, addr } = next;
     let broke = |why: String| {
         if let Some(b) = &breaks {
             let _ = b.send(Event::RingBroken {

@@ -165,10 +165,14 @@ impl<'t> Scheduler<'t> {
 
     /// Queues a checked request, or refuses it when the queue is full.
     pub fn submit(&mut self, job: Job) {
-        if self.waiting.len() >= self.limits.max_queued {
-            tracing::warn!(id = %job.id, queued = self.waiting.len(), "refusing request: queue full");
+        let queued_tokens: usize = self.waiting.iter().map(|j| j.prompt.len()).sum();
+        if self.waiting.len() >= self.limits.max_queued
+            || (!self.waiting.is_empty()
+                && queued_tokens + job.prompt.len() > self.limits.max_queued_tokens)
+        {
+            tracing::warn!(id = %job.id, queued = self.waiting.len(), queued_tokens, "refusing request: queue full");
             let msg = format!(
-                "{} requests are already queued; try again later",
+                "{} requests ({queued_tokens} prompt tokens) are already queued; try again later",
                 self.waiting.len()
             );
             self.answered(&job.id_key);

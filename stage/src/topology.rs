@@ -92,8 +92,10 @@ impl Topology {
             target: Duration::from_millis(self.data.probe_target_ms),
         };
         self.runtime.spawn(ring::connect(
-            next.data_addr,
-            next.name,
+            ring::NextStage {
+                name: next.name,
+                addr: next.data_addr,
+            },
             identity,
             backoff,
             probing,

@@ -107,7 +107,7 @@ impl Listeners {
         let plain = [cfg.v4_listen(), cfg.v5_listen()]
             .into_iter()
             .filter(|a| !a.is_empty())
-            .map(|a| bind(a))
+            .map(bind)
             .collect::<anyhow::Result<_>>()?;
         let (secure, acceptor) = match &cfg.tls {
             Some(t) => (

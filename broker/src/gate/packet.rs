@@ -26,6 +26,23 @@ impl Frame {
         self.bytes[0] >> 4
     }
 
+    /// A PUBLISH's topic, read from its variable header without decoding the
+    /// rest (`None` for other packets, or a topic that is not UTF-8).
+    pub fn publish_topic(&self) -> Option<&str> {
+        if self.kind() != PUBLISH {
+            return None;
+        }
+        let at = self.header_len;
+        let len = self.bytes.get(at..at + 2)?;
+        let len = u16::from_be_bytes([len[0], len[1]]) as usize;
+        std::str::from_utf8(self.bytes.get(at + 2..at + 2 + len)?).ok()
+    }
+
+    /// Whether a PUBLISH asks to be retained.
+    pub fn retains(&self) -> bool {
+        self.kind() == PUBLISH && self.bytes[0] & 1 == 1
+    }
+
     /// The packet identifier at the start of the variable header (PUBREL, acks).
     pub fn leading_pkid(&self) -> Option<u16> {
         let b = self.bytes.get(self.header_len..self.header_len + 2)?;

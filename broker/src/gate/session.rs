@@ -169,6 +169,14 @@ impl<'a> Enforcer<'a> {
 
     fn check(&mut self, frame: Frame) -> io::Result<Verdict> {
         if !self.rules.restricted() {
+            // Who changed the plan (or any control topic) is in the broker's
+            // log: stages that refuse a plan can only say what it held.
+            if let Some(topic) = frame
+                .publish_topic()
+                .filter(|t| t.starts_with(lime_schemas::topics::CONTROL_PREFIX))
+            {
+                tracing::info!(%topic, retain = frame.retains(), "control topic published");
+            }
             return Ok(Verdict::Forward(frame.bytes));
         }
         match frame.kind() {
