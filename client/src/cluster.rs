@@ -953,17 +953,14 @@ impl Cluster {
                     if fine {
                         continue;
                     }
-                    let log = std::fs::read_to_string(self.dir.join(format!("{}.log", s.name)))
-                        .unwrap_or_default();
-                    let tail: Vec<&str> = log.lines().rev().take(12).collect();
-                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    let tail = self.log_tail(&s.name, 12);
                     detail.push_str(&format!(
                         "\n{} reports {:?} (epoch {:?}, plan epoch {}); its log ends:\n{}",
                         s.name,
                         seen.map(|st| st.state),
                         seen.and_then(|st| st.epoch),
                         self.plan.epoch,
-                        tail.join("\n")
+                        tail
                     ));
                 }
                 anyhow::bail!(
@@ -980,32 +977,23 @@ impl Cluster {
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         for (name, child) in &mut self.children {
             if let Some(status) = child.try_wait()? {
-                let log = std::fs::read_to_string(self.dir.join(format!("{name}.log")))
-                    .unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                anyhow::bail!("{name} exited ({status}):\n{}", tail.join("\n"));
+                let name = name.clone();
+                anyhow::bail!("{name} exited ({status}):\n{}", self.log_tail(&name, 15));
             }
         }
         Ok(())
     }
 
-    /// The stages (not the broker) whose process has exited.
-    pub fn exited_stages(&mut self) -> anyhow::Result<Vec<String>> {
-        let mut exited = Vec::new();
-        for (name, child) in &mut self.children {
-            if name != "broker" && child.try_wait()?.is_some() {
-                exited.push(name.clone());
-            }
-        }
-        Ok(exited)
+    /// The last `lines` lines of a process's log.
+    fn log_tail(&self, name: &str, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 
-    /// Starts again every stage that has exited, as a supervisor does (the
-    /// starter replays what the ring lost); returns who was restarted and how
-    /// each had ended. The broker exiting is an error: the cluster has no
-    /// control plane without it.
-    pub fn revive_exited_stages(&mut self) -> anyhow::Result<Vec<(String, String)>> {
+    /// The stages whose process has exited, each with how it ended. The
+    /// broker exiting is an error: the cluster has no control plane without it.
+    pub fn exited_stages(&mut self) -> anyhow::Result<Vec<(String, String)>> {
         let mut exited = Vec::new();
         for (name, child) in &mut self.children {
             if let Some(status) = child.try_wait()? {
@@ -1013,11 +1001,19 @@ impl Cluster {
             }
         }
         if let Some((_, status)) = exited.iter().find(|(n, _)| n == "broker") {
-            let log = std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(15).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            anyhow::bail!("the broker exited ({status}):\n{}", tail.join("\n"));
+            anyhow::bail!(
+                "the broker exited ({status}):\n{}",
+                self.log_tail("broker", 15)
+            );
         }
+        Ok(exited)
+    }
+
+    /// Starts again every stage that has exited, as a supervisor does (the
+    /// starter replays what the ring lost); returns who was restarted and how
+    /// each had ended.
+    pub fn revive_exited_stages(&mut self) -> anyhow::Result<Vec<(String, String)>> {
+        let exited = self.exited_stages()?;
         for (name, _) in &exited {
             self.restart_stage(name)?;
         }

@@ -128,23 +128,15 @@ impl Supervisor {
     const CALM: Duration = Duration::from_secs(60);
 
     fn tend(&mut self, cluster: &mut Cluster) -> anyhow::Result<()> {
-        // A stage in its back-off is left for a later round.
-        let due =
-            |name: &str, restarts: &std::collections::HashMap<String, (Instant, Duration)>| {
-                restarts
-                    .get(name)
-                    .is_none_or(|(at, wait)| at.elapsed() >= *wait)
-            };
-        if !cluster
-            .exited_stages()?
-            .iter()
-            .all(|n| due(n, &self.restarts))
-        {
-            return Ok(());
-        }
-        for (name, how) in cluster.revive_exited_stages()? {
-            let wait = match self.restarts.get(&name) {
-                Some((at, wait)) if at.elapsed() < Self::CALM => (*wait * 2).min(Self::MOST),
+        for (name, how) in cluster.exited_stages()? {
+            let last = self.restarts.get(&name).copied();
+            // A stage in its back-off is left for a later round.
+            if last.is_some_and(|(at, wait)| at.elapsed() < wait) {
+                continue;
+            }
+            cluster.restart_stage(&name)?;
+            let wait = match last {
+                Some((at, wait)) if at.elapsed() < Self::CALM => (wait * 2).min(Self::MOST),
                 _ => Self::FIRST,
             };
             self.restarts.insert(name.clone(), (Instant::now(), wait));

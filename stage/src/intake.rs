@@ -216,18 +216,12 @@ impl Intake {
         correlation: Option<&[u8]>,
         why: &str,
     ) -> Box<Refusal> {
-        let v5_reply = response_topic
-            .filter(|t| lime_schemas::request::is_publish_topic(t))
-            .map(|t| ReplyTo {
-                topic: t.to_owned(),
-                correlation: correlation.map(<[u8]>::to_vec),
-            });
-        let (id, reply_to) = peek_id_and_reply(payload);
-        let route = Route::new(sender, v5_reply.or_else(|| named(reply_to)), id.as_deref());
-        Box::new(Refusal {
-            reply: route.reply.unwrap_or_else(|| sender.nowhere()),
-            error: ErrorReply::new(id, ErrorCode::Overloaded, why),
-        })
+        unread(
+            payload,
+            sender,
+            v5_reply(response_topic, correlation),
+            Invalid::new(ErrorCode::Overloaded, why),
+        )
     }
 
     /// Reads a cancel from `sender`: the key its request is remembered under
@@ -269,12 +263,7 @@ impl Intake {
         correlation: Option<&[u8]>,
         received: Instant,
     ) -> Result<Option<Job>, Box<Refusal>> {
-        let v5_reply = response_topic
-            .filter(|t| lime_schemas::request::is_publish_topic(t))
-            .map(|t| ReplyTo {
-                topic: t.to_owned(),
-                correlation: correlation.map(<[u8]>::to_vec),
-            });
+        let v5_reply = v5_reply(response_topic, correlation);
         let refuse = |reply: Option<ReplyTo>, id: Option<String>, e: Invalid| {
             let id = id.filter(|i| topics::is_topic_level(i));
             Box::new(Refusal {
@@ -283,11 +272,10 @@ impl Intake {
             })
         };
         if payload.len() > self.max_request_bytes {
-            let (id, reply_to) = peek_id_and_reply(payload);
-            let route = Route::new(sender, v5_reply.or_else(|| named(reply_to)), id.as_deref());
-            return Err(refuse(
-                route.reply,
-                id,
+            return Err(unread(
+                payload,
+                sender,
+                v5_reply,
                 Invalid::new(
                     ErrorCode::PayloadTooLarge,
                     format!(
@@ -300,11 +288,7 @@ impl Intake {
         }
         let request = match Request::parse(payload) {
             Ok(r) => r,
-            Err(e) => {
-                let (id, reply_to) = peek_id_and_reply(payload);
-                let route = Route::new(sender, v5_reply.or_else(|| named(reply_to)), id.as_deref());
-                return Err(refuse(route.reply, id, e));
-            }
+            Err(e) => return Err(unread(payload, sender, v5_reply, e)),
         };
         let valid_reply_to = request
             .reply_to
@@ -428,6 +412,33 @@ impl Intake {
             priority: request.priority.unwrap_or_default(),
         })
     }
+}
+
+/// The MQTT 5 response topic (and correlation data) a request carried, if
+/// one can be published to.
+fn v5_reply(response_topic: Option<&str>, correlation: Option<&[u8]>) -> Option<ReplyTo> {
+    response_topic
+        .filter(|t| lime_schemas::request::is_publish_topic(t))
+        .map(|t| ReplyTo {
+            topic: t.to_owned(),
+            correlation: correlation.map(<[u8]>::to_vec),
+        })
+}
+
+/// The refusal of a payload refused before (or instead of) being read as a
+/// request: its id and reply topic come from a quick look, if it has them.
+fn unread(
+    payload: &[u8],
+    sender: Sender<'_>,
+    v5_reply: Option<ReplyTo>,
+    e: Invalid,
+) -> Box<Refusal> {
+    let (id, reply_to) = peek_id_and_reply(payload);
+    let route = Route::new(sender, v5_reply.or_else(|| named(reply_to)), id.as_deref());
+    Box::new(Refusal {
+        reply: route.reply.unwrap_or_else(|| sender.nowhere()),
+        error: ErrorReply::new(id, e.code, e.message),
+    })
 }
 
 fn named(topic: Option<String>) -> Option<ReplyTo> {

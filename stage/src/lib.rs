@@ -190,8 +190,8 @@ async fn serve(cfg: StageConfig) -> anyhow::Result<()> {
         &cfg.data,
         key,
         route_tx,
-    )
-    .reporting_breaks(events_tx.clone());
+        events_tx.clone(),
+    );
     if starter {
         control::watch_stages(&client, &inbox, events_tx.clone()).await;
     }

@@ -181,15 +181,13 @@ impl Pipeline<'_> {
                 return;
             }
             if let Some(s) = &mut self.starter {
-                if s.stalled() {
+                let (stalled, expired) = (s.stalled(), s.expire_deadlines());
+                self.release(expired);
+                if stalled {
                     self.ring_broken(
                         "a micro-batch did not come back within starter.stall_timeout_ms".into(),
                     );
                 }
-            }
-            if let Some(s) = &mut self.starter {
-                let expired = s.expire_deadlines();
-                self.release(expired);
             }
             if self.ready_to_switch() {
                 self.switch_ring();

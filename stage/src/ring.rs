@@ -277,8 +277,7 @@ type Outstanding = Arc<Mutex<HashMap<u64, Instant>>>;
 /// its sender (a new plan) and every frame is written, or the link is found
 /// broken after that. A frame whose write failed is sent again on the new
 /// connection; one written into a socket the peer had just lost is gone. Every
-/// break is reported to `breaks` (at the starter, which replays what was on
-/// the ring).
+/// break is reported to `breaks`.
 pub async fn connect(
     next: NextStage,
     id: LinkIdentity,
@@ -286,16 +285,14 @@ pub async fn connect(
     probing: Probing,
     gauge: LinkGauge,
     mut frames: UnboundedReceiver<Frame>,
-    breaks: Option<std::sync::mpsc::Sender<Event>>,
+    breaks: std::sync::mpsc::Sender<Event>,
 ) {
     let NextStage { name: to, addr } = next;
     let broke = |why: String| {
-        if let Some(b) = &breaks {
-            let _ = b.send(Event::RingBroken {
-                epoch: id.epoch,
-                why: format!("the link to {to} {why}"),
-            });
-        }
+        let _ = breaks.send(Event::RingBroken {
+            epoch: id.epoch,
+            why: format!("the link to {to} {why}"),
+        });
     };
     gauge.reset(&to);
     let mut unsent: Option<Vec<u8>> = None;

@@ -198,8 +198,12 @@ impl<'t> Scheduler<'t> {
         self.admit();
         if self.ring_down {
             let position = self.sequences.len() + self.waiting.len();
-            tracing::info!(%id, "request waits for the ring to be whole again");
-            self.tell_waiting(&reply, &id, position.saturating_sub(1), Waiting::Ring);
+            self.tell_waiting(
+                &reply,
+                &id,
+                position.saturating_sub(1),
+                Waiting::Ring.as_str(),
+            );
         } else if let Some(position) = self.waiting.iter().position(|j| j.id == id) {
             let waiting_for = if self.sequences.len() >= self.limits.max_sequences {
                 "sequences"
@@ -209,13 +213,7 @@ impl<'t> Scheduler<'t> {
                     _ => Waiting::Memory.as_str(),
                 }
             };
-            let queued = Queued {
-                id,
-                position: position as u32,
-                waiting_for: waiting_for.into(),
-            };
-            tracing::info!(id = %queued.id, position, waiting_for, "request waits");
-            self.publish(&reply, &queued);
+            self.tell_waiting(&reply, &id, position, waiting_for);
         }
     }
 
@@ -409,25 +407,27 @@ impl<'t> Scheduler<'t> {
             .filter_map(|id| self.sequences.get(id))
             .enumerate()
         {
-            self.tell_waiting(&seq.job.reply, &seq.job.id, position, Waiting::Ring);
+            self.tell_waiting(
+                &seq.job.reply,
+                &seq.job.id,
+                position,
+                Waiting::Ring.as_str(),
+            );
         }
         let ahead = ids.len();
         for (i, job) in self.waiting.iter().enumerate() {
-            self.tell_waiting(&job.reply, &job.id, ahead + i, Waiting::Ring);
+            self.tell_waiting(&job.reply, &job.id, ahead + i, Waiting::Ring.as_str());
         }
         ids
     }
 
-    /// Whether the ring is down and requests wait for it.
-    pub fn waiting_for_ring(&self) -> bool {
-        self.ring_down
-    }
-
-    fn tell_waiting(&self, reply: &ReplyTo, id: &str, position: usize, why: Waiting) {
+    /// Tells a request it waits, behind `position` others, for `waiting_for`.
+    fn tell_waiting(&self, reply: &ReplyTo, id: &str, position: usize, waiting_for: &str) {
+        tracing::info!(%id, position, waiting_for, "request waits");
         let queued = Queued {
             id: id.to_owned(),
             position: position as u32,
-            waiting_for: why.as_str().into(),
+            waiting_for: waiting_for.into(),
         };
         self.publish(reply, &queued);
     }

@@ -18,8 +18,10 @@ pub struct Topology {
     key: Option<RingKey>,
     route: watch::Sender<Route>,
     gauge: LinkGauge,
-    /// At the starter, where a broken link to the next stage is reported.
-    breaks: Option<std::sync::mpsc::Sender<crate::pipeline::Event>>,
+    /// Where a broken link to the next stage is reported: the pipeline (at
+    /// the starter it replays what was on the ring; elsewhere it knows the
+    /// old ring is gone when a new plan is published).
+    breaks: std::sync::mpsc::Sender<crate::pipeline::Event>,
 }
 
 impl Topology {
@@ -30,6 +32,7 @@ impl Topology {
         data: &DataConfig,
         key: Option<RingKey>,
         route: watch::Sender<Route>,
+        breaks: std::sync::mpsc::Sender<crate::pipeline::Event>,
     ) -> Self {
         Self {
             runtime,
@@ -38,18 +41,8 @@ impl Topology {
             key,
             route,
             gauge: LinkGauge::default(),
-            breaks: None,
+            breaks,
         }
-    }
-
-    /// Reports every break of the link to the next stage to `events` (the
-    /// starter's pipeline, which replays what was on the ring).
-    pub fn reporting_breaks(
-        mut self,
-        events: std::sync::mpsc::Sender<crate::pipeline::Event>,
-    ) -> Self {
-        self.breaks = Some(events);
-        self
     }
 
     /// The route a stage's listener starts with under `plan`.
