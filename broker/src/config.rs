@@ -271,7 +271,7 @@ impl BrokerConfig {
         );
         let p = &self.planner;
         anyhow::ensure!(
-            p.workload.parse::<crate::planner::WorkloadKind>().is_ok(),
+            p.workload.parse::<lime_plan::WorkloadKind>().is_ok(),
             "planner.workload must be sporadic or bursty, not {:?}",
             p.workload
         );

@@ -1,15 +1,15 @@
 //! lime-broker: the control plane. An embedded rumqttd serves MQTT 3.1.1 and 5 so
 //! that a field box needs no other broker, behind a gate ([`gate`]) that holds
 //! logins to their topics ([`acl`]); the broker follows stage membership from the
-//! retained status topics. Its planner ([`planner`], run by [`planning`]) turns
-//! the stages' profiles into the retained plan.
+//! retained status topics. Its planner (the pure
+//! `lime-plan`, run by [`planning`]) turns the stages' profiles into the
+//! retained, signed plan.
 
 pub mod acl;
 pub mod conditions;
 pub mod config;
 pub mod gate;
 pub mod membership;
-pub mod planner;
 pub mod planning;
 pub mod service;
 

@@ -16,7 +16,7 @@
 
 use crate::conditions::{Change, Conditions, Figure};
 use crate::config::{BrokerConfig, PlannerConfig};
-use crate::planner::{self, Layout, Prediction, Runtime, Workload, WorkloadKind};
+use lime_plan::{self as planner, Layout, Prediction, Runtime, Workload, WorkloadKind};
 use lime_schemas::signing::{RingKey, Signature};
 use lime_schemas::{
     topics, DeviceProfile, LinkSpeed, Links, Plan, StageProfile, StageState, StageStatus, Telemetry,

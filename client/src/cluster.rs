@@ -7,7 +7,6 @@ use anyhow::Context;
 use lime_kernels::{Checkpoint, DeviceSpec, Placement};
 use lime_schemas::{topics, Plan, PlanStage, StageState};
 use lime_stage::config::MemoryConfig;
-use lime_stage::memory::Costs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -400,18 +399,18 @@ fn stage_budgets(
     let mut out = std::collections::HashMap::new();
     for (i, stage) in plan.stages.iter_mut().enumerate() {
         let n = counts[i];
-        let costs = Costs::of(&ckpt, n, i == 0, &memory, placement)?;
+        let costs = lime_stage::memory::stage_costs(&ckpt, n, i == 0, &memory, placement);
         let budget = match spec.memory.budget {
             _ if !spec.memory.stage_budget_bytes.is_empty() => spec.memory.stage_budget(i),
             Budget::Unlimited => None,
             Budget::Bytes(b) => Some(b),
             Budget::ShareFraction(f) => {
-                let share = n as u64 * costs.layer + costs.fixed_weights;
+                let share = n as u64 * costs.layer() + costs.fixed_weights();
                 Some((share as f64 * f) as u64)
             }
             Budget::Offload(_) => {
-                stage.offloaded = Some(lime_stage::memory::spread(&layers[i], offloaded[i]));
-                Some(costs.budget_for(n - offloaded[i], n))
+                stage.offloaded = Some(lime_plan::memory::spread(&layers[i], offloaded[i]));
+                Some(costs.budget_for(n - offloaded[i]))
             }
         };
         out.insert(stage.name.clone(), budget);

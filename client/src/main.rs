@@ -408,7 +408,7 @@ struct PlanCli {
     links: PathBuf,
     /// sporadic (minimise time per token) or bursty (maximise tokens/s).
     #[arg(long, default_value = "sporadic")]
-    workload: lime_broker::planner::WorkloadKind,
+    workload: lime_plan::WorkloadKind,
     /// Sequences generating at once, for the bursty workload.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
@@ -508,7 +508,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 && !u.plan_over_mqtt;
             if planned {
                 u.workload
-                    .parse::<lime_broker::planner::WorkloadKind>()
+                    .parse::<lime_plan::WorkloadKind>()
                     .map_err(anyhow::Error::msg)?;
                 spec.planner = Some(lime::cluster::PlannerSpec::new(
                     &u.workload,
@@ -578,7 +578,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             concurrency: p.concurrency,
             context: p.context,
             prompt_tokens: p.prompt_tokens,
-            runtime: lime_broker::planner::Runtime {
+            runtime: lime_plan::Runtime {
                 max_slots: p.max_slots,
                 activation_tokens: p.activation_tokens,
                 max_interleave: p.max_interleave,

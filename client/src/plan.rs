@@ -2,8 +2,8 @@
 //! plan and what the cost model predicts for it.
 
 use anyhow::Context;
-use lime_broker::planner::{self, files, Runtime, Workload, WorkloadKind};
 use lime_kernels::{Checkpoint, Config};
+use lime_plan::{self as planner, files, Runtime, Workload, WorkloadKind};
 use lime_schemas::ModelShape;
 use std::path::{Path, PathBuf};
 

@@ -8,11 +8,10 @@
 use crate::ask::ask_all;
 use crate::cluster::{Cluster, ClusterSpec, PlannerSpec};
 use crate::serving::{requests, sporadic};
-use lime_broker::planner::{self, files, Runtime, Workload, WorkloadKind};
 use lime_kernels::Checkpoint;
+use lime_plan::{self as planner, files, Runtime, Workload, WorkloadKind};
 use lime_schemas::{LinkSpeed, Links, Plan};
 use lime_stage::config::MemoryConfig;
-use lime_stage::memory::Costs;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -213,12 +212,18 @@ pub async fn run(bench: &ValidateBench) -> anyhow::Result<Report> {
             kv_reserve_tokens: Some(bench.context),
             ..MemoryConfig::default()
         };
-        let costs = Costs::of(&ckpt, layers, true, &memory, lime_kernels::Placement::Cpu)?;
-        let room = costs.fixed_weights + costs.activations + costs.kv_reserve + costs.read_buffer;
+        let costs = lime_stage::memory::stage_costs(
+            &ckpt,
+            layers,
+            true,
+            &memory,
+            lime_kernels::Placement::Cpu,
+        );
+        let room = costs.budget_for(0) - costs.layer();
         let budgets: Vec<u64> = setup
             .shares
             .iter()
-            .map(|s| room + (s * (layers as u64 * costs.layer) as f64) as u64)
+            .map(|s| room + (s * (layers as u64 * costs.layer()) as f64) as u64)
             .collect();
         let (concurrency, workload_name) = match setup.workload {
             WorkloadKind::Sporadic => (1, "sporadic"),

@@ -10,7 +10,6 @@ use lime::cluster::{ClusterSpec, MemorySpec};
 use lime_kernels::Checkpoint;
 use lime_schemas::{topics, Plan, Reply, Request, Telemetry};
 use lime_stage::config::MemoryConfig;
-use lime_stage::memory::Costs;
 use std::time::Duration;
 
 /// Requests long enough that their KV caches together outgrow one sequence's
@@ -45,9 +44,8 @@ fn kv_growth_streams_more_layers_without_oom_and_changes_no_bits() {
     };
     let budgets: Vec<u64> = (0..3)
         .map(|i| {
-            Costs::of(&ckpt, 4, i == 0, &memory, lime_kernels::Placement::Cpu)
-                .unwrap()
-                .budget_for(4, 4)
+            lime_stage::memory::stage_costs(&ckpt, 4, i == 0, &memory, lime_kernels::Placement::Cpu)
+                .budget_for(4)
         })
         .collect();
     let mut spec = ClusterSpec::new(reference.path(), 3, dir.path());

@@ -16,7 +16,7 @@ use lime_kernels::synth::{Preset, StoredDtype, SynthSpec};
 use lime_kernels::Checkpoint;
 use lime_schemas::{topics, Reply, Request, Telemetry};
 use lime_stage::config::MemoryConfig;
-use lime_stage::memory::Costs;
+use lime_stage::memory::StageCosts;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::Event;
@@ -123,21 +123,20 @@ fn kv_growth_in_namespaces_streams_more_layers_without_oom_and_changes_no_bits()
         max_slots: 1,
         ..MemoryConfig::default()
     };
-    let costs: Vec<Costs> = (0..STAGES)
+    let costs: Vec<StageCosts> = (0..STAGES)
         .map(|i| {
-            Costs::of(
+            lime_stage::memory::stage_costs(
                 &ckpt,
                 LAYERS_PER_STAGE,
                 i == 0,
                 &memory,
                 lime_kernels::Placement::Cpu,
             )
-            .unwrap()
         })
         .collect();
     let budgets: Vec<u64> = costs
         .iter()
-        .map(|c| c.budget_for(LAYERS_PER_STAGE, LAYERS_PER_STAGE))
+        .map(|c| c.budget_for(LAYERS_PER_STAGE))
         .collect();
     let mut spec = ClusterSpec::new(reference.path(), STAGES, dir.path());
     spec.telemetry_ms = Some(100);

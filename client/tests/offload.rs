@@ -103,15 +103,14 @@ fn baselines_and_paced_direct_reads_answer_bit_identically() {
     let rt = runtime();
     // A budget in bytes that leaves the starter room for two of its four layers.
     let ckpt = lime_kernels::Checkpoint::open(reference.path()).unwrap();
-    let costs = lime_stage::memory::Costs::of(
+    let costs = lime_stage::memory::stage_costs(
         &ckpt,
         4,
         true,
         &lime_stage::config::MemoryConfig::default(),
         lime_kernels::Placement::Cpu,
-    )
-    .unwrap();
-    let two_of_four = Budget::Bytes(costs.budget_for(2, 4) + costs.layer / 2);
+    );
+    let two_of_four = Budget::Bytes(costs.budget_for(2) + costs.layer() / 2);
     // The last case leaves the choice of offloaded layers to the stages' budgets.
     for (mode, direct, read_mb_per_s, budget) in [
         (Mode::Naive, false, None, Budget::Offload(0.5)),

@@ -1,14 +1,12 @@
 //! The planner end to end: `lime plan` on the Llama-3.3-70B Jetson scenario, its
-//! explanations of what does not fit, its memory model against the stage's own
-//! account, and a cluster planned by lime-broker from its stages' profiles that
+//! explanations of what does not fit, and a cluster planned by lime-broker from its stages' profiles that
 //! answers bit-identically to the single-process reference.
 
 mod common;
 
 use common::{ask, assert_answers, runtime, up, varied_requests, Reference};
 use lime::cluster::{ClusterSpec, PlannerSpec};
-use lime_broker::planner::cost::{DeviceCosts, Runtime, Workload};
-use lime_schemas::{DeviceProfile, StageProfile};
+use lime_schemas::StageProfile;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -105,82 +103,6 @@ fn infeasible_plans_say_what_does_not_fit_and_by_how_much() {
     assert!(!ok && err.contains("/nonexistent.toml"), "{err}");
 }
 
-/// The planner's memory figures are the stage's own: for f32 and bf16 stored
-/// checkpoints, with and without direct reads.
-#[test]
-fn the_planners_memory_model_is_the_stages_account() {
-    use lime_kernels::synth::{self, Preset, StoredDtype, SynthSpec};
-    for dtype in [StoredDtype::F32, StoredDtype::BF16] {
-        let dir = tempfile::tempdir().unwrap();
-        synth::synthesize(
-            &SynthSpec::preset(Preset::Tiny, dtype, 3),
-            dir.path(),
-            &mut |_, _| {},
-        )
-        .unwrap();
-        for direct in [false, true] {
-            let ckpt = lime_kernels::Checkpoint::open_with(
-                dir.path(),
-                &lime_kernels::ReadOptions {
-                    direct,
-                    bytes_per_s: None,
-                },
-            )
-            .unwrap();
-            let memory = lime_stage::config::MemoryConfig {
-                kv_reserve_tokens: Some(64),
-                ..Default::default()
-            };
-            let stage = lime_stage::memory::Costs::of(
-                &ckpt,
-                5,
-                true,
-                &memory,
-                lime_kernels::Placement::Cpu,
-            )
-            .unwrap();
-            let shape = ckpt.shape();
-            let profile = DeviceProfile {
-                name: "d".into(),
-                kind: String::new(),
-                estimate: false,
-                source: String::new(),
-                memory_bytes: 1 << 30,
-                read_bytes_per_s: 1e9,
-                weight_bytes: Some(4),
-                direct_io: ckpt.direct_io(),
-                memory_bandwidth_bytes_per_s: 1e10,
-                flops: 1e10,
-                layer_overhead_s: 0.0,
-                measured: None,
-                data_addr: None,
-            };
-            let plan = DeviceCosts::new(
-                &profile,
-                &shape,
-                &Workload::sporadic(64),
-                &Runtime::default(),
-            );
-            let what = format!("{dtype:?}, direct {direct}");
-            assert_eq!(plan.layer, stage.layer, "{what}: layer");
-            assert_eq!(plan.read_buffer, stage.read_buffer, "{what}: read buffer");
-            assert_eq!(plan.kv_per_layer * 5, stage.kv_reserve, "{what}: KV");
-            assert_eq!(
-                plan.fixed + plan.ends,
-                stage.fixed_weights + stage.activations,
-                "{what}: fixed parts"
-            );
-            // Everything a stage holding 5 layers with 2 streamed through one slot
-            // accounts, the planner counts too.
-            assert_eq!(
-                plan.memory(5, 2, 1, true),
-                stage.budget_for(3, 5),
-                "{what}: a stage's total"
-            );
-        }
-    }
-}
-
 /// lime-broker plans from the profiles its stages publish; the plan streams
 /// layers under tight budgets and the answers are the reference's, bit for bit.
 #[test]
@@ -194,11 +116,9 @@ fn a_cluster_planned_by_the_broker_answers_bit_identically() {
     };
     // Each stage has room for about three of the 12 layers and KV for 8
     // sequences over four: some layers must stream.
-    let budget =
-        lime_stage::memory::Costs::of(&ckpt, 4, false, &memory, lime_kernels::Placement::Cpu)
-            .unwrap()
-            .budget_for(2, 4)
-            + lime_stage::memory::kv_bytes(ckpt.config(), 4, 7 * 128, 4);
+    let costs =
+        lime_stage::memory::stage_costs(&ckpt, 4, false, &memory, lime_kernels::Placement::Cpu);
+    let budget = costs.budget_for(2) + costs.footprint.kv(7 * 128, 4);
     let work = tempfile::tempdir().unwrap();
     let mut spec = ClusterSpec::new(reference.path(), 3, work.path());
     spec.memory.stage_budget_bytes = vec![budget; 3];

@@ -130,7 +130,9 @@ impl Placement {
     /// `largest` bytes: two buffers, one filling while the other is copied.
     pub fn loader_bytes(self, largest: usize) -> usize {
         match self {
-            Self::Gpu(LoadPath::PinnedCopy) => 2 * largest.max(1),
+            Self::Gpu(LoadPath::PinnedCopy) => {
+                lime_plan::memory::pinned_pair_bytes(largest as u64) as usize
+            }
             Self::Cpu | Self::Gpu(LoadPath::Mapped) => 0,
         }
     }

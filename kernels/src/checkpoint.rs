@@ -186,7 +186,17 @@ impl Checkpoint {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into());
-        self.config.shape(&name, stored)
+        let mut shape = self.config.shape(&name, stored);
+        if self.config.tie_word_embeddings && !self.head_is_tied() {
+            shape.end_params += shape.head_params;
+        }
+        shape
+    }
+
+    /// Whether the LM head is the embedding's matrix: tied in the config and not
+    /// stored apart (some tied checkpoints store a copy anyway, which is loaded).
+    pub fn head_is_tied(&self) -> bool {
+        self.config.tie_word_embeddings && self.entry("lm_head.weight").is_none()
     }
 
     /// Tokens that end a generation: `config.json`'s EOS ids and those of

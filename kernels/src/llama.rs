@@ -592,7 +592,7 @@ impl Head {
     /// the LM head shares its tensor instead of holding a second copy.
     pub fn load(ckpt: &Checkpoint, device: &Device, embedding: Option<&Embedding>) -> Result<Self> {
         let cfg = ckpt.config();
-        let tied = cfg.tie_word_embeddings && ckpt.entry("lm_head.weight").is_none();
+        let tied = ckpt.head_is_tied();
         let lm_head = match (tied, embedding) {
             (true, Some(e)) => e.weight.clone(),
             (true, None) => ckpt.tensor(

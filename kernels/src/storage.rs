@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 /// Direct I/O needs buffer address, file offset and length aligned to the device's
 /// logical block; 4 KiB covers every block size in use.
-pub const DIRECT_ALIGN: usize = 4096;
+pub const DIRECT_ALIGN: usize = lime_plan::memory::DIRECT_ALIGN as usize;
 
 /// One read system call moves at most this much, so pacing stays smooth and a
 /// throttled read of a large tensor does not sleep in one long block.
@@ -144,7 +144,7 @@ impl StagingBuffer {
 
     /// Memory a buffer able to stage `bytes` holds.
     pub fn footprint(bytes: usize) -> usize {
-        bytes + 3 * DIRECT_ALIGN
+        lime_plan::memory::read_buffer_bytes(bytes as u64) as usize
     }
 
     /// Bytes allocated (page-locked GPU buffers included).

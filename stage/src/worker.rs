@@ -7,7 +7,7 @@
 
 use crate::adaptation;
 use crate::config::MemoryConfig;
-use crate::memory::{self, Budget, Costs, Exhausted, Held, Split};
+use crate::memory::{self, Budget, Exhausted, Held, Split, StageCosts};
 use crate::residency::{LayerRef, LoadStats, Residency, Slot};
 use anyhow::Context;
 use lime_kernels::{
@@ -50,7 +50,7 @@ pub struct Worker {
     load_wait: Duration,
     ckpt: Arc<Checkpoint>,
     read_limit: Option<u64>,
-    costs: Costs,
+    costs: StageCosts,
     /// The streamed layer to keep resident the next time a slot brings it.
     restoring: Option<usize>,
     evictions: u64,
@@ -142,14 +142,14 @@ impl Worker {
             .and_then(|e| lime_kernels::checkpoint::compute_dtype(e.dtype, &device))
             .unwrap_or(DType::F32);
         let placement = lime_kernels::Placement::of(&device)?;
-        let costs = Costs::of(&ckpt, layers.len(), ends.is_some(), memory, placement)?;
+        let costs = memory::stage_costs(&ckpt, layers.len(), ends.is_some(), memory, placement);
         let ends_bytes = ends
             .as_ref()
             .map_or(0, |e| e.embedding.bytes() + e.head.bytes());
-        if (ends_bytes + rope.bytes()) as u64 != costs.fixed_weights {
+        if (ends_bytes + rope.bytes()) as u64 != costs.fixed_weights() {
             tracing::warn!(
                 held = ends_bytes + rope.bytes(),
-                accounted = costs.fixed_weights,
+                accounted = costs.fixed_weights(),
                 "embedding, head and rotary tables differ from their accounted size"
             );
         }
@@ -184,15 +184,15 @@ impl Worker {
         let staging = if split.offloaded.is_empty() {
             0
         } else {
-            residency.slots() as u64 * costs.layer + costs.read_buffer
+            costs.footprint.streaming(residency.slots())
         };
         let budget = Budget::new(
             memory.budget_bytes,
             Held {
-                weights: residency.resident_bytes() + costs.fixed_weights,
+                weights: residency.resident_bytes() + costs.fixed_weights(),
                 staging,
                 kv: 0,
-                activations: costs.activations,
+                activations: costs.activations(),
             },
         );
         Ok(Self {
@@ -221,12 +221,7 @@ impl Worker {
     /// What this stage can hold of KV caches with every layer streamed (through
     /// the slots it has, or one), for the starter's admission control.
     pub fn kv_room(&self, stage: &str) -> KvRoom {
-        let bytes_per_token = memory::kv_bytes(
-            &self.config,
-            self.layers.len(),
-            1,
-            self.dtype.size_in_bytes(),
-        );
+        let bytes_per_token = self.costs.kv_per_token();
         KvRoom {
             stage: stage.to_owned(),
             bytes: self.kv_room_bytes(),
@@ -239,9 +234,11 @@ impl Worker {
         let streaming = if self.layers.is_empty() {
             0
         } else {
-            self.costs.read_buffer + self.residency.slots().max(1) as u64 * self.costs.layer
+            self.costs
+                .footprint
+                .streaming(self.residency.slots().max(1))
         };
-        let floor = self.costs.fixed_weights + self.costs.activations + streaming;
+        let floor = self.costs.fixed_weights() + self.costs.activations() + streaming;
         self.budget.limit().map(|l| l.saturating_sub(floor))
     }
 
@@ -550,12 +547,7 @@ impl Worker {
 impl Worker {
     /// A cache for a new sequence, if the budget has room for it.
     fn new_cache(&mut self, capacity: usize) -> lime_kernels::Result<KvCache> {
-        let bytes = memory::kv_bytes(
-            &self.config,
-            self.layers.len(),
-            capacity,
-            self.dtype.size_in_bytes(),
-        );
+        let bytes = self.costs.footprint.kv(capacity as u64, self.layers.len());
         if self.budget.take_kv(bytes).is_err() {
             self.make_room(bytes)
                 .map_err(|e| lime_kernels::Error::Input(e.to_string()))?;
@@ -607,10 +599,10 @@ impl Worker {
             return Ok(());
         };
         let held = self.budget.held();
-        let w = self.costs.layer.max(1);
+        let w = self.costs.layer().max(1);
         let starting = self.residency.slots() == 0;
         let slot = if starting {
-            w + self.costs.read_buffer
+            self.costs.footprint.streaming(1)
         } else {
             0
         };
@@ -667,9 +659,9 @@ impl Worker {
         let cost = if streamed.len() == 1 {
             0
         } else {
-            self.costs.layer
+            self.costs.layer()
         };
-        if free >= cost + self.costs.kv_reserve {
+        if free >= cost + self.costs.kv_reserve() {
             self.restoring = adaptation::to_restore(streamed, self.config.num_hidden_layers);
         }
     }
@@ -678,7 +670,7 @@ impl Worker {
     fn keep_streamed(&mut self, slot: Slot) -> lime_kernels::Result<()> {
         let held = self.budget.held();
         let last = self.residency.offloaded().len() == 1;
-        let grows = if last { 0 } else { self.costs.layer };
+        let grows = if last { 0 } else { self.costs.layer() };
         if self
             .budget
             .limit()
@@ -701,12 +693,8 @@ impl Worker {
 
     /// Records the weights and staging the residency holds now.
     fn account_layers(&mut self) {
-        let staging = if self.residency.slots() == 0 {
-            0
-        } else {
-            self.residency.slots() as u64 * self.costs.layer + self.costs.read_buffer
-        };
-        let weights = self.residency.resident_bytes() + self.costs.fixed_weights;
+        let staging = self.costs.footprint.streaming(self.residency.slots());
+        let weights = self.residency.resident_bytes() + self.costs.fixed_weights();
         if let Err(e) = self.budget.set_layers(weights, staging) {
             tracing::error!(error = %e, "the layer split does not fit the budget");
         }

@@ -12,16 +12,21 @@
 //! the result against brute force over every contiguous partition, order, `v`,
 //! `k` and resident set.
 
-use super::cost::{self, DeviceCosts, Runtime, Workload, WorkloadKind};
+use crate::cost::{self, DeviceCosts, Runtime, Workload, WorkloadKind};
 use lime_schemas::{DeviceProfile, LayerRange, Links, ModelShape, Plan, PlanChunk, PlanStage};
 
 /// A planning question.
 #[derive(Debug, Clone)]
 pub struct Problem<'a> {
+    /// The model.
     pub shape: &'a ModelShape,
+    /// The devices, one stage each.
     pub devices: &'a [DeviceProfile],
+    /// The network between them.
     pub links: &'a Links,
+    /// What the cluster will be asked to do.
     pub workload: Workload,
+    /// The stages' settings.
     pub runtime: Runtime,
     /// The device that must start the ring (a running ring's starter holds the
     /// requests); `None` lets the solver choose.
@@ -33,6 +38,7 @@ pub struct Problem<'a> {
 pub struct Layout {
     /// Device indices in ring order; the first is the starter.
     pub order: Vec<usize>,
+    /// Chunks per stage (`v`).
     pub interleave: usize,
     /// Micro-batches in flight (1 when sporadic).
     pub micro_batches: usize,
@@ -43,21 +49,30 @@ pub struct Layout {
 /// One chunk: how many layers, how many of them streamed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkLoad {
+    /// Decoder layers in the chunk.
     pub layers: usize,
+    /// Of them, streamed from storage.
     pub offloaded: usize,
 }
 
 /// What the cost model predicts for one stage.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StagePrediction {
+    /// The device's name.
     pub device: String,
+    /// Decoder layers over all its chunks.
     pub layers: usize,
+    /// Of them, streamed from storage.
     pub offloaded: usize,
+    /// Layers in memory at once for streaming.
     pub slots: usize,
+    /// What the memory model says it holds.
     pub memory_bytes: u64,
+    /// What its profile lets lime use.
     pub budget_bytes: u64,
-    /// Per micro-batch pass: compute and the waits for weights.
+    /// Per micro-batch pass: compute...
     pub compute_s: f64,
+    /// ...and the waits for weights.
     pub stall_s: f64,
     /// The loader's reading per token.
     pub loader_s: f64,
@@ -66,14 +81,19 @@ pub struct StagePrediction {
 /// What the cost model predicts for a plan.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prediction {
+    /// Seconds between two tokens of one sequence.
     pub time_per_token_s: f64,
+    /// Tokens generated per second over all sequences.
     pub tokens_per_s: f64,
+    /// Time to the first token of a prompt of the workload's length.
     pub ttft_s: f64,
     /// One micro-batch's ring pass.
     pub pass_s: f64,
+    /// Sequences per micro-batch.
     pub micro_batch_tokens: usize,
     /// What sets the time per token.
     pub bound: String,
+    /// Per stage, in ring order.
     pub stages: Vec<StagePrediction>,
 }
 
@@ -178,8 +198,8 @@ fn evaluate_with(
                 format!(
                     "{} cannot hold {m} layers with {o} streamed: it needs {} of its {}",
                     dc.profile.name,
-                    super::size(dc.memory(m, o, 1.min(o), starter)),
-                    super::size(dc.profile.memory_bytes)
+                    crate::size(dc.memory(m, o, 1.min(o), starter)),
+                    crate::size(dc.profile.memory_bytes)
                 )
             })?;
         let c = dc.layer_s(b);
@@ -584,7 +604,7 @@ fn explain(p: &Problem, costs: &[DeviceCosts]) -> String {
         let starter = if dc.slots(1, 1, true, 1).is_none() {
             format!(
                 "; it cannot be the starter: the embedding and head ({}) do not fit",
-                super::size(dc.ends)
+                crate::size(dc.footprint.ends)
             )
         } else {
             String::new()
@@ -592,12 +612,12 @@ fn explain(p: &Problem, costs: &[DeviceCosts]) -> String {
         lines.push(format!(
             "{} ({}): {} for the workspace and rotary tables, {} of KV per layer for {} sequences × {} tokens, {} to stream a layer; it can take at most {most} layers{starter}",
             dc.profile.name,
-            super::size(dc.profile.memory_bytes),
-            super::size(dc.fixed),
-            super::size(dc.kv_per_layer),
+            crate::size(dc.profile.memory_bytes),
+            crate::size(dc.footprint.fixed_weights(false) + dc.footprint.activations),
+            crate::size(dc.footprint.kv(dc.kv_tokens, 1)),
             p.workload.concurrency,
             p.workload.context,
-            super::size(dc.layer + dc.read_buffer),
+            crate::size(dc.footprint.streaming(1)),
         ));
     }
     let starters = costs

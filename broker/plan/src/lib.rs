@@ -1,12 +1,18 @@
-//! The planner: from the model's shape, the devices' profiles and the links, the
-//! plan that minimises time per token (sporadic) or maximises tokens/s (bursty)
-//! within every device's memory, with what the cost model predicts for it.
+//! lime-plan: the planner as pure functions. From the model's shape, the devices'
+//! profiles and the links, the plan that minimises time per token (sporadic) or
+//! maximises tokens/s (bursty) within every device's memory, with what the cost
+//! model predicts for it.
 //!
-//! [`cost`] is the model, [`solver`] the exact search; this module puts them
-//! together and renders the result for people.
+//! [`memory`] is the one memory model (the stages split their budgets with it
+//! too), [`cost`] the time model, [`solver`] the exact search and [`files`] reads
+//! profiles and networks; this module puts them together and renders the result
+//! for people.
+
+#![warn(missing_docs)]
 
 pub mod cost;
 pub mod files;
+pub mod memory;
 pub mod solver;
 
 pub use cost::{Runtime, Workload, WorkloadKind};
@@ -18,8 +24,11 @@ use std::fmt::Write as _;
 /// A plan with its prediction.
 #[derive(Debug, Clone)]
 pub struct Planned {
+    /// The plan as published, with its prediction.
     pub plan: Plan,
+    /// The plan in the cost model's terms.
     pub layout: Layout,
+    /// What the cost model predicts for it.
     pub prediction: Prediction,
 }
 

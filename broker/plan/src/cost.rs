@@ -33,18 +33,16 @@
 //! - **TTFT**: the prompt's prefill passes (`activation_tokens` at a time, with
 //!   prefill compute times), each `max(P, max_d Λ_d)`.
 //!
-//! **Memory.** A stage holding `m` layers, `o` of them offloaded through `s`
-//! slots, needs the rotary tables, the activation workspace (`activation_tokens`),
-//! KV for `concurrency·context` tokens over its `m` layers, its `m − o` resident
-//! layers and, when it streams, the read buffer and `s` slots; the starter adds
-//! the embedding and head. This is the stage's own account
-//! (`lime_stage::memory`), with KV reserved for the whole workload.
+//! **Memory** is [`crate::memory`]'s model, the one the stages account with,
+//! with KV reserved for the whole workload.
 
+use crate::memory::{Footprint, Holding};
 use lime_schemas::{DeviceProfile, LinkSpeed, ModelShape, TimePoint};
 
 /// What the cluster will be asked to do.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Workload {
+    /// Which figure to optimise.
     pub kind: WorkloadKind,
     /// Sequences generating at once (1 when sporadic).
     pub concurrency: usize,
@@ -75,6 +73,7 @@ impl std::str::FromStr for WorkloadKind {
 }
 
 impl Workload {
+    /// One sequence at a time with `context` tokens of context.
     pub fn sporadic(context: usize) -> Self {
         Self {
             kind: WorkloadKind::Sporadic,
@@ -84,6 +83,7 @@ impl Workload {
         }
     }
 
+    /// `concurrency` sequences at once, each with `context` tokens of context.
     pub fn bursty(concurrency: usize, context: usize) -> Self {
         Self {
             kind: WorkloadKind::Bursty,
@@ -118,63 +118,49 @@ impl Default for Runtime {
 /// One device's figures for one model, precomputed.
 #[derive(Debug, Clone)]
 pub struct DeviceCosts<'a> {
+    /// The device.
     pub profile: &'a DeviceProfile,
     shape: &'a ModelShape,
-    /// One layer in memory.
-    pub layer: u64,
+    /// The model's memory terms on this device.
+    pub footprint: Footprint,
     /// One layer's read from storage, seconds.
     pub read_s: f64,
-    pub read_buffer: u64,
-    /// Rotary tables and the activation workspace.
-    pub fixed: u64,
-    /// Embedding, final norm and head: the starter's extra.
-    pub ends: u64,
-    /// KV for the workload, per layer (cached in the dtype weights are held in).
-    pub kv_per_layer: u64,
+    /// Tokens of KV the workload keeps per layer.
+    pub kv_tokens: u64,
 }
 
 impl<'a> DeviceCosts<'a> {
+    /// `profile`'s figures for `shape` under `workload` and `runtime`.
     pub fn new(
         profile: &'a DeviceProfile,
         shape: &'a ModelShape,
         workload: &Workload,
         runtime: &Runtime,
     ) -> Self {
-        let wb = profile.weight_bytes.unwrap_or(shape.stored_dtype_bytes) as u64;
         let stored = shape.stored_dtype_bytes as u64;
-        // Narrow stored dtypes widened in memory, and direct reads, go through an
-        // aligned buffer of the largest tensor (as `StagingBuffer` sizes it).
-        let read_buffer = if profile.direct_io || stored != wb {
-            shape.largest_tensor_params * stored + 3 * 4096
-        } else {
-            0
+        let weight_bytes = profile.weight_bytes.map_or(stored, u64::from);
+        let holding = Holding {
+            weight_bytes,
+            host_buffer: profile.direct_io || stored != weight_bytes,
+            pinned_pair: false,
         };
-        let tokens = (workload.concurrency * workload.context.min(shape.max_context)) as u64;
         Self {
             profile,
             shape,
-            layer: shape.layer_params * wb,
+            footprint: Footprint::new(shape, holding, runtime.activation_tokens),
             read_s: shape.layer_read_bytes() as f64 / profile.read_bytes_per_s,
-            read_buffer,
-            fixed: shape.rope_values * 4
-                + runtime.activation_tokens as u64 * shape.activation_values_per_token * 4,
-            ends: shape.end_params * wb,
-            kv_per_layer: tokens * shape.kv_values_per_token * wb,
+            kv_tokens: (workload.concurrency * workload.context.min(shape.max_context)) as u64,
         }
+    }
+
+    /// One layer in memory.
+    pub fn layer(&self) -> u64 {
+        self.footprint.layer
     }
 
     /// Memory of a stage holding `m` layers, `o` of them streamed through `slots`.
     pub fn memory(&self, m: usize, o: usize, slots: usize, starter: bool) -> u64 {
-        let streaming = if o > 0 {
-            self.read_buffer + slots as u64 * self.layer
-        } else {
-            0
-        };
-        self.fixed
-            + if starter { self.ends } else { 0 }
-            + self.kv_per_layer * m as u64
-            + (m - o) as u64 * self.layer
-            + streaming
+        self.footprint.held(m, o, slots, starter, self.kv_tokens)
     }
 
     /// The most slots (up to `max_slots`) that fit with `o` of `m` layers streamed,
@@ -194,7 +180,7 @@ impl<'a> DeviceCosts<'a> {
     pub fn layer_s(&self, tokens: usize) -> f64 {
         match self.measured(|m| &m.decode) {
             Some(points) => interpolate(points, tokens),
-            None => self.roofline(self.layer as f64, self.shape.layer_params, tokens),
+            None => self.roofline(self.layer() as f64, self.shape.layer_params, tokens),
         }
     }
 
@@ -202,7 +188,7 @@ impl<'a> DeviceCosts<'a> {
     pub fn prefill_s(&self, tokens: usize) -> f64 {
         match self.measured(|m| &m.prefill) {
             Some(points) if !points.is_empty() => interpolate(points, tokens),
-            _ => self.roofline(self.layer as f64, self.shape.layer_params, tokens),
+            _ => self.roofline(self.layer() as f64, self.shape.layer_params, tokens),
         }
     }
 
@@ -211,7 +197,7 @@ impl<'a> DeviceCosts<'a> {
         match self.measured(|m| &m.ends) {
             Some(points) if !points.is_empty() => interpolate(points, tokens),
             _ => {
-                let wb = self.layer as f64 / self.shape.layer_params.max(1) as f64;
+                let wb = self.layer() as f64 / self.shape.layer_params.max(1) as f64;
                 self.roofline(
                     self.shape.head_params as f64 * wb,
                     self.shape.head_params,

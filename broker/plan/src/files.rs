@@ -77,7 +77,7 @@ mod tests {
 
     fn shipped(name: &str) -> std::path::PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("profiles")
+            .join("../profiles")
             .join(name)
     }
 
