@@ -41,7 +41,7 @@ step "GPU against CPU, split-equals-whole and streamed slots on the GPU"
 cargo test --release --features cuda -p lime-kernels --test gpu -- --test-threads=1 2>&1 | tee "$out/gpu-tests.log"
 
 step "lime-stage processes on the GPU answer as one GPU process, bit for bit (partitions, bf16/f32, streamed layers)"
-cargo test --release --features cuda -p lime --test gpu_cluster -- --test-threads=1 --nocapture 2>&1 | tee "$out/gpu-cluster.log"
+cargo test --release --features cuda -p lime-testbench --test gpu_cluster -- --test-threads=1 --nocapture 2>&1 | tee "$out/gpu-cluster.log"
 
 step "the CPU suite of the kernels still passes in the cuda build"
 cargo test --release --features cuda -p lime-kernels --test split_equals_whole --test slots --test batching 2>&1 \

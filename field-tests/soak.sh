@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --workspace --bins
-exec target/release/lime soak --seconds "${1:-600}"
+exec target/release/lime bench soak --seconds "${1:-600}"

@@ -1,7 +1,7 @@
 //! `lime generate`: single-process reference generation, streamed to stdout.
 
-use crate::progress::Progress;
 use anyhow::{bail, Context};
+use lime_client::progress::Progress;
 use lime_kernels::{Checkpoint, Device, GenerateRequest, Model, TextTokenizer};
 use lime_schemas::SamplingParams;
 use std::io::Write;

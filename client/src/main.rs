@@ -1,7 +1,11 @@
 //! `lime`: the user's command line. Parsing only; the work is in the library.
 
+mod generate;
+mod plan;
+mod up;
+
 use clap::{Args, Parser, Subcommand};
-use lime::generate::GenerateArgs;
+use generate::GenerateArgs;
 use lime_kernels::synth::{Preset, StoredDtype};
 use lime_schemas::SamplingParams;
 use std::path::PathBuf;
@@ -50,6 +54,15 @@ enum Command {
         #[command(flatten)]
         login: LoginCli,
     },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
     /// Keep a local cluster busy for a bounded time (bursts of requests, some
     /// malformed, robots that hang up mid-answer) and check that every request
     /// was answered or refused once and memory stayed flat.
@@ -67,15 +80,6 @@ enum Command {
         #[arg(long, default_value = "target/soak")]
         dir: PathBuf,
     },
-    /// Benchmarks.
-    Bench {
-        #[command(subcommand)]
-        what: BenchCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum BenchCommand {
     /// A cluster of N stages against one process serving the same model, sporadic
     /// and bursty requests, through the whole MQTT path.
     Serving {
@@ -179,7 +183,7 @@ enum BenchCommand {
         compute_threads: usize,
         /// Modes to run, of lime, mdi and naive.
         #[arg(long, value_delimiter = ',', default_value = "naive,mdi,lime")]
-        modes: Vec<lime::cluster::Mode>,
+        modes: Vec<lime_testbench::cluster::Mode>,
         /// Also print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -279,7 +283,7 @@ struct UpCli {
     max_tokens: u32,
     /// lime, or one of the baselines it is measured against: mdi, naive.
     #[arg(long, default_value = "lime")]
-    mode: lime::cluster::Mode,
+    mode: lime_testbench::cluster::Mode,
     /// Each stage's memory budget in MiB (layers beyond it are streamed from storage).
     #[arg(long, conflicts_with = "budget_share")]
     budget_mib: Option<u64>,
@@ -314,7 +318,7 @@ struct LoginCli {
 }
 
 impl LoginCli {
-    fn apply(self, broker: &mut lime::mqtt::BrokerAddr) -> anyhow::Result<()> {
+    fn apply(self, broker: &mut lime_client::mqtt::BrokerAddr) -> anyhow::Result<()> {
         let Some(user) = self.user else {
             return Ok(());
         };
@@ -475,8 +479,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dtype,
             seed,
             out,
-        } => lime::synth::run(preset, dtype, seed, &out),
-        Command::Generate(g) => lime::generate::run(&GenerateArgs {
+        } => lime_client::synth::run(preset, dtype, seed, &out),
+        Command::Generate(g) => generate::run(&GenerateArgs {
             model: g.model,
             prompt: g.prompt,
             prompt_ids: g.prompt_ids,
@@ -496,13 +500,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let dir = u.dir.unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("lime-up-{}", std::process::id()))
             });
-            let mut spec = lime::cluster::ClusterSpec::new(u.model, u.stages, dir);
+            let mut spec = lime_testbench::cluster::ClusterSpec::new(u.model, u.stages, dir);
             spec.interleave = u.interleave.unwrap_or(1);
             spec.cuts = u.cuts;
             // The broker's planner decides unless told otherwise (the baselines and
             // share budgets are defined on even splits; an outside broker runs none).
             let planned = !u.even
-                && u.mode == lime::cluster::Mode::Lime
+                && u.mode == lime_testbench::cluster::Mode::Lime
                 && u.budget_share.is_none()
                 && u.external_broker.is_none()
                 && !u.plan_over_mqtt;
@@ -510,7 +514,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 u.workload
                     .parse::<lime_plan::WorkloadKind>()
                     .map_err(anyhow::Error::msg)?;
-                spec.planner = Some(lime::cluster::PlannerSpec::new(
+                spec.planner = Some(lime_testbench::cluster::PlannerSpec::new(
                     &u.workload,
                     u.concurrency,
                     u.context,
@@ -520,25 +524,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             spec.external_broker = u
                 .external_broker
                 .as_deref()
-                .map(lime::mqtt::BrokerAddr::parse)
+                .map(lime_client::mqtt::BrokerAddr::parse)
                 .transpose()?;
             spec.data_port = u.data_port;
             spec.plan_over_mqtt = u.plan_over_mqtt;
             spec.max_inflight = u.max_inflight;
             spec.mode = u.mode;
             spec.memory.budget = match (u.budget_mib, u.budget_share) {
-                (Some(mib), _) => lime::cluster::Budget::Bytes(mib << 20),
-                (None, Some(share)) => lime::cluster::Budget::ShareFraction(share),
-                (None, None) => lime::cluster::Budget::Unlimited,
+                (Some(mib), _) => lime_testbench::cluster::Budget::Bytes(mib << 20),
+                (None, Some(share)) => lime_testbench::cluster::Budget::ShareFraction(share),
+                (None, None) => lime_testbench::cluster::Budget::Unlimited,
             };
             spec.memory.read_mb_per_s = u.read_mb_s;
             spec.memory.direct_io = u.direct_io;
             spec.security = if u.insecure {
-                lime::cluster::Security::Open
+                lime_testbench::cluster::Security::Open
             } else {
-                lime::cluster::Security::Locked
+                lime_testbench::cluster::Security::Locked
             };
-            block_on(lime::up::run(lime::up::UpArgs {
+            block_on(up::run(up::UpArgs {
                 spec,
                 preset: u.preset,
                 asks: u.ask,
@@ -546,7 +550,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }))
         }
         Command::Ask(a) => {
-            let mut broker = lime::mqtt::BrokerAddr::parse(&a.broker)?;
+            let mut broker = lime_client::mqtt::BrokerAddr::parse(&a.broker)?;
             a.login.apply(&mut broker)?;
             let mut request = lime_schemas::Request {
                 max_tokens: Some(a.max_tokens),
@@ -566,11 +570,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 request.prompt = Some(a.prompt);
             }
             let timeout = std::time::Duration::from_secs(a.timeout);
-            let done = block_on(lime::ask::ask_one(&broker, request, timeout))?;
-            eprintln!("{}", lime::ask::summary(&done));
+            let done = block_on(lime_client::ask::ask_one(&broker, request, timeout))?;
+            eprintln!("{}", lime_client::ask::summary(&done));
             Ok(())
         }
-        Command::Plan(p) => lime::plan::run(&lime::plan::PlanArgs {
+        Command::Plan(p) => plan::run(&plan::PlanArgs {
             model: p.model,
             devices: p.devices,
             links: p.links,
@@ -587,49 +591,52 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out: p.out,
         }),
         Command::Status { broker, login } => {
-            let mut broker = lime::mqtt::BrokerAddr::parse(&broker)?;
+            let mut broker = lime_client::mqtt::BrokerAddr::parse(&broker)?;
             login.apply(&mut broker)?;
-            let stages = block_on(lime::status::collect(
+            let stages = block_on(lime_client::status::collect(
                 &broker,
                 std::time::Duration::from_millis(500),
             ))?;
             if stages.is_empty() {
                 println!("no stages have reported to {}:{}", broker.host, broker.port);
             } else {
-                print!("{}", lime::status::table(&stages));
+                print!("{}", lime_client::status::table(&stages));
             }
             Ok(())
         }
-        Command::Soak {
-            seconds,
-            robots,
-            stages,
-            model,
-            dir,
-        } => {
-            lime::synth::ensure(Preset::Tiny, &model)?;
-            let spec = lime::cluster::ClusterSpec::new(&model, stages, &dir);
-            let mut soak = lime::soak::SoakSpec::new(std::time::Duration::from_secs(seconds));
-            soak.robots = robots;
-            let report = block_on(async {
-                let mut cluster = lime::cluster::Cluster::start(&spec).await?;
-                cluster
-                    .wait_online(std::time::Duration::from_secs(120))
-                    .await?;
-                eprintln!("soak: {stages} stages online; {robots} robots for {seconds} s");
-                let report = lime::soak::run(&cluster, &soak, |m| eprintln!("soak: {m}")).await;
-                cluster.check_alive()?;
-                cluster.stop();
-                report
-            })?;
-            print!("{}", report.render());
-            anyhow::ensure!(
-                report.held(),
-                "the soak found lost, duplicated or wrongly handled replies"
-            );
-            Ok(())
-        }
         Command::Bench { what } => match what {
+            BenchCommand::Soak {
+                seconds,
+                robots,
+                stages,
+                model,
+                dir,
+            } => {
+                lime_client::synth::ensure(Preset::Tiny, &model)?;
+                let spec = lime_testbench::cluster::ClusterSpec::new(&model, stages, &dir);
+                let mut soak =
+                    lime_testbench::soak::SoakSpec::new(std::time::Duration::from_secs(seconds));
+                soak.robots = robots;
+                let report = block_on(async {
+                    let mut cluster = lime_testbench::cluster::Cluster::start(&spec).await?;
+                    cluster
+                        .wait_online(std::time::Duration::from_secs(120))
+                        .await?;
+                    eprintln!("soak: {stages} stages online; {robots} robots for {seconds} s");
+                    let report =
+                        lime_testbench::soak::run(&cluster, &soak, |m| eprintln!("soak: {m}"))
+                            .await;
+                    cluster.check_alive()?;
+                    cluster.stop();
+                    report
+                })?;
+                print!("{}", report.render());
+                anyhow::ensure!(
+                    report.held(),
+                    "the soak found lost, duplicated or wrongly handled replies"
+                );
+                Ok(())
+            }
             BenchCommand::Serving {
                 model,
                 stages,
@@ -639,9 +646,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 max_inflight,
                 json,
             } => {
-                lime::synth::ensure(Preset::Bench, &model)?;
+                lime_client::synth::ensure(Preset::Bench, &model)?;
                 let dir = std::env::temp_dir().join(format!("lime-bench-{}", std::process::id()));
-                let bench = lime::serving::ServingBench {
+                let bench = lime_testbench::serving::ServingBench {
                     model,
                     stages,
                     sporadic,
@@ -650,7 +657,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     max_inflight,
                     dir,
                 };
-                let report = block_on(lime::serving::run(&bench))?;
+                let report = block_on(lime_testbench::serving::run(&bench))?;
                 print_report(&report, json)
             }
             BenchCommand::Swing {
@@ -659,9 +666,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 low_mbit,
                 low_s,
             } => {
-                lime::synth::ensure(Preset::Small, &model)?;
+                lime_client::synth::ensure(Preset::Small, &model)?;
                 let model = std::fs::canonicalize(&model)?;
-                let report = block_on(lime::swing::bench(&model, &out, low_mbit, low_s))?;
+                let report = block_on(lime_testbench::swing::bench(&model, &out, low_mbit, low_s))?;
                 println!("{report}");
                 Ok(())
             }
@@ -675,12 +682,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 compute_threads,
                 json,
             } => {
-                lime::synth::ensure(Preset::Bench, &model)?;
-                let setups = lime::validation::default_setups()
+                lime_client::synth::ensure(Preset::Bench, &model)?;
+                let setups = lime_testbench::validation::default_setups()
                     .into_iter()
                     .filter(|s| only.is_empty() || only.iter().any(|o| s.name.contains(o.as_str())))
                     .collect();
-                let bench = lime::validation::ValidateBench {
+                let bench = lime_testbench::validation::ValidateBench {
                     model,
                     setups,
                     requests,
@@ -690,7 +697,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     compute_threads,
                     dir: std::env::temp_dir().join(format!("lime-validate-{}", std::process::id())),
                 };
-                let report = block_on(lime::validation::run(&bench))?;
+                let report = block_on(lime_testbench::validation::run(&bench))?;
                 print_report(&report, json)
             }
             BenchCommand::Offload {
@@ -709,7 +716,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 modes,
                 json,
             } => {
-                let bench = lime::offloading::OffloadBench {
+                let bench = lime_testbench::offloading::OffloadBench {
                     model,
                     stages,
                     interleave,
@@ -726,7 +733,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     dir: std::env::temp_dir()
                         .join(format!("lime-bench-offload-{}", std::process::id())),
                 };
-                let report = block_on(lime::offloading::run(&bench))?;
+                let report = block_on(lime_testbench::offloading::run(&bench))?;
                 print_report(&report, json)
             }
             BenchCommand::Device {
@@ -739,20 +746,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 json,
             } => {
                 if !model.join("config.json").exists() {
-                    lime::synth::run(Preset::Bench, dtype, 0, &model)?;
+                    lime_client::synth::run(Preset::Bench, dtype, 0, &model)?;
                 }
-                let report = lime::device_bench::run(&lime::device_bench::DeviceBench {
-                    model,
-                    device,
-                    steps,
-                    offload_share,
-                    slots,
-                })?;
+                let report = lime_testbench::device_bench::run(
+                    &lime_testbench::device_bench::DeviceBench {
+                        model,
+                        device,
+                        steps,
+                        offload_share,
+                        slots,
+                    },
+                )?;
                 print_report(&report, json)
             }
             BenchCommand::Kernels { model, steps, json } => {
-                lime::synth::ensure(Preset::Bench, &model)?;
-                let report = lime::bench::kernels(&model, steps)?;
+                lime_client::synth::ensure(Preset::Bench, &model)?;
+                let report = lime_testbench::kernels::kernels(&model, steps)?;
                 print_report(&report, json)
             }
         },

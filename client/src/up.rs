@@ -1,10 +1,10 @@
 //! `lime up`: a local cluster (broker + N stages on loopback) on the synthetic model,
 //! created if missing. Stays up until Ctrl-C, or answers `--ask` prompts and stops.
 
-use crate::ask;
-use crate::cluster::{Cluster, ClusterSpec};
+use lime_client::ask;
 use lime_kernels::synth::Preset;
 use lime_schemas::Request;
+use lime_testbench::cluster::{Cluster, ClusterSpec};
 use std::time::{Duration, Instant};
 
 pub struct UpArgs {
@@ -16,7 +16,7 @@ pub struct UpArgs {
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    crate::synth::ensure(args.preset, &args.spec.model)?;
+    lime_client::synth::ensure(args.preset, &args.spec.model)?;
     let started = Instant::now();
     eprintln!(
         "starting {} stages on {} (logs in {})",
@@ -26,8 +26,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
     let mut cluster = Cluster::start(&args.spec).await?;
     cluster.wait_online(Duration::from_secs(300)).await?;
-    let statuses = crate::status::collect(&cluster.broker, Duration::from_millis(300)).await?;
-    eprint!("{}", crate::status::table(&statuses));
+    let statuses =
+        lime_client::status::collect(&cluster.broker, Duration::from_millis(300)).await?;
+    eprint!("{}", lime_client::status::table(&statuses));
     eprintln!(
         "cluster up in {:.1}s: MQTT 5 on {}:{}{}",
         started.elapsed().as_secs_f64(),

@@ -1,0 +1,42 @@
+//! A minute and a half of sustained bursty load with robots hanging up
+//! mid-answer: nothing lost, nothing duplicated, malformed requests refused
+//! with a reason, every process alive and its memory flat once warm (the
+//! broker's per-subscription logs take about a minute to fill to their
+//! bound). `lime bench soak --seconds 600`, or field-tests/soak.sh, runs the same
+//! for longer.
+
+mod common;
+
+use common::{runtime, up, Reference};
+use lime_testbench::cluster::ClusterSpec;
+use lime_testbench::soak::SoakSpec;
+use std::time::Duration;
+
+#[test]
+fn bursts_and_hang_ups_lose_nothing_and_memory_stays_flat() {
+    let reference = Reference::tiny();
+    let work = tempfile::tempdir().unwrap();
+    let mut spec = ClusterSpec::new(reference.path(), 3, work.path());
+    spec.telemetry_ms = Some(250);
+    runtime().block_on(async {
+        let mut cluster = up(&spec).await;
+        let mut soak = SoakSpec::new(Duration::from_secs(100));
+        soak.warm_after = Duration::from_secs(70);
+        let report = lime_testbench::soak::run(&cluster, &soak, |m| eprintln!("soak: {m}"))
+            .await
+            .unwrap();
+        eprint!("{}", report.render());
+        cluster.check_alive().unwrap();
+        assert!(report.held(), "{report:#?}");
+        assert!(report.abandoned > 0, "no robot hung up");
+        assert!(report.refused > 0, "no malformed request was refused");
+        assert!(report.answered > 100, "only {} answers", report.answered);
+        assert_eq!(report.rss_mib.len(), 4, "{:?}", report.rss_mib);
+        for (name, warm, end) in &report.rss_mib {
+            assert!(
+                *end <= warm * 1.10 + 4.0,
+                "{name}: RSS grew from {warm:.1} MiB once warm to {end:.1} MiB"
+            );
+        }
+    });
+}
