@@ -5,10 +5,10 @@
 //! every PUBLISH, SUBSCRIBE and last will before rumqttd sees them.
 
 use lime_schemas::topics;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// What a login is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Stages, `lime` tools, operators: every topic.

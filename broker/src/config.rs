@@ -1,15 +1,18 @@
 //! The broker's settings: a TOML file, then `LIME_BROKER_…` environment variables
 //! over it (`LIME_BROKER_V5_LISTEN=0.0.0.0:1884`,
 //! `LIME_BROKER_USERS__ARM2__PASSWORD=secret`, `LIME_BROKER_USERS__ARM2__ROLE=robot`;
-//! the environment spells names in lower case).
+//! the environment spells names in lower case). They also serialize, so that
+//! whoever starts a broker (the test bench, a provisioning script) builds them
+//! as values and writes them with [`BrokerConfig::to_toml`]; this module and
+//! [`crate::acl`]'s roles build without the `server` feature.
 
 use crate::acl::Role;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
     /// A plain MQTT listener (3.1.1 or 5, as each client chooses); empty to
@@ -61,7 +64,7 @@ pub struct BrokerConfig {
 }
 
 /// One login.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct User {
     pub password: String,
@@ -81,7 +84,7 @@ impl std::fmt::Debug for User {
 /// TLS listeners and the server's identity (PEM files, read and checked when
 /// the gate binds its listeners at start). Clients are not asked for
 /// certificates; with `users` set they log in over the encrypted link.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSettings {
     /// MQTT 3.1.1 over TLS (e.g. `0.0.0.0:8883`); empty or absent to disable.
@@ -97,7 +100,7 @@ pub struct TlsSettings {
 }
 
 /// When and for what the broker plans.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PlannerConfig {
     /// Plan once this many stages have published their profiles; 0 leaves
@@ -193,6 +196,12 @@ impl Default for BrokerConfig {
 }
 
 impl BrokerConfig {
+    /// The settings as the TOML file [`BrokerConfig::load`] reads back.
+    pub fn to_toml(&self) -> anyhow::Result<String> {
+        Ok(toml::to_string(self)?)
+    }
+
+    /// Reads `file` (optional) and the environment, and checks the result.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
         let mut builder = config::Config::builder();
         if let Some(file) = file {
@@ -354,70 +363,6 @@ impl BrokerConfig {
         .filter(|a| !a.is_empty())
         .collect()
     }
-
-    /// rumqttd's configuration for these settings: it listens only on the
-    /// gate's internal ports, for the gate's login.
-    pub fn to_rumqttd(&self, internal: &crate::gate::internal::Internal) -> rumqttd::Config {
-        let connections = rumqttd::ConnectionSettings {
-            connection_timeout_ms: self.connection_timeout_ms,
-            max_payload_size: self.max_payload_bytes,
-            max_inflight_count: self.max_inflight,
-            auth: Some(HashMap::from([(
-                internal.username.clone(),
-                internal.password.clone(),
-            )])),
-            external_auth: None,
-            dynamic_filters: true,
-        };
-        let server = |name: &str, listen: std::net::SocketAddr| {
-            Some(HashMap::from([(
-                "internal".to_owned(),
-                rumqttd::ServerSettings {
-                    name: format!("{name}-internal"),
-                    listen,
-                    tls: None,
-                    next_connection_delay_ms: 1,
-                    connections: connections.clone(),
-                },
-            )]))
-        };
-        rumqttd::Config {
-            id: 0,
-            router: rumqttd::RouterConfig {
-                // The gate's connections, the planner and the in-process links.
-                max_connections: self.max_connections + 16,
-                max_outgoing_packet_count: 1024,
-                // Per subscription, for its whole life: rumqttd never drops a
-                // filter's log, so this bounds the broker's memory.
-                max_segment_size: self.log_segment_bytes,
-                max_segment_count: self.log_segments,
-                custom_segment: Some(self.request_logs()),
-                ..Default::default()
-            },
-            v4: server("v4", internal.v4),
-            v5: server("v5", internal.v5),
-            ..Default::default()
-        }
-    }
-}
-
-impl BrokerConfig {
-    /// The request filters' logs: segments of 1 MiB (a larger request
-    /// overfills one), as many as `request_log_bytes` holds.
-    fn request_logs(&self) -> HashMap<String, rumqttd::SegmentConfig> {
-        const SEGMENT: usize = 1 << 20;
-        let log = rumqttd::SegmentConfig {
-            max_segment_size: SEGMENT,
-            max_segment_count: (self.request_log_bytes / SEGMENT).max(2),
-        };
-        [
-            lime_schemas::topics::REQUEST,
-            lime_schemas::topics::REQUEST_FROM_USERS,
-        ]
-        .into_iter()
-        .map(|filter| (filter.to_owned(), log.clone()))
-        .collect()
-    }
 }
 
 #[cfg(test)]
@@ -429,6 +374,28 @@ mod tests {
             allow_anonymous: true,
             ..BrokerConfig::default()
         }
+    }
+
+    #[test]
+    fn settings_written_are_read_back() {
+        let mut cfg = open();
+        cfg.planner.stages = 3;
+        cfg.planner.default_mbit_per_s = 250.5;
+        cfg.ring_key_file = Some("/etc/lime/ring.key".into());
+        cfg.users = Some(HashMap::from([(
+            "arm2".to_owned(),
+            User {
+                password: "secret".into(),
+                role: Role::Robot,
+            },
+        )]));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("broker.toml");
+        std::fs::write(&file, cfg.to_toml().unwrap()).unwrap();
+        let back = BrokerConfig::load(Some(&file)).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{cfg:?}"));
+        let user = &back.users.as_ref().unwrap()["arm2"];
+        assert_eq!((user.password.as_str(), user.role), ("secret", Role::Robot));
     }
 
     #[test]

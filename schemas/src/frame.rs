@@ -17,38 +17,54 @@ pub const MAX_FRAME_BYTES: usize = 512 << 20;
 /// Bytes of the length prefix.
 pub const PREFIX_BYTES: usize = 4;
 
+/// Everything a data-plane connection carries: activations and ring control
+/// forward, to the next stage; acks back, to the sender.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Frame {
+    /// The first frame each side sends; nothing else is accepted before it.
     Hello(Hello),
     /// The connecting stage's answer to the listener's challenge, when the ring
     /// has a key: proof that it holds the key too. Nothing else is accepted
     /// from it before this.
     Proof {
+        /// HMAC-SHA-256 with the ring key over both hellos, labelled for this side.
         mac: [u8; 32],
     },
+    /// A micro-batch on its way to the stage that runs its next chunk.
     Activations(Activations),
     /// These sequences finished: free their caches. Goes round the ring once.
     Release {
+        /// Sequences whose caches every stage may free.
         seqs: Vec<u64>,
     },
     /// A stage could not run a micro-batch (`batches` as in [`Activations`]); the
     /// starter fails its sequences' requests.
     Failed {
+        /// The micro-batch's sequences, whose caches every stage it passes frees.
         seqs: Vec<u64>,
+        /// The starter's micro-batch numbers, so that it stops waiting for them.
         batches: Vec<u64>,
+        /// The failing stage's reason, passed on to the requests' error replies.
         message: String,
     },
     /// Goes round the ring once; its return tells the starter the ring is closed.
     /// Every secondary stage adds what it can hold of KV caches, so the starter
     /// admits only requests that fit everywhere.
     Ping {
+        /// The plan epoch and the ring's break count combined, so that the starter
+        /// ignores a ping from a ring it has since rebuilt.
         nonce: u64,
+        /// Empty from the starter; each secondary stage appends its own.
         rooms: Vec<KvRoom>,
     },
     /// Bytes whose arrival time measures the link; the receiver answers with an
     /// [`Frame::Ack`] on the same connection. Not forwarded.
     Probe {
+        /// Matches the ack to the probe; never 0, which in an ack means activations.
+        /// lime-stage sends probes in pairs: an empty one (even) times the round
+        /// trip, a padded one (odd) the transfer.
         nonce: u64,
+        /// Filler sized to take measurable time on the link; its content is ignored.
         #[serde(with = "serde_bytes")]
         padding: Vec<u8>,
     },
@@ -56,8 +72,11 @@ pub enum Frame {
     /// activations, `nonce == 0`): its size and how long its bytes took to arrive
     /// after the first. Flows backwards, to the sender, which measures its link.
     Ack {
+        /// The probe's nonce, or 0 for activations.
         nonce: u64,
+        /// Size of the frame acknowledged, as received.
         bytes: u64,
+        /// Microseconds from the frame's first byte to its last, on the receiver's clock.
         receive_us: u64,
     },
     /// Move the ring to this plan (JSON) between token steps. The starter sends it
@@ -65,6 +84,7 @@ pub enum Frame {
     /// its caches (the starter rebuilds them by recomputation) and rejoins the ring
     /// the plan describes.
     Switch {
+        /// The new plan's JSON, passed on verbatim round the old ring.
         plan: String,
     },
 }
@@ -73,15 +93,22 @@ pub enum Frame {
 /// its layers streamed, and what one token of one sequence takes there.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvRoom {
+    /// The reporting stage, so that a request that cannot fit names it.
     pub stage: String,
     /// `None`: no memory budget, so no limit.
     pub bytes: Option<u64>,
+    /// KV bytes one token of one sequence takes there, over all its layers.
     pub bytes_per_token: u64,
 }
 
+/// The opening frame of each side of a data-plane connection: who is speaking,
+/// which build and which plan, checked before any activation moves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
+    /// Always [`MAGIC`]: tells a lime peer from anything else that connects.
     pub magic: [u8; 4],
+    /// The sender's [`PROTOCOL_VERSION`]; builds with different frame layouts
+    /// refuse each other.
     pub version: u16,
     /// The plan epoch the sender runs.
     pub epoch: u64,
@@ -95,6 +122,7 @@ pub struct Hello {
 }
 
 impl Hello {
+    /// A hello without a proof; the listener adds its own before it replies.
     pub fn new(epoch: u64, from: &str, nonce: [u8; 32]) -> Self {
         Self {
             magic: MAGIC,
@@ -117,7 +145,10 @@ pub struct Activations {
     /// Index (in the plan) of the next chunk to run; the chunk count means "done,
     /// back to the starter's head".
     pub chunk: u32,
+    /// Which rows of `data` belong to which sequence, in order.
     pub seqs: Vec<SeqSlot>,
+    /// How `data` encodes values; lime-stage sends f32 and refuses the others, since
+    /// narrowing activations would change the answer.
     pub dtype: ActivationDtype,
     /// Row-major `[tokens, hidden]`, little-endian.
     #[serde(with = "serde_bytes")]
@@ -127,21 +158,29 @@ pub struct Activations {
 /// One sequence's rows in a micro-batch: `len` tokens from position `pos`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SeqSlot {
+    /// The starter's number for the sequence: every stage keys its KV cache by it.
     pub id: u64,
+    /// Position of the first row in the sequence: where its keys and values go.
     pub pos: u32,
+    /// Rows of the sequence in this micro-batch: 1 while decoding, more for a prompt.
     pub len: u32,
     /// Tokens its KV cache must hold; stages allocate the cache on first sight.
     pub capacity: u32,
 }
 
+/// The element type of activation bytes on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ActivationDtype {
+    /// IEEE single precision, 4 bytes.
     F32,
+    /// IEEE half precision, 2 bytes.
     F16,
+    /// bfloat16, 2 bytes.
     Bf16,
 }
 
 impl ActivationDtype {
+    /// Bytes per value, to size or check `data`.
     pub fn size(self) -> usize {
         match self {
             Self::F32 => 4,
@@ -153,12 +192,17 @@ impl ActivationDtype {
 /// A frame that cannot be read or should not have been sent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
+    /// The body's length, over [`MAX_FRAME_BYTES`].
     #[error("frame of {0} bytes is larger than the {MAX_FRAME_BYTES}-byte limit")]
     TooLarge(usize),
+    /// A zero length prefix: no frame is empty, so the peer is not speaking lime.
     #[error("empty frame")]
     Empty,
+    /// Postcard could not encode or decode the frame, or bytes followed it.
     #[error("undecodable frame: {0}")]
     Decode(String),
+    /// Activations whose header disagrees with their data or the model
+    /// ([`Activations::check`]).
     #[error("inconsistent activations: {0}")]
     Inconsistent(String),
 }
@@ -212,6 +256,7 @@ impl Activations {
         self.batches.first().copied().unwrap_or_default()
     }
 
+    /// Rows in the micro-batch: every sequence's `len`, summed.
     pub fn tokens(&self) -> usize {
         self.seqs.iter().map(|s| s.len as usize).sum()
     }

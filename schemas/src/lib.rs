@@ -4,6 +4,8 @@
 //! the stages and the command line agree on one definition of each payload: MQTT
 //! topics and JSON documents, the plan, and the data plane's postcard frames.
 
+#![warn(missing_docs)]
+
 pub mod frame;
 pub mod plan;
 pub mod profile;

@@ -12,11 +12,14 @@ use std::ops::Range;
 /// Decoder layers `start..end`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LayerRange {
+    /// First layer of the range.
     pub start: usize,
+    /// One past the last layer.
     pub end: usize,
 }
 
 impl LayerRange {
+    /// From a standard range, for code that computes with those.
     pub fn new(range: Range<usize>) -> Self {
         Self {
             start: range.start,
@@ -24,14 +27,17 @@ impl LayerRange {
         }
     }
 
+    /// As a standard range, to iterate over or test for a layer.
     pub fn range(self) -> Range<usize> {
         self.start..self.end
     }
 
+    /// Layers covered; 0 when `end` is not past `start`.
     pub fn len(self) -> usize {
         self.end.saturating_sub(self.start)
     }
 
+    /// Whether no layer is covered (never so for a chunk of a valid plan).
     pub fn is_empty(self) -> bool {
         self.len() == 0
     }
@@ -43,6 +49,8 @@ impl fmt::Display for LayerRange {
     }
 }
 
+/// The broker's instruction to the stages, retained and signed on
+/// `lime/control/plan`: the ring's order and which stage runs which layers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
@@ -71,8 +79,11 @@ pub struct Plan {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PlanPrediction {
+    /// Seconds between two tokens of one sequence.
     pub time_per_token_s: f64,
+    /// Tokens per second over all the sequences generating at once.
     pub tokens_per_s: f64,
+    /// Seconds to the first token of a prompt of the planned workload's length.
     pub ttft_s: f64,
     /// The slowest link the plan was made for, Mb/s.
     pub slowest_link_mbit_per_s: f64,
@@ -81,9 +92,11 @@ pub struct PlanPrediction {
     pub reason: String,
 }
 
+/// One stage's place in the ring.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PlanStage {
+    /// The stage's configured name, as in its `lime/status/<stage>` topic.
     pub name: String,
     /// `host:port` of its data-plane listener.
     pub data_addr: String,
@@ -93,10 +106,13 @@ pub struct PlanStage {
     pub offloaded: Option<Vec<usize>>,
 }
 
+/// Consecutive layers and the stage that runs them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PlanChunk {
+    /// The owning stage: the one the round-robin deal gives this chunk.
     pub stage: String,
+    /// Decoder layers; each chunk starts where the one before it ends.
     pub layers: LayerRange,
 }
 
@@ -104,7 +120,9 @@ pub struct PlanChunk {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid plan (epoch {epoch}): {reason}")]
 pub struct PlanError {
+    /// The refused plan's epoch, to tell plans apart in logs.
     pub epoch: u64,
+    /// What is wrong with it, for the operator.
     pub reason: String,
 }
 

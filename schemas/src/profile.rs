@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 pub struct ModelShape {
     /// A name for tables and for matching measured profiles.
     pub name: String,
+    /// Decoder layers: what the planner cuts into chunks.
     pub layers: usize,
+    /// Width of the hidden state: sets the bytes of activations on the wire.
     pub hidden: usize,
     /// Parameters of one decoder layer (projections, norms, biases).
     pub layer_params: u64,
@@ -33,6 +35,7 @@ pub struct ModelShape {
     pub activation_values_per_token: u64,
     /// f32 values of the rotary tables every stage holds.
     pub rope_values: u64,
+    /// The longest sequence the model supports, in tokens: bounds the KV caches.
     pub max_context: usize,
     /// Bytes per parameter as stored in the checkpoint (2 for bf16/f16, 4 for f32).
     pub stored_dtype_bytes: u32,
@@ -54,6 +57,7 @@ impl ModelShape {
         self.layer_params == key.layer_params && self.hidden == key.hidden
     }
 
+    /// What a measured compute curve records of this model, to be matched later.
     pub fn key(&self) -> ShapeKey {
         ShapeKey {
             name: self.name.clone(),
@@ -67,8 +71,11 @@ impl ModelShape {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShapeKey {
+    /// For people; matching looks only at the other two.
     pub name: String,
+    /// Parameters of one decoder layer, as in [`ModelShape`].
     pub layer_params: u64,
+    /// Hidden width, as in [`ModelShape`].
     pub hidden: usize,
 }
 
@@ -76,7 +83,10 @@ pub struct ShapeKey {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TimePoint {
+    /// Tokens in the micro-batch: sequences when decoding, prompt length when
+    /// prefilling.
     pub tokens: usize,
+    /// Wall-clock seconds measured.
     pub seconds: f64,
 }
 
@@ -144,7 +154,10 @@ pub struct DeviceProfile {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StageProfile {
+    /// The hardware the stage runs on, measured or estimated.
     pub device: DeviceProfile,
+    /// The checkpoint the stage loaded; the broker plans only when every stage's
+    /// agrees.
     pub model: ModelShape,
 }
 
@@ -158,7 +171,9 @@ impl From<(DeviceProfile, ModelShape)> for StageProfile {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("profile {name}: {reason}")]
 pub struct ProfileError {
+    /// The device or link the complaint is about.
     pub name: String,
+    /// What is wrong, for whoever wrote the profile.
     pub reason: String,
 }
 
@@ -223,6 +238,7 @@ pub struct LinkSpeed {
 }
 
 impl LinkSpeed {
+    /// The bandwidth in bytes per second, the unit the cost model counts in.
     pub fn bytes_per_s(&self) -> f64 {
         self.mbit_per_s * 1e6 / 8.0
     }
@@ -237,14 +253,19 @@ impl LinkSpeed {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Link {
+    /// The sending device.
     pub from: String,
+    /// The receiving device.
     pub to: String,
+    /// Bandwidth in megabits per second (10^6 bits), as in [`LinkSpeed`].
     pub mbit_per_s: f64,
+    /// One-way latency in milliseconds; 0 when not given.
     #[serde(default)]
     pub latency_ms: f64,
 }
 
 impl Link {
+    /// The figures without the names, as [`Links::between`] returns them.
     pub fn speed(&self) -> LinkSpeed {
         LinkSpeed {
             mbit_per_s: self.mbit_per_s,
@@ -257,12 +278,15 @@ impl Link {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Links {
+    /// Speed between every pair of devices not listed.
     pub default: LinkSpeed,
+    /// The pairs that differ from the default (`[[link]]` tables in TOML).
     #[serde(default, rename = "link")]
     pub links: Vec<Link>,
 }
 
 impl Links {
+    /// The same speed between every pair: one switch, or an emulated cluster.
     pub fn uniform(speed: LinkSpeed) -> Self {
         Self {
             default: speed,
@@ -278,6 +302,8 @@ impl Links {
             .map_or(self.default, Link::speed)
     }
 
+    /// Checks that every speed is usable by the cost model: bandwidth positive,
+    /// latency not negative.
     pub fn validate(&self) -> Result<(), ProfileError> {
         for (name, s) in std::iter::once(("default".to_owned(), self.default)).chain(
             self.links

@@ -6,20 +6,31 @@ use serde::{Deserialize, Serialize};
 /// A piece of generated text. `seq` counts pieces from 0 so a reader can spot gaps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TextPiece {
+    /// The request's id, so that readers sharing a reply topic can sort pieces.
     pub id: String,
+    /// Position among the request's pieces.
     pub seq: u32,
+    /// Text generated since the previous piece; the pieces joined are the answer.
     pub text: String,
+    /// Always false: the [`Final`] message ends the stream.
     pub done: bool,
 }
 
 /// The last message of a successful request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Final {
+    /// The request's id, as on its text pieces.
     pub id: String,
+    /// Always true, so that a reader checking only `done` sees the end.
     pub done: bool,
+    /// Whether a stop condition or `max_tokens` ended the generation.
     pub finish_reason: FinishReason,
+    /// Token counts, for accounting.
     pub usage: Usage,
+    /// Latencies measured at the starter.
     pub timing: Timing,
+    /// Every generated token id, when the request set `return_token_ids`: what
+    /// exactness tests compare.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_ids: Option<Vec<u32>>,
     /// The logits the last token was drawn from (f32, exact through JSON).
@@ -27,6 +38,7 @@ pub struct Final {
     pub logits: Option<Vec<f32>>,
 }
 
+/// Why a successful generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
@@ -36,10 +48,14 @@ pub enum FinishReason {
     Length,
 }
 
+/// Token counts of a finished request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
+    /// Tokens of the prompt as tokenized, after any chat template.
     pub prompt_tokens: u32,
+    /// Tokens generated.
     pub completion_tokens: u32,
+    /// Prompt and completion together.
     pub total_tokens: u32,
 }
 
@@ -51,6 +67,7 @@ pub struct Timing {
     pub queue_ms: f64,
     /// Time to first token.
     pub ttft_ms: f64,
+    /// From arrival to the final message.
     pub total_ms: f64,
     /// Mean time per output token after the first.
     pub tpot_ms: f64,
@@ -92,18 +109,24 @@ pub enum ErrorCode {
 /// An error reply.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorReply {
+    /// The request's id; absent when the payload was too broken to yield one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// The machine-readable code and a message for people.
     pub error: ErrorBody,
 }
 
+/// The code and explanation of an error reply.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {
+    /// What a robot switches on.
     pub code: ErrorCode,
+    /// For people: details the code does not carry.
     pub message: String,
 }
 
 impl ErrorReply {
+    /// An error reply to the request with `id`, when it is known.
     pub fn new(id: Option<String>, code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             id,
@@ -119,6 +142,7 @@ impl ErrorReply {
 /// how many requests are ahead of it. Text and the final message follow later.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Queued {
+    /// The waiting request's id.
     pub id: String,
     /// Requests ahead of this one; 0 means it is next.
     pub position: u32,
@@ -131,13 +155,18 @@ pub struct Queued {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Reply {
+    /// The request failed; nothing follows.
     Error(ErrorReply),
+    /// The request is complete; nothing follows.
     Final(Final),
+    /// More of the answer; more messages follow.
     Text(TextPiece),
+    /// The request waits; its text follows once it is admitted.
     Queued(Queued),
 }
 
 impl Reply {
+    /// Reads one reply-topic payload, whichever kind it is.
     pub fn parse(payload: &[u8]) -> serde_json::Result<Self> {
         serde_json::from_slice(payload)
     }

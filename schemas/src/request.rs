@@ -11,6 +11,7 @@ pub const MAX_TOKENS_LIMIT: u32 = 1 << 20;
 pub const DEFAULT_MAX_TOKENS: u32 = 256;
 /// At most this many stop strings, each at most `MAX_STOP_LEN` bytes.
 pub const MAX_STOPS: usize = 16;
+/// The longest stop string, in bytes.
 pub const MAX_STOP_LEN: usize = 256;
 
 /// A generation request. Unknown fields are refused so that a misspelt parameter
@@ -27,16 +28,23 @@ pub struct Request {
     /// A chat, rendered with the checkpoint's chat template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages: Option<Vec<ChatMessage>>,
+    /// Tokens to generate at most; [`DEFAULT_MAX_TOKENS`] when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u32>,
+    /// Softmax temperature; absent, 0: greedy decoding (see [`SamplingParams`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f32>,
+    /// Nucleus threshold in (0, 1]; absent, 1: no filter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_p: Option<f32>,
+    /// How many of the most likely tokens to keep; absent or 0, all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_k: Option<usize>,
+    /// Penalty on tokens already in the sequence; absent, 1: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repetition_penalty: Option<f32>,
+    /// Seed of the sampler's random stream, so that a sampled answer can be
+    /// reproduced; absent, 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// Generation ends when the text contains one of these; it is not returned.
@@ -72,9 +80,12 @@ pub const MAX_DEADLINE_MS: u64 = 86_400_000;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Priority {
+    /// Admitted after every waiting `normal` and `high` request.
     Low,
+    /// What a request without `priority` gets.
     #[default]
     Normal,
+    /// Admitted ahead of every other waiting request.
     High,
 }
 
@@ -83,6 +94,7 @@ pub enum Priority {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Cancel {
+    /// The id the request carried, or was given in its replies.
     pub id: String,
 }
 
@@ -90,7 +102,10 @@ pub struct Cancel {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChatMessage {
+    /// Who speaks, as the chat template knows it: usually `system`, `user` or
+    /// `assistant`.
     pub role: String,
+    /// What that turn says.
     pub content: String,
 }
 
@@ -98,11 +113,14 @@ pub struct ChatMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Stop {
+    /// A single stop string.
     One(String),
+    /// Several; any one ends generation.
     Many(Vec<String>),
 }
 
 impl Stop {
+    /// Either form as a list.
     pub fn to_vec(&self) -> Vec<String> {
         match self {
             Stop::One(s) => vec![s.clone()],
@@ -114,7 +132,9 @@ impl Stop {
 /// What the model is asked to continue.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input<'a> {
+    /// Plain text, tokenized as is.
     Prompt(&'a str),
+    /// Turns to render with the checkpoint's chat template.
     Chat(&'a [ChatMessage]),
 }
 
@@ -122,11 +142,14 @@ pub enum Input<'a> {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{message}")]
 pub struct Invalid {
+    /// The code the error reply carries.
     pub code: crate::ErrorCode,
+    /// Why, for the sender.
     pub message: String,
 }
 
 impl Invalid {
+    /// A refusal with `code`, explained by `message`.
     pub fn new(code: crate::ErrorCode, message: impl Into<String>) -> Self {
         Self {
             code,

@@ -38,7 +38,9 @@ impl Default for SamplingParams {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("invalid sampling parameter `{field}`: {reason}")]
 pub struct SamplingError {
+    /// The request field at fault, as spelt in JSON.
     pub field: &'static str,
+    /// The range it must be in.
     pub reason: String,
 }
 

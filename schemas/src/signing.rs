@@ -27,8 +27,11 @@ impl std::fmt::Debug for RingKey {
 /// What a stage makes of a plan's signature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signature {
+    /// Made with this key over this very plan: the stage may follow it.
     Valid,
+    /// Unsigned: a stage that holds the key refuses it.
     Missing,
+    /// Signed, but not with this key or not over this plan: forged or altered.
     Wrong,
 }
 

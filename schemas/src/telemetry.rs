@@ -6,15 +6,23 @@
 
 use serde::{Deserialize, Serialize};
 
+/// A stage's periodic account of itself, retained on `lime/telemetry/<stage>`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Telemetry {
+    /// The reporting stage.
     pub stage: String,
+    /// The plan the stage ran when it reported, so that readers can drop figures
+    /// from an older layout.
     pub epoch: u64,
     /// Increments with every report, so readers can wait for a fresh one.
     pub report: u64,
+    /// Bytes held against the budget.
     pub memory: MemoryReport,
+    /// Which layers are kept and which streamed.
     pub residency: ResidencyReport,
+    /// Where the stage's time went.
     pub time: StageTime,
+    /// What the stage read from its checkpoint.
     pub loads: LoadReport,
     /// The link to the next stage, measured by this stage from the data plane's
     /// large frames and from probes while the link is idle.
@@ -38,7 +46,10 @@ pub struct Telemetry {
 pub struct LinkMeasurement {
     /// The receiving stage.
     pub to: String,
+    /// The smallest recent probe round trip, in milliseconds: the others waited
+    /// behind activations.
     pub rtt_ms: f64,
+    /// Bandwidth in megabits per second (10^6 bits), from timed large frames.
     pub mbit_per_s: f64,
     /// Samples behind the figures.
     pub samples: u32,
@@ -56,6 +67,7 @@ pub struct MemoryReport {
     pub weights_bytes: u64,
     /// Layer slots for streamed layers and the raw read buffer.
     pub staging_bytes: u64,
+    /// KV caches of the sequences held here.
     pub kv_bytes: u64,
     /// The workspace reserved for the largest micro-batch the stage computes.
     pub activation_bytes: u64,
@@ -63,8 +75,9 @@ pub struct MemoryReport {
     pub accounted_bytes: u64,
     /// The largest sum seen since start.
     pub peak_accounted_bytes: u64,
-    /// Resident set size of the process and its high-water mark (Linux).
+    /// Resident set size of the process (Linux).
     pub rss_bytes: Option<u64>,
+    /// The high-water mark of `rss_bytes`.
     pub peak_rss_bytes: Option<u64>,
     /// Sequences holding KV caches here.
     pub sequences: u32,
@@ -73,6 +86,7 @@ pub struct MemoryReport {
 /// Which layers stay in memory and how the rest are streamed.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ResidencyReport {
+    /// Layers kept in memory rather than streamed.
     pub resident: Vec<usize>,
     /// In the order the stage visits them; the offload depth is its length.
     pub offloaded: Vec<usize>,
@@ -80,13 +94,14 @@ pub struct ResidencyReport {
     pub slots: usize,
     /// Whether the next offloaded layer is read ahead of need.
     pub prefetch: bool,
+    /// Streamed layers are read with `O_DIRECT`, bypassing the page cache.
     pub direct_io: bool,
     /// Emulated storage bandwidth, when reads are paced.
     pub read_limit_bytes_per_s: Option<u64>,
-    /// Layers moved out of memory to make room for KV caches, and brought back
-    /// when it freed, since start.
+    /// Layers moved out of memory to make room for KV caches, since start.
     #[serde(default)]
     pub evictions: u64,
+    /// Evicted layers brought back when the room freed, since start.
     #[serde(default)]
     pub restorations: u64,
 }
@@ -106,6 +121,7 @@ pub struct StageTime {
 }
 
 impl StageTime {
+    /// The time accounted, which the four shares divide.
     pub fn total_s(&self) -> f64 {
         self.compute_s + self.load_wait_s + self.network_wait_s + self.idle_s
     }
@@ -124,6 +140,7 @@ impl StageTime {
 /// Reads of streamed layers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct LoadReport {
+    /// Streamed layer reads completed since start.
     pub layers_read: u64,
     /// Every byte read from the checkpoint since start, the initial load included.
     pub bytes_read: u64,

@@ -1,10 +1,12 @@
 //! A stage's settings: a TOML file, then `LIME_STAGE_…` environment variables
-//! (`LIME_STAGE_NAME=s1`, `LIME_STAGE_BROKER__PORT=1884`) over it.
+//! (`LIME_STAGE_NAME=s1`, `LIME_STAGE_BROKER__PORT=1884`) over it. They also
+//! serialize, so that whoever starts stages (the test bench, a provisioning
+//! script) builds them as values and writes them with [`StageConfig::to_toml`].
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StageConfig {
     /// Unique in the cluster; the plan and the status topic use it.
@@ -47,7 +49,7 @@ fn default_telemetry_ms() -> u64 {
 }
 
 /// The memory budget and how offloaded layers are streamed.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MemoryConfig {
     /// Bytes for resident weights, layer slots, KV caches and the activation
@@ -93,7 +95,7 @@ impl MemoryConfig {
 }
 
 /// How to reach the MQTT broker (lime-broker's v5 listener or any MQTT 5 broker).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
     pub host: String,
@@ -120,7 +122,7 @@ impl Default for BrokerConfig {
 }
 
 /// The data-plane listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
     /// Address to bind; the plan's `data_addr` for this stage when absent.
@@ -166,7 +168,7 @@ impl Default for DataConfig {
 }
 
 /// Request admission and batching at the starter.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StarterConfig {
     /// Larger request payloads are refused with `payload_too_large`.
@@ -223,6 +225,29 @@ impl Default for StarterConfig {
 }
 
 impl StageConfig {
+    /// Stage `name` serving the checkpoint in `model`, every other setting at
+    /// its default.
+    pub fn new(name: impl Into<String>, model: impl Into<PathBuf>) -> Self {
+        Self {
+            name: name.into(),
+            model: model.into(),
+            plan_file: None,
+            broker: BrokerConfig::default(),
+            data: DataConfig::default(),
+            starter: StarterConfig::default(),
+            memory: MemoryConfig::default(),
+            telemetry_ms: default_telemetry_ms(),
+            profile_file: None,
+            compute_threads: None,
+            device: lime_kernels::DeviceSpec::default(),
+        }
+    }
+
+    /// The settings as the TOML file [`StageConfig::load`] reads back.
+    pub fn to_toml(&self) -> anyhow::Result<String> {
+        Ok(toml::to_string(self)?)
+    }
+
     /// Reads `file` (optional) and the environment.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
         let mut builder = config::Config::builder();
@@ -300,6 +325,17 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(text.as_bytes()).unwrap();
         StageConfig::load(Some(f.path()))
+    }
+
+    #[test]
+    fn settings_written_are_read_back() {
+        let mut cfg = StageConfig::new("s1", "/models/tiny");
+        cfg.memory.budget_bytes = Some(123 << 20);
+        cfg.memory.read_mb_per_s = Some(250.5);
+        cfg.data.key_file = Some("/etc/lime/ring.key".into());
+        cfg.broker.username = Some("stage".into());
+        let back = load(&cfg.to_toml().unwrap()).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{cfg:?}"));
     }
 
     #[test]

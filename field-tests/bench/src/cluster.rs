@@ -3,11 +3,14 @@
 //! start clusters this way, so they exercise the real binaries.
 
 use anyhow::Context;
+use lime_broker::acl::Role;
+use lime_broker::config::{BrokerConfig, PlannerConfig, TlsSettings, User};
 use lime_client::binaries::sibling;
 use lime_client::mqtt::BrokerAddr;
 use lime_kernels::{Checkpoint, DeviceSpec, Placement};
 use lime_schemas::{topics, Plan, PlanStage, StageState};
-use lime_stage::config::MemoryConfig;
+use lime_stage::config::{MemoryConfig, StageConfig};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -98,11 +101,7 @@ impl Credentials {
             Ok(b.iter().map(|x| format!("{x:02x}")).collect())
         };
         let ring_key = dir.join("ring.key");
-        std::fs::write(&ring_key, format!("{}\n", secret(32)?))?;
-        std::fs::set_permissions(
-            &ring_key,
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )?;
+        write_private(&ring_key, &format!("{}\n", secret(32)?))?;
         Ok(Self {
             service: ("lime".into(), secret(16)?),
             robot: ("robot".into(), secret(12)?),
@@ -110,20 +109,34 @@ impl Credentials {
         })
     }
 
-    /// lime-broker's settings for these logins.
-    fn broker_env(&self) -> Vec<(String, String)> {
-        [(&self.service, "service"), (&self.robot, "robot")]
+    /// lime-broker's logins for these credentials.
+    fn broker_users(&self) -> HashMap<String, User> {
+        [(&self.service, Role::Service), (&self.robot, Role::Robot)]
             .into_iter()
-            .flat_map(|((user, password), role)| {
-                let key =
-                    |field: &str| format!("LIME_BROKER_USERS__{}__{field}", user.to_uppercase());
-                [
-                    (key("PASSWORD"), password.clone()),
-                    (key("ROLE"), role.into()),
-                ]
+            .map(|((user, password), role)| {
+                let login = User {
+                    password: password.clone(),
+                    role,
+                };
+                (user.clone(), login)
             })
             .collect()
     }
+}
+
+/// Writes a file only its owner can read: settings with passwords, keys.
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
 }
 
 /// The broker's certificate and key, and the CA that everyone verifies it
@@ -355,8 +368,9 @@ pub struct Cluster {
     pub plan: Plan,
     pub dir: PathBuf,
     stage_env: Vec<(String, String)>,
-    /// lime-broker's environment (its settings), to start it again.
-    broker_env: Vec<(String, String)>,
+    /// lime-broker's settings file and the spec's environment over it, to
+    /// start it again; `None` with an external broker.
+    broker_settings: Option<(PathBuf, Vec<(String, String)>)>,
     log: String,
     /// A locked cluster's logins and ring key.
     pub credentials: Option<Credentials>,
@@ -454,80 +468,50 @@ struct StageSettings<'a> {
 }
 
 impl StageSettings<'_> {
-    /// The TOML (top-level keys before any table).
-    fn to_toml(&self, spec: &ClusterSpec, broker: &BrokerAddr) -> String {
-        let mut toml = format!(
-            "name = {:?}\nmodel = {:?}\n",
-            self.name,
-            self.model.display().to_string()
-        );
-        if let Some(plan) = self.plan_file {
-            toml.push_str(&format!("plan_file = {:?}\n", plan.display().to_string()));
-        }
-        if let Some(profile) = &self.profile_file {
-            toml.push_str(&format!(
-                "profile_file = {:?}\n",
-                profile.display().to_string()
-            ));
-        }
+    /// The stage's settings under `spec`, reaching the broker at `broker`.
+    fn config(&self, spec: &ClusterSpec, broker: &BrokerAddr) -> StageConfig {
+        let mut cfg = StageConfig::new(self.name, self.model);
+        cfg.plan_file = self.plan_file.map(Path::to_path_buf);
+        cfg.profile_file = self.profile_file.clone();
         if let Some(ms) = spec.telemetry_ms {
-            toml.push_str(&format!("telemetry_ms = {ms}\n"));
+            cfg.telemetry_ms = ms;
         }
-        if let Some(n) = spec.compute_threads {
-            toml.push_str(&format!("compute_threads = {n}\n"));
-        }
-        toml.push_str(&format!("device = \"{}\"\n", spec.device));
-        toml.push_str(&format!(
-            "\n[broker]\nhost = {:?}\nport = {}\n",
-            broker.host, broker.port
-        ));
+        cfg.compute_threads = spec.compute_threads;
+        cfg.device = spec.device;
+        cfg.broker.host = broker.host.clone();
+        cfg.broker.port = broker.port;
         if let (Some(u), Some(p)) = (&broker.username, &broker.password) {
-            toml.push_str(&format!("username = {u:?}\npassword = {p:?}\n"));
+            cfg.broker.username = Some(u.clone());
+            cfg.broker.password = Some(p.clone());
         }
-        if let Some(tls) = &broker.tls {
-            toml.push_str(&format!("ca_file = {:?}\n", tls.ca_file));
-        }
-        toml.push_str("\n[data]\n");
-        if let Some(listen) = self.listen {
-            toml.push_str(&format!("listen = {listen:?}\n"));
-        }
-        match self.ring_key {
-            Some(key) => toml.push_str(&format!("key_file = {:?}\n", key.display().to_string())),
-            None => toml.push_str("insecure = true\n"),
-        }
-        toml.push_str(&format!(
-            "\n[starter]\nmax_inflight = {}\n",
-            if spec.mode == Mode::Naive {
-                1
-            } else {
-                spec.max_inflight
-            }
-        ));
+        cfg.broker.ca_file = broker.tls.as_ref().map(|tls| tls.ca_file.clone());
+        cfg.data.listen = self.listen.map(str::to_owned);
+        cfg.data.key_file = self.ring_key.map(Path::to_path_buf);
+        cfg.data.insecure = self.ring_key.is_none();
         if spec.mode == Mode::Naive {
-            toml.push_str("max_sequences = 1\n");
+            cfg.starter.max_inflight = 1;
+            cfg.starter.max_sequences = 1;
+        } else {
+            cfg.starter.max_inflight = spec.max_inflight;
         }
-        let memory = spec.memory.config(spec.mode);
-        toml.push_str(&format!(
-            "\n[memory]\nmax_slots = {}\nprefetch = {}\ndirect_io = {}\nactivation_tokens = {}\n",
-            memory.max_slots, memory.prefetch, memory.direct_io, memory.activation_tokens
-        ));
-        if let Some(b) = self.budget {
-            toml.push_str(&format!("budget_bytes = {b}\n"));
-        }
-        if let Some(r) = self.read_mb_per_s {
-            toml.push_str(&format!("read_mb_per_s = {r}\n"));
-        }
-        // Under a planned budget, keep the KV room the planner provisioned: every
-        // sequence of the workload at the planned context.
-        let reserve = spec
-            .planner
-            .as_ref()
-            .map(PlannerSpec::kv_tokens)
-            .or(memory.kv_reserve_tokens);
-        if let Some(k) = reserve {
-            toml.push_str(&format!("kv_reserve_tokens = {k}\n"));
-        }
-        toml
+        cfg.memory = MemoryConfig {
+            budget_bytes: self.budget,
+            read_mb_per_s: self.read_mb_per_s,
+            // Under a planned budget, keep the KV room the planner provisioned:
+            // every sequence of the workload at the planned context.
+            kv_reserve_tokens: spec
+                .planner
+                .as_ref()
+                .map(PlannerSpec::kv_tokens)
+                .or(spec.memory.kv_reserve_tokens),
+            ..spec.memory.config(spec.mode)
+        };
+        cfg
+    }
+
+    /// The settings file's text.
+    fn to_toml(&self, spec: &ClusterSpec, broker: &BrokerAddr) -> anyhow::Result<String> {
+        self.config(spec, broker).to_toml()
     }
 }
 
@@ -549,10 +533,10 @@ pub fn profile_stages(spec: &ClusterSpec) -> anyhow::Result<Vec<PathBuf>> {
                 profile_file: None,
                 ring_key: None,
             };
-            let toml = settings.to_toml(spec, &broker);
-            (name, toml)
+            let toml = settings.to_toml(spec, &broker)?;
+            Ok((name, toml))
         })
-        .collect();
+        .collect::<anyhow::Result<_>>()?;
     measure_profiles(spec, &configs)
 }
 
@@ -654,7 +638,7 @@ impl Cluster {
             plan: plan.clone(),
             dir: spec.dir.clone(),
             stage_env: spec.stage_env.clone(),
-            broker_env: Vec::new(),
+            broker_settings: None,
             log: spec.log.clone(),
             credentials: match spec.security {
                 Security::Locked => Some(Credentials::make(&spec.dir)?),
@@ -682,12 +666,12 @@ impl Cluster {
         let placeholder = BrokerAddr::parse("127.0.0.1:1")?;
         let configs: Vec<(String, String)> = (0..plan.stages.len())
             .map(|i| {
-                (
+                Ok((
                     plan.stages[i].name.clone(),
-                    settings(i, None).to_toml(spec, &placeholder),
-                )
+                    settings(i, None).to_toml(spec, &placeholder)?,
+                ))
             })
-            .collect();
+            .collect::<anyhow::Result<_>>()?;
         let profiles = match &spec.planner {
             Some(p) => Some(match &p.profiles {
                 Some(files) => files.clone(),
@@ -713,85 +697,52 @@ impl Cluster {
                 } else {
                     "127.0.0.1"
                 };
-                let mut env = vec![
-                    (
-                        "LIME_BROKER_V4_LISTEN".to_string(),
-                        format!("{listen}:{v4}"),
-                    ),
-                    (
-                        "LIME_BROKER_V5_LISTEN".to_string(),
-                        format!("{listen}:{v5}"),
-                    ),
-                ];
+                let mut cfg = BrokerConfig {
+                    v4_listen: Some(format!("{listen}:{v4}")),
+                    v5_listen: Some(format!("{listen}:{v5}")),
+                    ..BrokerConfig::default()
+                };
                 if let Some(tls) = &spec.tls {
-                    for (plain, secure) in [("V4", v4), ("V5", v5)] {
-                        env.push((format!("LIME_BROKER_{plain}_LISTEN"), String::new()));
-                        env.push((
-                            format!("LIME_BROKER_TLS__{plain}_LISTEN"),
-                            format!("{listen}:{secure}"),
-                        ));
-                    }
-                    env.push((
-                        "LIME_BROKER_TLS__CERT_FILE".into(),
-                        tls.cert_file.display().to_string(),
-                    ));
-                    env.push((
-                        "LIME_BROKER_TLS__KEY_FILE".into(),
-                        tls.key_file.display().to_string(),
-                    ));
+                    cfg.v4_listen = Some(String::new());
+                    cfg.v5_listen = Some(String::new());
+                    cfg.tls = Some(TlsSettings {
+                        v4_listen: format!("{listen}:{v4}"),
+                        v5_listen: format!("{listen}:{v5}"),
+                        cert_file: tls.cert_file.clone(),
+                        key_file: tls.key_file.clone(),
+                    });
                 }
                 match &cluster.credentials {
                     Some(c) => {
-                        env.extend(c.broker_env());
-                        env.push((
-                            "LIME_BROKER_RING_KEY_FILE".into(),
-                            c.ring_key.display().to_string(),
-                        ));
+                        cfg.users = Some(c.broker_users());
+                        cfg.ring_key_file = Some(c.ring_key.clone());
                     }
                     // A spec that gives the broker logins wants them used.
-                    None if !spec
-                        .broker_env
-                        .iter()
-                        .any(|(k, _)| k.starts_with("LIME_BROKER_USERS__")) =>
-                    {
-                        env.push(("LIME_BROKER_ALLOW_ANONYMOUS".into(), "true".into()))
+                    None => {
+                        cfg.allow_anonymous = !spec
+                            .broker_env
+                            .iter()
+                            .any(|(k, _)| k.starts_with("LIME_BROKER_USERS__"))
                     }
-                    None => {}
                 }
-                env.extend(spec.broker_env.iter().cloned());
                 if let Some(p) = &spec.planner {
                     let memory = spec.memory.config(spec.mode);
-                    env.extend(
-                        [
-                            ("LIME_BROKER_PLANNER__STAGES", spec.stages.to_string()),
-                            ("LIME_BROKER_PLANNER__WORKLOAD", p.workload.clone()),
-                            (
-                                "LIME_BROKER_PLANNER__CONCURRENCY",
-                                p.concurrency.to_string(),
-                            ),
-                            ("LIME_BROKER_PLANNER__CONTEXT", p.context.to_string()),
-                            (
-                                "LIME_BROKER_PLANNER__MAX_SLOTS",
-                                memory.max_slots.to_string(),
-                            ),
-                            (
-                                "LIME_BROKER_PLANNER__ACTIVATION_TOKENS",
-                                memory.activation_tokens.to_string(),
-                            ),
-                            (
-                                "LIME_BROKER_PLANNER__DEFAULT_MBIT_PER_S",
-                                p.link_mbit_per_s.to_string(),
-                            ),
-                            (
-                                "LIME_BROKER_PLANNER__DEFAULT_LATENCY_MS",
-                                p.link_latency_ms.to_string(),
-                            ),
-                            ("LIME_BROKER_PLANNER__ADAPT", p.adapt.to_string()),
-                        ]
-                        .map(|(k, v)| (k.to_owned(), v)),
-                    );
+                    cfg.planner = PlannerConfig {
+                        stages: spec.stages,
+                        workload: p.workload.clone(),
+                        concurrency: p.concurrency,
+                        context: p.context,
+                        max_slots: memory.max_slots,
+                        activation_tokens: memory.activation_tokens,
+                        default_mbit_per_s: p.link_mbit_per_s,
+                        default_latency_ms: p.link_latency_ms,
+                        adapt: p.adapt,
+                        ..PlannerConfig::default()
+                    };
                 }
-                cluster.broker_env = env;
+                let file = spec.dir.join("broker.toml");
+                write_private(&file, &cfg.to_toml()?)?;
+                cluster.broker_settings = Some((file, spec.broker_env.clone()));
                 cluster.spawn_broker()?;
                 cluster.v4_port = Some(v4);
                 let mut addr = BrokerAddr::parse(&format!("127.0.0.1:{v5}"))?;
@@ -829,7 +780,7 @@ impl Cluster {
             let config = spec.dir.join(format!("{}.toml", stage.name));
             let profile = profiles.as_ref().and_then(|p| p.get(i)).cloned();
             let settings = settings(i, profile);
-            std::fs::write(&config, settings.to_toml(spec, &stage_broker))?;
+            std::fs::write(&config, settings.to_toml(spec, &stage_broker)?)?;
             let namespace = spec.namespaces.as_ref().and_then(|n| n.stages.get(i));
             let mut cmd = match namespace {
                 Some((ns, _)) => {
@@ -1023,8 +974,12 @@ impl Cluster {
     }
 
     fn spawn_broker(&mut self) -> anyhow::Result<()> {
+        let (file, env) = self
+            .broker_settings
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("this cluster has no lime-broker"))?;
         let mut cmd = Command::new(sibling("lime-broker")?);
-        cmd.envs(self.broker_env.iter().cloned());
+        cmd.arg("--config").arg(file).envs(env.iter().cloned());
         let log = self.log.clone();
         self.spawn("broker", cmd, &log)
     }
@@ -1034,7 +989,7 @@ impl Cluster {
     /// own.
     pub fn crash_and_restart_broker(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(
-            !self.broker_env.is_empty(),
+            self.broker_settings.is_some(),
             "this cluster has no lime-broker"
         );
         let i = self
