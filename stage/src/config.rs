@@ -42,10 +42,19 @@ pub struct StageConfig {
     /// checkpoint's own dtype; needs a build with the `cuda` feature).
     #[serde(default)]
     pub device: lime_kernels::DeviceSpec,
+    /// On SIGTERM, how long requests in flight may take to finish before they
+    /// end with an error and the stage exits (systemd's `TimeoutStopSec` must
+    /// leave room for it).
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
 }
 
 fn default_telemetry_ms() -> u64 {
     2_000
+}
+
+fn default_shutdown_grace_ms() -> u64 {
+    10_000
 }
 
 /// The memory budget and how offloaded layers are streamed.
@@ -240,6 +249,7 @@ impl StageConfig {
             profile_file: None,
             compute_threads: None,
             device: lime_kernels::DeviceSpec::default(),
+            shutdown_grace_ms: default_shutdown_grace_ms(),
         }
     }
 
@@ -304,6 +314,10 @@ impl StageConfig {
             self.device
         );
         anyhow::ensure!(self.telemetry_ms >= 50, "telemetry_ms must be at least 50");
+        anyhow::ensure!(
+            self.shutdown_grace_ms <= 600_000,
+            "shutdown_grace_ms must be at most 600000 (ten minutes)"
+        );
         anyhow::ensure!(
             self.data.probe_every_ms >= 100 && self.data.probe_target_ms > 0,
             "data.probe_every_ms must be at least 100 and data.probe_target_ms positive"

@@ -144,10 +144,18 @@ pub async fn publish_profile(
 }
 
 /// Drives the MQTT connection for the life of the stage.
-pub async fn drive(mut eventloop: EventLoop, client: AsyncClient, inbox: Arc<Inbox>) {
+pub async fn drive(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    inbox: Arc<Inbox>,
+    stopping: crate::shutdown::Shutdown,
+) {
     let mut connected = false;
     loop {
         match eventloop.poll().await {
+            // The stage said goodbye: what it published before went out first.
+            Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Err(_) if stopping.is_fired() => return,
             Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                 tracing::info!("connected to the MQTT broker");
                 connected = true;
@@ -355,9 +363,22 @@ fn heal_plan(client: &AsyncClient, inbox: &Inbox) {
     }
 }
 
-/// Publishes replies in order, QoS 1, with the request's correlation data.
-pub async fn publish_replies(client: AsyncClient, mut outbox: UnboundedReceiver<Outgoing>) {
-    while let Some(out) = outbox.recv().await {
+/// Publishes replies in order, QoS 1, with the request's correlation data,
+/// until `done` fires (the pipeline has ended) and what is left is sent.
+pub async fn publish_replies(
+    client: AsyncClient,
+    mut outbox: UnboundedReceiver<Outgoing>,
+    mut done: crate::shutdown::Shutdown,
+) {
+    loop {
+        let out = tokio::select! {
+            out = outbox.recv() => out,
+            _ = done.fired() => {
+                outbox.close();
+                outbox.recv().await
+            }
+        };
+        let Some(out) = out else { return };
         let props = out.reply.correlation.map(|c| PublishProperties {
             correlation_data: Some(c.into()),
             ..Default::default()

@@ -38,6 +38,9 @@ pub enum Event {
     StageLost(String),
     /// Its sender cancelled the request remembered under this key.
     Cancel(String),
+    /// The stage is shutting down: refuse new requests, let those in flight
+    /// finish until `by`, then end them with an error and return.
+    Drain { by: Instant },
     /// Finish: drop everything and return.
     Stop,
 }
@@ -80,6 +83,8 @@ pub struct Pipeline<'t> {
     /// Since when the ring has been broken with sequences to replay.
     pub recovering: Option<Instant>,
     pub last_ping: Option<Instant>,
+    /// Until when a shutting-down stage lets requests in flight finish.
+    draining: Option<Instant>,
 }
 
 /// Everything a pipeline starts from but the starter's scheduler (which borrows
@@ -114,6 +119,7 @@ impl Parts {
             breaks: 0,
             recovering: None,
             last_ping: None,
+            draining: None,
         }
     }
 }
@@ -180,6 +186,9 @@ impl Pipeline<'_> {
             if !self.handle_all(pending) {
                 return;
             }
+            if self.drained() {
+                return;
+            }
             if let Some(s) = &mut self.starter {
                 let (stalled, expired) = (s.stalled(), s.expire_deadlines());
                 self.release(expired);
@@ -216,6 +225,34 @@ impl Pipeline<'_> {
                     .send(Note::Telemetry(Box::new(self.telemetry(reports, clock))));
             }
         }
+    }
+
+    /// While shutting down: whether this stage may stop now. The starter
+    /// waits for its requests to finish until the grace is over (or the ring
+    /// is broken, when they cannot), then ends the rest with an error. A
+    /// secondary stops at once: what it has in flight, the starter replays.
+    fn drained(&mut self) -> bool {
+        let Some(by) = self.draining else {
+            return false;
+        };
+        let Some(s) = &mut self.starter else {
+            return true;
+        };
+        if s.sequences_in_flight() == 0 {
+            tracing::info!("drained: every request in flight has finished");
+            return true;
+        }
+        let why = if self.recovering.is_some() {
+            "the starter is shutting down and its ring is broken; what was streamed stands"
+        } else if Instant::now() >= by {
+            "the starter is shutting down and its shutdown grace (shutdown_grace_ms) ended before the answer; what was streamed stands"
+        } else {
+            return false;
+        };
+        let ended = s.end_all(why);
+        tracing::warn!(ended = ended.len(), %why, "drain: requests ended");
+        self.release(ended);
+        true
     }
 
     fn telemetry(&self, report: u64, time: StageTime) -> Telemetry {
@@ -311,6 +348,12 @@ impl Pipeline<'_> {
                 if let Some(s) = &mut self.starter {
                     let done = s.cancel(&key);
                     self.release(done);
+                }
+            }
+            Event::Drain { by } => {
+                self.draining = Some(by);
+                if let Some(s) = &mut self.starter {
+                    s.drain();
                 }
             }
             Event::Frame(Frame::Ping { nonce, mut rooms }) => {

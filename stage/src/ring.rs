@@ -70,10 +70,15 @@ pub async fn listen(
     key: Option<RingKey>,
     route: watch::Receiver<Route>,
     events: std::sync::mpsc::Sender<Event>,
+    mut stopping: crate::shutdown::Shutdown,
 ) {
     let generation = Arc::new(AtomicU64::new(0));
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stopping.fired() => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "data-plane accept failed");

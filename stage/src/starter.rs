@@ -48,6 +48,8 @@ pub struct Scheduler<'t> {
     /// The ring broke and is not whole again yet: nothing launches, and new
     /// requests are told they wait for it.
     ring_down: bool,
+    /// The stage is shutting down: no request is taken any more.
+    draining: bool,
 }
 
 impl<'t> Scheduler<'t> {
@@ -86,6 +88,7 @@ impl<'t> Scheduler<'t> {
             rebuilding: None,
             ids,
             ring_down: false,
+            draining: false,
         }
     }
 
@@ -163,8 +166,35 @@ impl<'t> Scheduler<'t> {
         rebuilt
     }
 
+    /// The stage is shutting down: waiting requests, and any that arrive from
+    /// now on, are refused with `overloaded` (sent again, they reach the
+    /// starter once it is back); those generating go on.
+    pub fn drain(&mut self) {
+        self.draining = true;
+        while !self.waiting.is_empty() {
+            self.end_waiting(0, ErrorCode::Overloaded, DRAINING);
+        }
+    }
+
+    /// Ends every generating request with an `internal` error saying `why`.
+    /// Returns the sequences to release.
+    pub fn end_all(&mut self, why: &str) -> Vec<u64> {
+        let mut all: Vec<u64> = self.sequences.keys().copied().collect();
+        all.sort_unstable();
+        self.end(&all, ErrorCode::Internal, why)
+    }
+
     /// Queues a checked request, or refuses it when the queue is full.
     pub fn submit(&mut self, job: Job) {
+        if self.draining {
+            tracing::warn!(id = %job.id, "refusing request: shutting down");
+            self.answered(&job.id_key);
+            self.publish(
+                &job.reply,
+                &ErrorReply::new(Some(job.id), ErrorCode::Overloaded, DRAINING),
+            );
+            return;
+        }
         let queued_tokens: usize = self.waiting.iter().map(|j| j.prompt.len()).sum();
         if self.waiting.len() >= self.limits.max_queued
             || (!self.waiting.is_empty()
@@ -616,6 +646,9 @@ impl<'t> Scheduler<'t> {
         }
     }
 }
+
+/// Why requests are refused while the starter drains.
+const DRAINING: &str = "the starter is shutting down; send the request again once it is back";
 
 /// Micro-batches in flight: the starter's setting, else the plan's, else one per
 /// stage.
