@@ -10,6 +10,7 @@
 //! read again into memory it already has ([`Checkpoint::fill`]): that is how a
 //! stage streams offloaded layers through preallocated slots.
 
+use crate::layout::{self, EndWeights, LayerWeights};
 use crate::storage::{self, ReadOptions, StagingBuffer, Throttle};
 use crate::{Config, Error, Placement, Result};
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
@@ -177,7 +178,7 @@ impl Checkpoint {
         let stored = self
             .tensors
             .iter()
-            .filter(|(n, _)| n.starts_with("model.layers."))
+            .filter(|(n, _)| layout::is_layer_weight(n))
             .map(|(_, e)| (e.dtype.bitsize() / 8) as u32)
             .max()
             .unwrap_or(4);
@@ -196,7 +197,10 @@ impl Checkpoint {
     /// Whether the LM head is the embedding's matrix: tied in the config and not
     /// stored apart (some tied checkpoints store a copy anyway, which is loaded).
     pub fn head_is_tied(&self) -> bool {
-        self.config.tie_word_embeddings && self.entry("lm_head.weight").is_none()
+        self.config.tie_word_embeddings
+            && self
+                .entry(&EndWeights::of(&self.config).lm_head.name)
+                .is_none()
     }
 
     /// Tokens that end a generation: `config.json`'s EOS ids and those of
@@ -231,32 +235,33 @@ impl Checkpoint {
         self.tensors.get(name)
     }
 
-    /// The host read buffer [`Checkpoint::fill`] needs to refill every tensor
-    /// whose name starts with `prefix` at `placement`: none when each reads
-    /// straight into its tensor, else room for the largest. On the CPU that is
-    /// f32 read buffered; a GPU reads every dtype straight into its page-locked
-    /// buffers or mapped slots, and needs the buffer only for direct I/O's
-    /// alignment. The GPU loader's own buffers are [`Placement::loader_bytes`].
-    pub fn staging_needed(&self, prefix: &str, placement: Placement) -> usize {
+    /// The host read buffer [`Checkpoint::fill`] needs to refill a decoder layer
+    /// at `placement`: none when each tensor reads straight into its own, else
+    /// room for the largest. On the CPU that is f32 read buffered; a GPU reads
+    /// every dtype straight into its page-locked buffers or mapped slots, and
+    /// needs the buffer only for direct I/O's alignment. The GPU loader's own
+    /// buffers are [`Placement::loader_bytes`].
+    pub fn layer_staging_needed(&self, placement: Placement) -> usize {
         let direct = self.direct_io();
         let cpu = placement == Placement::Cpu;
         let largest = self
             .tensors
             .iter()
-            .filter(|(n, e)| n.starts_with(prefix) && (direct || (cpu && e.dtype != Dtype::F32)))
+            .filter(|(n, e)| {
+                layout::is_layer_weight(n) && (direct || (cpu && e.dtype != Dtype::F32))
+            })
             .map(|(_, e)| e.byte_len())
             .max();
         largest.map_or(0, |b| StagingBuffer::footprint(b as usize))
     }
 
     /// Staging to refill decoder layers on `device`: the host buffer
-    /// [`Checkpoint::staging_needed`] says and, on a GPU, its loader.
+    /// [`Checkpoint::layer_staging_needed`] says and, on a GPU, its loader.
     pub fn layer_staging(&self, device: &Device) -> Result<StagingBuffer> {
-        let prefix = "model.layers.";
         StagingBuffer::for_device(
             device,
-            self.staging_needed(prefix, Placement::of(device)?),
-            self.largest_with_prefix(prefix) as usize,
+            self.layer_staging_needed(Placement::of(device)?),
+            self.largest_layer_tensor() as usize,
         )
     }
 
@@ -268,21 +273,13 @@ impl Checkpoint {
         Some(e.shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64)
     }
 
-    /// Bytes on disk of every tensor whose name starts with `prefix`.
-    pub fn bytes_with_prefix(&self, prefix: &str) -> u64 {
+    /// Bytes on disk of layer `index`'s tensors.
+    pub fn layer_bytes_stored(&self, index: usize) -> u64 {
+        let prefix = layout::layer_prefix(index);
         self.tensors
             .iter()
-            .filter(|(n, _)| n.starts_with(prefix))
+            .filter(|(n, _)| n.starts_with(&prefix))
             .map(|(_, e)| e.byte_len())
-            .sum()
-    }
-
-    /// Values in every tensor whose name starts with `prefix`.
-    pub fn elements_with_prefix(&self, prefix: &str) -> u64 {
-        self.tensors
-            .iter()
-            .filter(|(n, _)| n.starts_with(prefix))
-            .map(|(_, e)| e.shape.iter().product::<usize>() as u64)
             .sum()
     }
 
@@ -431,23 +428,33 @@ impl Checkpoint {
         self.layer_dtype_on(device.is_cpu())
     }
 
+    /// The dtype hidden states flow in on `device`: the embedding's, which every
+    /// layer keeps (f32 when the checkpoint has none lime computes in).
+    pub fn hidden_dtype(&self, device: &Device) -> DType {
+        self.tensors
+            .get(&EndWeights::of(&self.config).embed_tokens.name)
+            .and_then(|e| compute_dtype_on(e.dtype, device.is_cpu()))
+            .unwrap_or(DType::F32)
+    }
+
     /// [`Checkpoint::layer_dtype`] at `placement`, without a device at hand.
     pub fn layer_dtype_at(&self, placement: Placement) -> DType {
         self.layer_dtype_on(placement == Placement::Cpu)
     }
 
     fn layer_dtype_on(&self, cpu: bool) -> DType {
+        let first = LayerWeights::of(&self.config, 0).self_attn.q_proj.weight;
         self.tensors
-            .get("model.layers.0.self_attn.q_proj.weight")
+            .get(&first.name)
             .and_then(|e| compute_dtype_on(e.dtype, cpu))
             .unwrap_or(DType::F32)
     }
 
-    /// The largest stored tensor whose name starts with `prefix`, in bytes.
-    pub fn largest_with_prefix(&self, prefix: &str) -> u64 {
+    /// The largest stored tensor of any decoder layer, in bytes.
+    pub fn largest_layer_tensor(&self) -> u64 {
         self.tensors
             .iter()
-            .filter(|(n, _)| n.starts_with(prefix))
+            .filter(|(n, _)| layout::is_layer_weight(n))
             .map(|(_, e)| e.byte_len())
             .max()
             .unwrap_or(0)

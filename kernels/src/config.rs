@@ -292,27 +292,19 @@ impl Config {
     /// The model in the planner's units, with weights stored `stored_dtype_bytes`
     /// bytes per parameter.
     pub fn shape(&self, name: &str, stored_dtype_bytes: u32) -> lime_schemas::ModelShape {
-        let (h, ffn) = (self.hidden_size as u64, self.intermediate_size as u64);
-        let q = (self.num_attention_heads * self.head_dim) as u64;
+        let layer = crate::layout::LayerWeights::of(self, 0);
+        let ends = crate::layout::EndWeights::of(self);
+        let head = ends.lm_head.elements() as u64;
         let kv = (self.num_key_value_heads * self.head_dim) as u64;
-        let qkv_bias = if self.qkv_bias { q + 2 * kv } else { 0 };
-        let o_bias = if self.o_bias { h } else { 0 };
-        let mlp_bias = if self.mlp_bias { 2 * ffn + h } else { 0 };
-        let vocab = self.vocab_size as u64;
         lime_schemas::ModelShape {
             name: name.to_owned(),
             layers: self.num_hidden_layers,
             hidden: self.hidden_size,
-            layer_params: 2 * h + h * (2 * q + 2 * kv) + 3 * h * ffn + qkv_bias + o_bias + mlp_bias,
-            largest_tensor_params: (h * ffn).max(h * q),
-            end_params: vocab * h
-                + h
-                + if self.tie_word_embeddings {
-                    0
-                } else {
-                    vocab * h
-                },
-            head_params: vocab * h,
+            layer_params: layer.elements() as u64,
+            largest_tensor_params: layer.iter().map(|w| w.elements()).max().unwrap_or(0) as u64,
+            end_params: (ends.embed_tokens.elements() + ends.norm.elements()) as u64
+                + if self.tie_word_embeddings { 0 } else { head },
+            head_params: head,
             kv_values_per_token: 2 * kv,
             activation_values_per_token: self.activation_values_per_token(),
             rope_values: (self.max_context() * self.head_dim) as u64,

@@ -1,200 +1,64 @@
 //! The Llama family's decoder (and Mistral's and Qwen2's, which differ only in
 //! config), in pieces that load and run independently: the embedding, any single
-//! decoder layer, and the head. Weight names are exactly those of the Hugging Face
-//! checkpoint.
+//! decoder layer, and the head. Which tensors each piece holds, and their names
+//! and shapes, is [`crate::layout`]'s; this file is what they compute.
 
 use crate::batch::MicroBatch;
 use crate::causal_attention::CausalAttention;
 use crate::kv_append::KvAppend;
 use crate::kv_cache::KvCache;
+use crate::layout::{AttentionWeights, EndWeights, LayerWeights, MlpWeights, Projection};
 use crate::rms_norm::RmsNormOp;
 use crate::{rope, Checkpoint, Config, Error, Result, StagingBuffer};
 use candle_core::{DType, Device, Tensor, D};
 
-/// Makes a zeroed tensor of a shape, for a slot's weights.
-type Alloc<'a> = &'a mut dyn FnMut(&[usize]) -> Result<Tensor>;
-/// Reads the checkpoint tensor of a name into a slot's tensor.
-type Fill<'a> = &'a mut dyn FnMut(&str, &Tensor) -> Result<()>;
-
 /// A dense projection `y = x Wᵀ (+ b)` with `W` stored `[out, in]` as in PyTorch.
-#[derive(Debug)]
-struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl Linear {
-    fn load(
-        ckpt: &Checkpoint,
-        prefix: &str,
-        dims: (usize, usize),
-        bias: bool,
-        dev: &Device,
-    ) -> Result<Self> {
-        let (out_dim, in_dim) = dims;
-        let weight = ckpt.tensor(&format!("{prefix}.weight"), &[out_dim, in_dim], dev)?;
-        let bias = if bias {
-            Some(ckpt.tensor(&format!("{prefix}.bias"), &[out_dim], dev)?)
-        } else {
-            None
-        };
-        Ok(Self { weight, bias })
-    }
-
-    /// Zeroed weights of the shape `load` would read, to be filled later.
-    fn zeros(dims: (usize, usize), bias: bool, alloc: Alloc<'_>) -> Result<Self> {
-        Ok(Self {
-            weight: alloc(&[dims.0, dims.1])?,
-            bias: if bias { Some(alloc(&[dims.0])?) } else { None },
-        })
-    }
-
-    fn fill(&self, prefix: &str, fill: Fill<'_>) -> Result<()> {
-        fill(&format!("{prefix}.weight"), &self.weight)?;
-        if let Some(b) = &self.bias {
-            fill(&format!("{prefix}.bias"), b)?;
-        }
-        Ok(())
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = project(x, &self.weight)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
-    }
-
-    fn bytes(&self) -> usize {
-        tensor_bytes(&self.weight) + self.bias.as_ref().map_or(0, tensor_bytes)
-    }
+fn linear(p: &Projection<Tensor>, x: &Tensor) -> Result<Tensor> {
+    let y = project(x, &p.weight)?;
+    Ok(match &p.bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
 }
 
 /// Root-mean-square normalisation, computed in f32 whatever the weights' dtype.
-#[derive(Debug)]
-struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let op = RmsNormOp { eps: eps as f32 };
+    Ok(x.contiguous()?.apply_op2_no_bwd(weight, &op)?)
 }
 
-impl RmsNorm {
-    fn load(ckpt: &Checkpoint, name: &str, cfg: &Config, dev: &Device) -> Result<Self> {
-        Ok(Self {
-            weight: ckpt.tensor(name, &[cfg.hidden_size], dev)?,
-            eps: cfg.rms_norm_eps,
-        })
-    }
-
-    fn zeros(cfg: &Config, alloc: Alloc<'_>) -> Result<Self> {
-        Ok(Self {
-            weight: alloc(&[cfg.hidden_size])?,
-            eps: cfg.rms_norm_eps,
-        })
-    }
-
-    fn fill(&self, name: &str, fill: Fill<'_>) -> Result<()> {
-        fill(name, &self.weight)
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let op = RmsNormOp {
-            eps: self.eps as f32,
-        };
-        Ok(x.contiguous()?.apply_op2_no_bwd(&self.weight, &op)?)
-    }
-}
-
-/// Grouped-query self-attention with a preallocated per-sequence cache.
-#[derive(Debug)]
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+/// What a layer's forward pass needs of the config besides its weights.
+#[derive(Debug, Clone, Copy)]
+struct Heads {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    eps: f64,
 }
 
-impl Attention {
-    fn load(ckpt: &Checkpoint, prefix: &str, cfg: &Config, dev: &Device) -> Result<Self> {
-        let (h, q, kv) = (
-            cfg.hidden_size,
-            cfg.num_attention_heads * cfg.head_dim,
-            cfg.num_key_value_heads * cfg.head_dim,
-        );
-        Ok(Self {
-            q_proj: Linear::load(ckpt, &format!("{prefix}.q_proj"), (q, h), cfg.qkv_bias, dev)?,
-            k_proj: Linear::load(
-                ckpt,
-                &format!("{prefix}.k_proj"),
-                (kv, h),
-                cfg.qkv_bias,
-                dev,
-            )?,
-            v_proj: Linear::load(
-                ckpt,
-                &format!("{prefix}.v_proj"),
-                (kv, h),
-                cfg.qkv_bias,
-                dev,
-            )?,
-            o_proj: Linear::load(ckpt, &format!("{prefix}.o_proj"), (h, q), cfg.o_bias, dev)?,
+impl Heads {
+    fn of(cfg: &Config) -> Self {
+        Self {
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
-        })
-    }
-
-    fn zeros(cfg: &Config, alloc: Alloc<'_>) -> Result<Self> {
-        let (h, q, kv) = (
-            cfg.hidden_size,
-            cfg.num_attention_heads * cfg.head_dim,
-            cfg.num_key_value_heads * cfg.head_dim,
-        );
-        Ok(Self {
-            q_proj: Linear::zeros((q, h), cfg.qkv_bias, alloc)?,
-            k_proj: Linear::zeros((kv, h), cfg.qkv_bias, alloc)?,
-            v_proj: Linear::zeros((kv, h), cfg.qkv_bias, alloc)?,
-            o_proj: Linear::zeros((h, q), cfg.o_bias, alloc)?,
-            heads: cfg.num_attention_heads,
-            kv_heads: cfg.num_key_value_heads,
-            head_dim: cfg.head_dim,
-        })
-    }
-
-    fn fill(&self, prefix: &str, fill: Fill<'_>) -> Result<()> {
-        for (proj, name) in [
-            (&self.q_proj, "q_proj"),
-            (&self.k_proj, "k_proj"),
-            (&self.v_proj, "v_proj"),
-            (&self.o_proj, "o_proj"),
-        ] {
-            proj.fill(&format!("{prefix}.{name}"), fill)?;
+            eps: cfg.rms_norm_eps,
         }
-        Ok(())
     }
 
-    fn forward(
+    /// Grouped-query self-attention over each sequence's preallocated cache.
+    fn attention(
         &self,
+        w: &AttentionWeights<Tensor>,
         x: &Tensor,
         layer: usize,
         batch: &MicroBatch,
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor> {
         let tokens = batch.tokens();
-        let q = self
-            .q_proj
-            .forward(x)?
-            .reshape((tokens, self.heads, self.head_dim))?;
-        let k = self
-            .k_proj
-            .forward(x)?
-            .reshape((tokens, self.kv_heads, self.head_dim))?;
-        let v = self
-            .v_proj
-            .forward(x)?
-            .reshape((tokens, self.kv_heads, self.head_dim))?;
+        let q = linear(&w.q_proj, x)?.reshape((tokens, self.heads, self.head_dim))?;
+        let k = linear(&w.k_proj, x)?.reshape((tokens, self.kv_heads, self.head_dim))?;
+        let v = linear(&w.v_proj, x)?.reshape((tokens, self.kv_heads, self.head_dim))?;
         let q = rope::apply(&q, &batch.cos, &batch.sin)?;
         let k = rope::apply(&k, &batch.cos, &batch.sin)?.contiguous()?;
         let v = v.contiguous()?;
@@ -248,11 +112,7 @@ impl Attention {
             outputs.push(out);
             row += n;
         }
-        self.o_proj.forward(&Tensor::cat(&outputs, 0)?)
-    }
-
-    fn bytes(&self) -> usize {
-        self.q_proj.bytes() + self.k_proj.bytes() + self.v_proj.bytes() + self.o_proj.bytes()
+        linear(&w.o_proj, &Tensor::cat(&outputs, 0)?)
     }
 }
 
@@ -297,98 +157,52 @@ fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// The SwiGLU feed-forward block.
-#[derive(Debug)]
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+fn mlp(w: &MlpWeights<Tensor>, x: &Tensor) -> Result<Tensor> {
+    let gated = (linear(&w.gate_proj, x)?.silu()? * linear(&w.up_proj, x)?)?;
+    linear(&w.down_proj, &gated)
 }
 
-impl Mlp {
-    fn load(ckpt: &Checkpoint, prefix: &str, cfg: &Config, dev: &Device) -> Result<Self> {
-        let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
-        Ok(Self {
-            gate_proj: Linear::load(ckpt, &format!("{prefix}.gate_proj"), (i, h), b, dev)?,
-            up_proj: Linear::load(ckpt, &format!("{prefix}.up_proj"), (i, h), b, dev)?,
-            down_proj: Linear::load(ckpt, &format!("{prefix}.down_proj"), (h, i), b, dev)?,
-        })
-    }
+/// Where a layer's tensors live: memory of their own, or on an integrated GPU a
+/// mapped slot that holds them together with the memory under them.
+#[derive(Debug)]
+enum Weights {
+    Owned(LayerWeights<Tensor>),
+    #[cfg(feature = "cuda")]
+    Mapped(crate::cuda::mapped::MappedSlot),
+}
 
-    fn zeros(cfg: &Config, alloc: Alloc<'_>) -> Result<Self> {
-        let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
-        Ok(Self {
-            gate_proj: Linear::zeros((i, h), b, alloc)?,
-            up_proj: Linear::zeros((i, h), b, alloc)?,
-            down_proj: Linear::zeros((h, i), b, alloc)?,
-        })
-    }
-
-    fn fill(&self, prefix: &str, fill: Fill<'_>) -> Result<()> {
-        for (proj, name) in [
-            (&self.gate_proj, "gate_proj"),
-            (&self.up_proj, "up_proj"),
-            (&self.down_proj, "down_proj"),
-        ] {
-            proj.fill(&format!("{prefix}.{name}"), fill)?;
+impl Weights {
+    fn tensors(&self) -> &LayerWeights<Tensor> {
+        match self {
+            Self::Owned(w) => w,
+            #[cfg(feature = "cuda")]
+            Self::Mapped(slot) => slot.weights(),
         }
-        Ok(())
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = (self.gate_proj.forward(x)?.silu()? * self.up_proj.forward(x)?)?;
-        self.down_proj.forward(&gated)
-    }
-
-    fn bytes(&self) -> usize {
-        self.gate_proj.bytes() + self.up_proj.bytes() + self.down_proj.bytes()
     }
 }
 
 /// One decoder layer, `model.layers.{index}`: loaded, run and dropped on its own so
-/// that a stage can hold any subset of the model and stream the rest.
+/// that a stage can hold any subset of the model and stream the rest. Its tensors
+/// are those [`LayerWeights::of`] describes and never leave it.
 #[derive(Debug)]
 pub struct DecoderLayer {
     index: usize,
-    input_layernorm: RmsNorm,
-    self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
-    mlp: Mlp,
-    /// The mapped memory of a slot on an integrated GPU. Declared last: it must
-    /// outlive the tensors above, which live in it.
-    #[cfg(feature = "cuda")]
-    mapped: Option<std::sync::Arc<crate::cuda::mapped::MappedArena>>,
+    weights: Weights,
+    heads: Heads,
 }
 
 impl DecoderLayer {
     /// Reads layer `index`'s weights from the checkpoint (and nothing else).
     pub fn load(ckpt: &Checkpoint, index: usize, device: &Device) -> Result<Self> {
         let cfg = ckpt.config();
-        if index >= cfg.num_hidden_layers {
-            return Err(Error::Input(format!(
-                "layer {index} does not exist in a {}-layer model",
-                cfg.num_hidden_layers
-            )));
-        }
-        let p = format!("model.layers.{index}");
+        check_index(cfg, index)?;
         let _span = tracing::debug_span!("load_layer", layer = index).entered();
+        let weights =
+            LayerWeights::of(cfg, index).try_map(|w| ckpt.tensor(&w.name, &w.shape, device))?;
         Ok(Self {
             index,
-            input_layernorm: RmsNorm::load(
-                ckpt,
-                &format!("{p}.input_layernorm.weight"),
-                cfg,
-                device,
-            )?,
-            self_attn: Attention::load(ckpt, &format!("{p}.self_attn"), cfg, device)?,
-            post_attention_layernorm: RmsNorm::load(
-                ckpt,
-                &format!("{p}.post_attention_layernorm.weight"),
-                cfg,
-                device,
-            )?,
-            mlp: Mlp::load(ckpt, &format!("{p}.mlp"), cfg, device)?,
-            #[cfg(feature = "cuda")]
-            mapped: None,
+            weights: Weights::Owned(weights),
+            heads: Heads::of(cfg),
         })
     }
 
@@ -403,42 +217,23 @@ impl DecoderLayer {
                 "a CPU layer slot computes in F32, not {dtype:?}"
             )));
         }
+        let layout = LayerWeights::of(cfg, 0);
         #[cfg(feature = "cuda")]
         if !device.is_cpu()
             && crate::GpuTraits::query(device)?.load_path() == crate::LoadPath::Mapped
         {
-            return Self::empty_mapped(cfg, dtype, device);
+            let slot = crate::cuda::mapped::MappedSlot::new(&layout, dtype, device)?;
+            return Ok(Self {
+                index: usize::MAX,
+                weights: Weights::Mapped(slot),
+                heads: Heads::of(cfg),
+            });
         }
-        Self::allocate(cfg, &mut |shape| Ok(Tensor::zeros(shape, dtype, device)?))
-    }
-
-    /// A slot's tensors, each from `alloc`.
-    fn allocate(cfg: &Config, alloc: Alloc<'_>) -> Result<Self> {
+        let weights = layout.try_map(|w| Tensor::zeros(w.shape.as_slice(), dtype, device))?;
         Ok(Self {
             index: usize::MAX,
-            input_layernorm: RmsNorm::zeros(cfg, alloc)?,
-            self_attn: Attention::zeros(cfg, alloc)?,
-            post_attention_layernorm: RmsNorm::zeros(cfg, alloc)?,
-            mlp: Mlp::zeros(cfg, alloc)?,
-            #[cfg(feature = "cuda")]
-            mapped: None,
-        })
-    }
-
-    #[cfg(feature = "cuda")]
-    fn empty_mapped(cfg: &Config, dtype: DType, device: &Device) -> Result<Self> {
-        use crate::cuda::mapped::{footprint, MappedArena};
-        // Sizes first (placeholders on the CPU), then the arena that holds them all.
-        let mut bytes = 0;
-        Self::allocate(cfg, &mut |shape| {
-            bytes += footprint(shape.iter().product::<usize>() * dtype.size_in_bytes());
-            Ok(Tensor::zeros((), dtype, &Device::Cpu)?)
-        })?;
-        let mut arena = MappedArena::new(device, bytes)?;
-        let layer = Self::allocate(cfg, &mut |shape| arena.tensor(shape, dtype))?;
-        Ok(Self {
-            mapped: Some(std::sync::Arc::new(arena)),
-            ..layer
+            weights: Weights::Owned(weights),
+            heads: Heads::of(cfg),
         })
     }
 
@@ -454,45 +249,31 @@ impl DecoderLayer {
         index: usize,
         staging: &mut StagingBuffer,
     ) -> Result<()> {
-        let cfg = ckpt.config();
-        if index >= cfg.num_hidden_layers {
-            return Err(Error::Input(format!(
-                "layer {index} does not exist in a {}-layer model",
-                cfg.num_hidden_layers
-            )));
-        }
+        check_index(ckpt.config(), index)?;
         let _span = tracing::debug_span!("reload_layer", layer = index).entered();
         self.index = usize::MAX;
-        #[cfg(feature = "cuda")]
-        if let Some(arena) = &self.mapped {
-            let arena = arena.clone();
-            self.refill(index, &mut |name, t| arena.fill(ckpt, name, t, staging))?;
-            self.index = index;
-            return Ok(());
+        let layout = LayerWeights::of(ckpt.config(), index);
+        match &self.weights {
+            Weights::Owned(tensors) => {
+                for (w, t) in layout.zip(tensors) {
+                    ckpt.fill(&w.name, t, staging)?;
+                }
+            }
+            #[cfg(feature = "cuda")]
+            Weights::Mapped(slot) => slot.refill(ckpt, &layout, staging)?,
         }
-        self.refill(index, &mut |name, t| ckpt.fill(name, t, staging))?;
         self.index = index;
         Ok(())
     }
 
-    fn refill(&self, index: usize, fill: Fill<'_>) -> Result<()> {
-        let p = format!("model.layers.{index}");
-        self.input_layernorm
-            .fill(&format!("{p}.input_layernorm.weight"), fill)?;
-        self.self_attn.fill(&format!("{p}.self_attn"), fill)?;
-        self.post_attention_layernorm
-            .fill(&format!("{p}.post_attention_layernorm.weight"), fill)?;
-        self.mlp.fill(&format!("{p}.mlp"), fill)
-    }
-
     /// Where the layer's weights live.
     pub fn device(&self) -> &Device {
-        self.input_layernorm.weight.device()
+        self.weights.tensors().input_layernorm.device()
     }
 
     /// What the layer computes in (its weights' dtype).
     pub fn dtype(&self) -> DType {
-        self.self_attn.q_proj.weight.dtype()
+        self.weights.tensors().self_attn.q_proj.weight.dtype()
     }
 
     /// The model layer held, or `None` for a slot not (successfully) filled yet.
@@ -502,10 +283,7 @@ impl DecoderLayer {
 
     /// Bytes of weights this layer holds in memory.
     pub fn bytes(&self) -> usize {
-        self.self_attn.bytes()
-            + self.mlp.bytes()
-            + tensor_bytes(&self.input_layernorm.weight)
-            + tensor_bytes(&self.post_attention_layernorm.weight)
+        self.weights.tensors().iter().map(tensor_bytes).sum()
     }
 
     /// Runs the layer over a micro-batch, appending each sequence's keys and values
@@ -528,15 +306,25 @@ impl DecoderLayer {
         }
         let _span =
             tracing::trace_span!("layer", layer = self.index, tokens = batch.tokens()).entered();
-        let attn =
-            self.self_attn
-                .forward(&self.input_layernorm.forward(x)?, self.index, batch, caches)?;
+        let (w, eps) = (self.weights.tensors(), self.heads.eps);
+        let normed = rms_norm(x, &w.input_layernorm, eps)?;
+        let attn = self
+            .heads
+            .attention(&w.self_attn, &normed, self.index, batch, caches)?;
         let x = (x + attn)?;
-        let mlp = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+        let mlp = mlp(&w.mlp, &rms_norm(&x, &w.post_attention_layernorm, eps)?)?;
         Ok((x + mlp)?)
     }
+}
+
+fn check_index(cfg: &Config, index: usize) -> Result<()> {
+    if index >= cfg.num_hidden_layers {
+        return Err(Error::Input(format!(
+            "layer {index} does not exist in a {}-layer model",
+            cfg.num_hidden_layers
+        )));
+    }
+    Ok(())
 }
 
 /// The token embedding, `model.embed_tokens`.
@@ -546,14 +334,11 @@ pub struct Embedding {
 }
 
 impl Embedding {
+    /// Reads the embedding table from the checkpoint.
     pub fn load(ckpt: &Checkpoint, device: &Device) -> Result<Self> {
-        let cfg = ckpt.config();
+        let w = EndWeights::of(ckpt.config()).embed_tokens;
         Ok(Self {
-            weight: ckpt.tensor(
-                "model.embed_tokens.weight",
-                &[cfg.vocab_size, cfg.hidden_size],
-                device,
-            )?,
+            weight: ckpt.tensor(&w.name, &w.shape, device)?,
         })
     }
 
@@ -569,6 +354,7 @@ impl Embedding {
         Ok(self.weight.index_select(&ids, 0)?)
     }
 
+    /// Bytes of the table in memory.
     pub fn bytes(&self) -> usize {
         tensor_bytes(&self.weight)
     }
@@ -582,7 +368,8 @@ impl Embedding {
 /// The final norm and LM head (`model.norm`, `lm_head`, or the embedding when tied).
 #[derive(Debug)]
 pub struct Head {
-    norm: RmsNorm,
+    norm: Tensor,
+    eps: f64,
     lm_head: Tensor,
     shares_embedding: bool,
 }
@@ -591,21 +378,18 @@ impl Head {
     /// Loads the head. With tied embeddings and the starter's `embedding` at hand,
     /// the LM head shares its tensor instead of holding a second copy.
     pub fn load(ckpt: &Checkpoint, device: &Device, embedding: Option<&Embedding>) -> Result<Self> {
-        let cfg = ckpt.config();
+        let ends = EndWeights::of(ckpt.config());
         let tied = ckpt.head_is_tied();
         let lm_head = match (tied, embedding) {
             (true, Some(e)) => e.weight.clone(),
-            (true, None) => ckpt.tensor(
-                "model.embed_tokens.weight",
-                &[cfg.vocab_size, cfg.hidden_size],
-                device,
-            )?,
-            (false, _) => {
-                ckpt.tensor("lm_head.weight", &[cfg.vocab_size, cfg.hidden_size], device)?
+            (true, None) => {
+                ckpt.tensor(&ends.embed_tokens.name, &ends.embed_tokens.shape, device)?
             }
+            (false, _) => ckpt.tensor(&ends.lm_head.name, &ends.lm_head.shape, device)?,
         };
         Ok(Self {
-            norm: RmsNorm::load(ckpt, "model.norm.weight", cfg, device)?,
+            norm: ckpt.tensor(&ends.norm.name, &ends.norm.shape, device)?,
+            eps: ckpt.config().rms_norm_eps,
             lm_head,
             shares_embedding: tied && embedding.is_some(),
         })
@@ -614,19 +398,19 @@ impl Head {
     /// Logits `[rows, vocab]` in f32 for the given rows of `hidden`.
     pub fn forward(&self, hidden: &Tensor, rows: &[u32]) -> Result<Tensor> {
         let rows = Tensor::from_slice(rows, rows.len(), hidden.device())?;
-        let x = self.norm.forward(&hidden.index_select(&rows, 0)?)?;
+        let x = rms_norm(&hidden.index_select(&rows, 0)?, &self.norm, self.eps)?;
         Ok(project(&x, &self.lm_head)?.to_dtype(DType::F32)?)
     }
 
     /// Bytes of weights one forward pass reads (the LM head even when it is shared).
     pub fn bytes_read(&self) -> usize {
-        tensor_bytes(&self.norm.weight) + tensor_bytes(&self.lm_head)
+        tensor_bytes(&self.norm) + tensor_bytes(&self.lm_head)
     }
 
     /// Bytes of weights this head alone holds in memory.
     pub fn bytes(&self) -> usize {
         if self.shares_embedding {
-            tensor_bytes(&self.norm.weight)
+            tensor_bytes(&self.norm)
         } else {
             self.bytes_read()
         }

@@ -18,13 +18,18 @@ use std::fmt;
 /// What the stage holds, by kind, in bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Held {
+    /// Resident layers, the ends at the starter and the rotary tables.
     pub weights: u64,
+    /// Layer slots and the read buffer of streamed layers.
     pub staging: u64,
+    /// Every sequence's KV cache.
     pub kv: u64,
+    /// The workspace of the largest micro-batch.
     pub activations: u64,
 }
 
 impl Held {
+    /// Everything held.
     pub fn total(&self) -> u64 {
         self.weights + self.staging + self.kv + self.activations
     }
@@ -41,9 +46,13 @@ pub struct Budget {
 /// An allocation the budget has no room for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exhausted {
+    /// What asked for the room, as the message names it.
     pub what: &'static str,
+    /// Bytes asked for.
     pub wanted: u64,
+    /// Bytes the budget had free.
     pub free: u64,
+    /// The budget, bytes.
     pub limit: u64,
 }
 
@@ -60,6 +69,8 @@ impl fmt::Display for Exhausted {
     }
 }
 
+impl std::error::Error for Exhausted {}
+
 impl Budget {
     /// Starts the account with what the stage holds for its whole life.
     pub fn new(limit: Option<u64>, fixed: Held) -> Self {
@@ -70,10 +81,12 @@ impl Budget {
         }
     }
 
+    /// The budget, bytes; `None` for a stage without one.
     pub fn limit(&self) -> Option<u64> {
         self.limit
     }
 
+    /// What is accounted now.
     pub fn held(&self) -> Held {
         self.held
     }
@@ -102,6 +115,7 @@ impl Budget {
         Ok(())
     }
 
+    /// Gives back a finished sequence's KV room.
     pub fn free_kv(&mut self, bytes: u64) {
         self.held.kv = self.held.kv.saturating_sub(bytes);
     }
@@ -144,7 +158,7 @@ pub fn stage_costs(
     let max_context = ckpt.config().max_context();
     let holding = Holding {
         weight_bytes: ckpt.layer_dtype_at(placement).size_in_bytes() as u64,
-        host_buffer: ckpt.staging_needed(LAYERS, placement) > 0,
+        host_buffer: ckpt.layer_staging_needed(placement) > 0,
         pinned_pair: placement == Placement::Gpu(LoadPath::PinnedCopy),
     };
     let kv_reserve_tokens = memory
@@ -157,9 +171,6 @@ pub fn stage_costs(
         kv_reserve_tokens,
     )
 }
-
-/// The prefix of every decoder layer's tensors.
-const LAYERS: &str = "model.layers.";
 
 /// Makes the allocator hand freed blocks of 128 KiB and more back to the
 /// system at once, so that RSS follows the account. glibc otherwise raises its
@@ -218,7 +229,7 @@ mod tests {
         let rope = Rope::new(cfg, cfg.max_context(), &Device::Cpu).unwrap();
         let ends = (emb.bytes() + head.bytes() + rope.bytes()) as u64;
         assert_eq!(cpu.fixed_weights(), ends);
-        let largest = ckpt.largest_with_prefix("model.layers.") as usize;
+        let largest = ckpt.largest_layer_tensor() as usize;
         assert_eq!(
             cpu.footprint.read_buffer,
             lime_kernels::StagingBuffer::footprint(largest) as u64,

@@ -139,7 +139,7 @@ fn read_rate(ckpt: &Checkpoint, layers: usize, dev: &Device) -> anyhow::Result<f
     for i in 0..layers.min(cfg.num_hidden_layers) {
         let index = cfg.num_hidden_layers - 1 - i;
         slot.reload(ckpt, index, &mut staging)?;
-        bytes += ckpt.bytes_with_prefix(&format!("model.layers.{index}."));
+        bytes += ckpt.layer_bytes_stored(index);
     }
     dev.synchronize()?;
     Ok(bytes as f64 / started.elapsed().as_secs_f64().max(1e-9))

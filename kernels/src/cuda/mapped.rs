@@ -7,7 +7,14 @@
 //! candle tensors whose storage candle did not allocate; the arena keeps a handle
 //! to each and, when it goes, forgets those handles, so that candle never frees the
 //! memory as a device allocation. The arena itself frees it, after the GPU is idle.
+//!
+//! Such a tensor must not outlive its arena, and candle's tensors are `Clone`: so
+//! nothing here is public outside the crate, and the only holder of an arena is a
+//! [`MappedSlot`], which owns the layer's tensors and the arena together and lends
+//! the tensors out only by reference to the layer's own forward pass (whose views
+//! of them end with it).
 
+use crate::layout::{LayerWeights, WeightSpec};
 use crate::{Checkpoint, Error, Result, StagingBuffer};
 use candle_core::cuda::cudarc::driver::{sys, CudaStream, PinnedHostSlice};
 use candle_core::cuda::{CudaStorage, WrapErr};
@@ -20,8 +27,52 @@ use std::sync::{Arc, Mutex};
 /// Device allocations are 256-byte aligned; tensors in the arena are too.
 const ALIGN: usize = 256;
 
+/// A decoder layer's tensors in mapped memory, and that memory. The tensors are
+/// declared first so that they drop before the arena that frees what is under them.
+#[derive(Debug)]
+pub(crate) struct MappedSlot {
+    weights: LayerWeights<Tensor>,
+    arena: MappedArena,
+}
+
+impl MappedSlot {
+    /// Zeroed tensors of the layer `layout` describes, in `dtype`, in one arena
+    /// sized for exactly them.
+    pub(crate) fn new(
+        layout: &LayerWeights<WeightSpec>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let bytes = layout
+            .iter()
+            .map(|w| footprint(w.elements() * dtype.size_in_bytes()))
+            .sum();
+        let mut arena = MappedArena::new(device, bytes)?;
+        let weights = layout.try_map(|w| arena.tensor(&w.shape, dtype))?;
+        Ok(Self { weights, arena })
+    }
+
+    /// The layer's tensors, for its forward pass.
+    pub(crate) fn weights(&self) -> &LayerWeights<Tensor> {
+        &self.weights
+    }
+
+    /// Reads the layer `layout` describes from storage straight into the slot.
+    pub(crate) fn refill(
+        &self,
+        ckpt: &Checkpoint,
+        layout: &LayerWeights<WeightSpec>,
+        staging: &mut StagingBuffer,
+    ) -> Result<()> {
+        for (w, t) in layout.zip(&self.weights) {
+            self.arena.fill(ckpt, &w.name, t, staging)?;
+        }
+        Ok(())
+    }
+}
+
 /// One slot's worth of mapped memory and the tensors laid over it.
-pub struct MappedArena {
+struct MappedArena {
     host: Mutex<PinnedHostSlice<u8>>,
     device_base: sys::CUdeviceptr,
     stream: Arc<CudaStream>,
@@ -43,13 +94,13 @@ impl std::fmt::Debug for MappedArena {
 }
 
 /// Room `bytes` takes in an arena.
-pub(crate) fn footprint(bytes: usize) -> usize {
+fn footprint(bytes: usize) -> usize {
     bytes.div_ceil(ALIGN) * ALIGN
 }
 
 impl MappedArena {
     /// `bytes` of zeroed, mapped, page-locked memory for tensors on `device`.
-    pub fn new(device: &Device, bytes: usize) -> Result<Self> {
+    fn new(device: &Device, bytes: usize) -> Result<Self> {
         let Device::Cuda(dev) = device else {
             return Err(Error::Input(format!(
                 "mapped memory is for a GPU, not {device:?}"
@@ -81,7 +132,7 @@ impl MappedArena {
     }
 
     /// A zeroed tensor of `shape` and `dtype` in the arena.
-    pub fn tensor(&mut self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    fn tensor(&mut self, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let elems: usize = shape.iter().product();
         let bytes = elems * dtype.size_in_bytes();
         let room = self.host.lock().unwrap_or_else(|p| p.into_inner()).len();
@@ -126,7 +177,7 @@ impl MappedArena {
     /// arena. Waits first for the GPU to finish the kernels queued so far, which
     /// include every use of what `dst` held (a slot is refilled only after the
     /// pipeline has handed it back).
-    pub fn fill(
+    fn fill(
         &self,
         ckpt: &Checkpoint,
         name: &str,

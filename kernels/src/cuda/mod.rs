@@ -7,7 +7,7 @@
 //! sm_90.
 
 pub mod loader;
-pub mod mapped;
+pub(crate) mod mapped;
 
 use crate::kv_append::Placement;
 use candle_core::backend::BackendStorage;

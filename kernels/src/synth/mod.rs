@@ -12,6 +12,9 @@ pub mod tokenizer;
 
 use crate::checkpoint::{CONFIG_FILE, INDEX_FILE};
 use crate::config::{Architecture, Config, RopeScaling};
+use crate::layout::{
+    AttentionWeights, EndWeights, LayerWeights, MlpWeights, Projection, WeightSpec,
+};
 use crate::{Error, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -151,7 +154,7 @@ impl SynthSpec {
         }
     }
 
-    fn config(&self, vocab_size: usize, bos: u32, eos: Vec<u32>) -> Config {
+    pub(crate) fn config(&self, vocab_size: usize, bos: u32, eos: Vec<u32>) -> Config {
         Config {
             architecture: Architecture::Llama,
             hidden_size: self.hidden_size,
@@ -178,6 +181,7 @@ impl SynthSpec {
 }
 
 /// How a tensor's values are drawn: uniform with this standard deviation around `mean`.
+#[derive(Debug, Clone, Copy)]
 struct Init {
     mean: f32,
     std: f32,
@@ -186,13 +190,10 @@ struct Init {
 /// Every tensor of the model, in file order, with its shape and initialisation.
 fn tensor_plan(cfg: &Config) -> Vec<(String, Vec<usize>, Init)> {
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let (q, kv) = (
-        cfg.num_attention_heads * cfg.head_dim,
-        cfg.num_key_value_heads * cfg.head_dim,
-    );
+    let q = cfg.num_attention_heads * cfg.head_dim;
     let rsqrt = |n: usize| 1.0 / (n as f32).sqrt();
     let w = |std: f32| Init { mean: 0.0, std };
-    let norm = || Init {
+    let norm = Init {
         mean: 1.0,
         std: 0.1,
     };
@@ -202,63 +203,39 @@ fn tensor_plan(cfg: &Config) -> Vec<(String, Vec<usize>, Init)> {
     // models from settling on one repeated token; at 3x the output varies no more
     // but rounding differences grow about twice as fast with context.
     let (eg, og, qg) = (3.0, 1.0, 2.5);
-    let mut plan = vec![(
-        "model.embed_tokens.weight".to_string(),
-        vec![cfg.vocab_size, h],
-        w(eg * rsqrt(h)),
-    )];
+    let bias = w(0.02);
+    let projection = |p: &Projection<WeightSpec>, weight: Init| Projection {
+        weight,
+        bias: p.bias.as_ref().map(|_| bias),
+    };
+    let ends = EndWeights::of(cfg);
+    let entry = |spec: &WeightSpec, init: Init| (spec.name.clone(), spec.shape.clone(), init);
+    let mut plan = vec![entry(&ends.embed_tokens, w(eg * rsqrt(h)))];
     for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        let mut layer = vec![
-            (format!("{p}.input_layernorm.weight"), vec![h], norm()),
-            (
-                format!("{p}.mlp.down_proj.weight"),
-                vec![h, i],
-                w(og * rsqrt(i)),
-            ),
-            (format!("{p}.mlp.gate_proj.weight"), vec![i, h], w(rsqrt(h))),
-            (format!("{p}.mlp.up_proj.weight"), vec![i, h], w(rsqrt(h))),
-            (
-                format!("{p}.post_attention_layernorm.weight"),
-                vec![h],
-                norm(),
-            ),
-            (
-                format!("{p}.self_attn.k_proj.weight"),
-                vec![kv, h],
-                w(qg * rsqrt(h)),
-            ),
-            (
-                format!("{p}.self_attn.o_proj.weight"),
-                vec![h, q],
-                w(og * rsqrt(q)),
-            ),
-            (
-                format!("{p}.self_attn.q_proj.weight"),
-                vec![q, h],
-                w(qg * rsqrt(h)),
-            ),
-            (
-                format!("{p}.self_attn.v_proj.weight"),
-                vec![kv, h],
-                w(rsqrt(h)),
-            ),
-        ];
-        if cfg.qkv_bias {
-            for (name, n) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv), ("o_proj", h)] {
-                layer.push((format!("{p}.self_attn.{name}.bias"), vec![n], w(0.02)));
-            }
-        }
+        let spec = LayerWeights::of(cfg, l);
+        let (a, m) = (&spec.self_attn, &spec.mlp);
+        let inits = LayerWeights {
+            input_layernorm: norm,
+            self_attn: AttentionWeights {
+                q_proj: projection(&a.q_proj, w(qg * rsqrt(h))),
+                k_proj: projection(&a.k_proj, w(qg * rsqrt(h))),
+                v_proj: projection(&a.v_proj, w(rsqrt(h))),
+                o_proj: projection(&a.o_proj, w(og * rsqrt(q))),
+            },
+            post_attention_layernorm: norm,
+            mlp: MlpWeights {
+                gate_proj: projection(&m.gate_proj, w(rsqrt(h))),
+                up_proj: projection(&m.up_proj, w(rsqrt(h))),
+                down_proj: projection(&m.down_proj, w(og * rsqrt(i))),
+            },
+        };
+        let mut layer: Vec<_> = spec.zip(&inits).map(|(s, &init)| entry(s, init)).collect();
         layer.sort_by(|a, b| a.0.cmp(&b.0));
         plan.extend(layer);
     }
-    plan.push(("model.norm.weight".into(), vec![h], norm()));
+    plan.push(entry(&ends.norm, norm));
     if !cfg.tie_word_embeddings {
-        plan.push((
-            "lm_head.weight".into(),
-            vec![cfg.vocab_size, h],
-            w(3.0 * rsqrt(h)),
-        ));
+        plan.push(entry(&ends.lm_head, w(3.0 * rsqrt(h))));
     }
     plan
 }
