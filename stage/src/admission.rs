@@ -13,6 +13,7 @@ use std::collections::HashMap;
 /// Whether a request's KV caches fit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fit {
+    /// Every stage has room for it beside the sequences admitted.
     Now,
     /// Not until running sequences finish, or the rooms are known.
     Later(Waiting),
@@ -23,11 +24,14 @@ pub enum Fit {
 /// What a waiting request waits for (as reported on its reply topic).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Waiting {
+    /// The ring has not reported its rooms yet (at start, or after a new plan).
     Ring,
+    /// Some stage's room is taken by running sequences.
     Memory,
 }
 
 impl Waiting {
+    /// Its name in the `waiting_for` of the queued message.
     pub fn as_str(self) -> &'static str {
         match self {
             Waiting::Ring => "ring",
@@ -36,6 +40,7 @@ impl Waiting {
     }
 }
 
+/// The KV bytes admitted sequences hold on each stage, against each stage's room.
 #[derive(Debug, Default)]
 pub struct Ledger {
     /// `None` until the ring reported (again, after a new plan).
@@ -111,6 +116,7 @@ impl Ledger {
         }
     }
 
+    /// Gives back sequence `id`'s room once it has finished; an unknown id is ignored.
     pub fn free(&mut self, id: u64) {
         let Some(tokens) = self.tokens.remove(&id) else {
             return;

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// Everything one stage process is started with.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StageConfig {
@@ -16,13 +17,16 @@ pub struct StageConfig {
     /// Where the plan comes from: this file, else the retained `lime/control/plan`.
     #[serde(default)]
     pub plan_file: Option<PathBuf>,
+    /// The control plane: plans, requests and replies go through it.
     #[serde(default)]
     pub broker: BrokerConfig,
+    /// The TCP links of the ring, which carry the activations.
     #[serde(default)]
     pub data: DataConfig,
     /// Used only when this stage is the plan's starter.
     #[serde(default)]
     pub starter: StarterConfig,
+    /// What this device may hold, and how the layers it cannot hold are read.
     #[serde(default)]
     pub memory: MemoryConfig,
     /// How often the stage publishes `lime/telemetry/<name>`.
@@ -107,13 +111,18 @@ impl MemoryConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
+    /// Name or address of the broker.
     pub host: String,
+    /// The broker's MQTT port (1884 is lime-broker's v5 listener).
     pub port: u16,
+    /// Login for a broker that checks them; sent only with `password`.
     pub username: Option<String>,
+    /// The login's password; `LIME_STAGE_BROKER__PASSWORD` keeps it out of the file.
     pub password: Option<String>,
     /// Speak MQTT over TLS, trusting this CA (PEM); `host` must be a name or
     /// address the broker's certificate holds.
     pub ca_file: Option<PathBuf>,
+    /// MQTT keep-alive in seconds: how soon the broker notices a stage gone.
     pub keep_alive_s: u64,
 }
 
@@ -143,6 +152,7 @@ pub struct DataConfig {
     pub hello_timeout_ms: u64,
     /// Reconnection backoff to the next stage: first and longest wait.
     pub backoff_min_ms: u64,
+    /// The wait the backoff grows to and stays at (ms).
     pub backoff_max_ms: u64,
     /// Probe the link to the next stage when its newest bandwidth sample is older
     /// than this and nothing waits to be sent.

@@ -6,10 +6,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Why a peer's stream ended or was cut.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
+    /// The socket failed, or closed in the middle of a frame.
     #[error("connection: {0}")]
     Io(#[from] std::io::Error),
+    /// The bytes are no frame: a bad length prefix or body.
     #[error(transparent)]
     Frame(#[from] FrameError),
+    /// An unknown peer sent more than a hello can be (its length in bytes).
     #[error(
         "a handshake frame of {0} bytes (at most {MAX_HANDSHAKE_BYTES} before the peer is known)"
     )]
@@ -39,7 +42,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
 /// (the ones a link had to carry while the reader waited) and how long they took.
 #[derive(Debug, Clone, Copy)]
 pub struct Arrival {
+    /// Bytes of the body not yet there at the first read.
     pub bytes: usize,
+    /// From the first read of the body to its last byte.
     pub took: std::time::Duration,
 }
 

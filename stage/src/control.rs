@@ -48,8 +48,11 @@ pub fn options(cfg: &StageConfig) -> anyhow::Result<MqttOptions> {
 /// Where checked requests go once the starter is ready for them ([`Inflow`]
 /// feeds it).
 pub struct RequestSink {
+    /// Checks and tokenizes each request, on the intake thread.
     pub intake: Arc<Intake>,
+    /// The pipeline's queue: accepted jobs and cancels go there.
     pub events: std::sync::mpsc::Sender<Event>,
+    /// Refusals, published on the requester's reply topic without the pipeline.
     pub outbox: UnboundedSender<Outgoing>,
 }
 
@@ -78,6 +81,8 @@ pub struct Inbox {
 }
 
 impl Inbox {
+    /// An empty inbox; with `want_plan`, also the receiver the plans arrive on
+    /// (`None` until the first).
     pub fn new(
         want_plan: bool,
         key: Option<RingKey>,

@@ -20,6 +20,8 @@ pub struct Demand {
 }
 
 impl Demand {
+    /// Notes that a micro-batch asked for streamed layer `layer`; the oldest asks
+    /// beyond three rounds' worth are forgotten.
     pub fn record(&mut self, layer: usize) {
         if self.asked.len() == KEPT {
             self.asked.pop_front();

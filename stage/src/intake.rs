@@ -19,7 +19,10 @@ use std::time::Instant;
 /// echo if the request carried any.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReplyTo {
+    /// The MQTT topic every reply to the request is published on.
     pub topic: String,
+    /// Echoed in each reply so that the requester can match it; `None` when the
+    /// request carried none.
     pub correlation: Option<Vec<u8>>,
 }
 
@@ -143,28 +146,43 @@ impl Route {
 /// A request that passed every check, tokenized and ready to schedule.
 #[derive(Debug)]
 pub struct Job {
+    /// The request's own id, or one the starter made up; every reply carries it.
     pub id: String,
     /// What the id is remembered under until the answer ends.
     pub id_key: String,
+    /// Where the tokens and the final message go.
     pub reply: ReplyTo,
+    /// The prompt's token ids, chat template applied; never empty.
     pub prompt: Vec<u32>,
+    /// Tokens to generate at most; with the prompt it fits the model's context.
     pub max_tokens: usize,
+    /// How the next token is drawn from the logits.
     pub sampling: SamplingParams,
+    /// Generation ends when the text contains one of these.
     pub stops: Vec<String>,
+    /// Keep generating past end-of-sequence tokens, up to `max_tokens`.
     pub ignore_eos: bool,
+    /// Put the generated token ids in the final message.
     pub return_token_ids: bool,
+    /// Put the logits the last token was drawn from in the final message.
     pub return_logits: bool,
+    /// When the MQTT loop took the request; queueing and first-token times
+    /// count from here.
     pub received: Instant,
     /// When the answer must be complete, or the request ends with
     /// `deadline_exceeded`.
     pub deadline: Instant,
+    /// Waiting requests are admitted by priority first, then oldest first.
     pub priority: lime_schemas::Priority,
 }
 
 /// A refused request and where to say so.
 #[derive(Debug)]
 pub struct Refusal {
+    /// The request's reply topic when one could be found and used, else the
+    /// sender's error topic.
     pub reply: ReplyTo,
+    /// What the requester is told: the request's id (if usable), a code and why.
     pub error: ErrorReply,
 }
 
@@ -182,6 +200,8 @@ pub struct Intake {
 }
 
 impl Intake {
+    /// `max_context` is the model's context in tokens; `max_request_bytes` and
+    /// `default_deadline_ms` come from [`crate::config::StarterConfig`].
     pub fn new(
         tokenizer: std::sync::Arc<TextTokenizer>,
         template: Option<ChatTemplate>,

@@ -8,6 +8,8 @@
 //! [`runtime`] takes a stage through its phases, from settings to serving, and
 //! drains it when the [`shutdown`] signal fires.
 
+#![warn(missing_docs)]
+
 pub mod adaptation;
 pub mod admission;
 pub mod auth;

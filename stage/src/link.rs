@@ -80,6 +80,8 @@ impl LinkGauge {
         self.0.lock().is_ok_and(|s| s.too_quick)
     }
 
+    /// A small probe came back after `rtt`; telemetry reports the least of the
+    /// recent ones.
     pub fn round_trip(&self, rtt: Duration) {
         if let Ok(mut s) = self.0.lock() {
             push(&mut s.rtt_ms, rtt.as_secs_f64() * 1e3);

@@ -33,14 +33,23 @@ pub enum Event {
     Plan(Box<Plan>),
     /// A link of the ring under plan `epoch` closed or broke: what was on it
     /// may be lost (the starter replays it).
-    RingBroken { epoch: u64, why: String },
+    RingBroken {
+        /// The plan the link was made for: a break under any other than the
+        /// running plan is ignored.
+        epoch: u64,
+        /// What broke, for the log.
+        why: String,
+    },
     /// A stage's status went offline (its last will, or it said so).
     StageLost(String),
     /// Its sender cancelled the request remembered under this key.
     Cancel(String),
     /// The stage is shutting down: refuse new requests, let those in flight
     /// finish until `by`, then end them with an error and return.
-    Drain { by: Instant },
+    Drain {
+        /// The end of the shutdown grace.
+        by: Instant,
+    },
     /// Finish: drop everything and return.
     Stop,
 }
@@ -56,15 +65,16 @@ pub enum Note {
     Switched(Box<Plan>),
 }
 
+/// One stage's pipeline loop and its state, owned by the pipeline thread.
 pub struct Pipeline<'t> {
-    pub worker: Worker,
+    pub(crate) worker: Worker,
     /// The next stage; `None` when this stage is the whole ring.
     pub next: Option<UnboundedSender<Frame>>,
-    pub starter: Option<Scheduler<'t>>,
-    pub notes: UnboundedSender<Note>,
+    pub(crate) starter: Option<Scheduler<'t>>,
+    pub(crate) notes: UnboundedSender<Note>,
     /// Who this is, for telemetry.
     pub stage: String,
-    pub plan: Plan,
+    pub(crate) plan: Plan,
     /// A newer plan the starter moves the ring to once nothing is in flight
     /// (at another stage: the plan its switch will bring).
     pub pending: Option<Plan>,
@@ -72,9 +82,9 @@ pub struct Pipeline<'t> {
     pub pending_since: Option<Instant>,
     /// When a link of this stage last broke under the running plan.
     pub broken_at: Option<Instant>,
-    pub topology: Topology,
-    pub memory: MemoryConfig,
-    pub telemetry_every: Duration,
+    pub(crate) topology: Topology,
+    pub(crate) memory: MemoryConfig,
+    pub(crate) telemetry_every: Duration,
     /// Every hop is connected (the starter's ping came back).
     pub ring_closed: bool,
     /// Times the ring broke under this plan: part of the ping's nonce, so that
@@ -82,7 +92,7 @@ pub struct Pipeline<'t> {
     pub breaks: u64,
     /// Since when the ring has been broken with sequences to replay.
     pub recovering: Option<Instant>,
-    pub last_ping: Option<Instant>,
+    pub(crate) last_ping: Option<Instant>,
     /// Until when a shutting-down stage lets requests in flight finish.
     draining: Option<Instant>,
 }
@@ -90,17 +100,19 @@ pub struct Pipeline<'t> {
 /// Everything a pipeline starts from but the starter's scheduler (which borrows
 /// the tokenizer on the pipeline's own thread).
 pub struct Parts {
-    pub worker: Worker,
-    pub next: Option<UnboundedSender<Frame>>,
-    pub notes: UnboundedSender<Note>,
-    pub stage: String,
-    pub plan: Plan,
-    pub topology: Topology,
-    pub memory: MemoryConfig,
-    pub telemetry_every: Duration,
+    pub(crate) worker: Worker,
+    pub(crate) next: Option<UnboundedSender<Frame>>,
+    pub(crate) notes: UnboundedSender<Note>,
+    pub(crate) stage: String,
+    pub(crate) plan: Plan,
+    pub(crate) topology: Topology,
+    pub(crate) memory: MemoryConfig,
+    pub(crate) telemetry_every: Duration,
 }
 
 impl Parts {
+    /// The pipeline at its start: no plan pending, the ring not yet known to be
+    /// closed.
     pub fn into_pipeline(self, starter: Option<Scheduler<'_>>) -> Pipeline<'_> {
         Pipeline {
             worker: self.worker,
@@ -130,6 +142,8 @@ const TICK: Duration = Duration::from_millis(500);
 const RECOVERY_PING: Duration = Duration::from_millis(100);
 
 impl Pipeline<'_> {
+    /// Runs the loop until `Stop`, the end of a drain, or the last sender of
+    /// `events` is dropped.
     pub fn run(mut self, events: Receiver<Event>) {
         self.ring_closed = self.next.is_none();
         if self.ring_closed {

@@ -57,6 +57,8 @@ pub fn fingerprint(
 }
 
 impl RecentIds {
+    /// `grace` and `capacity` are the starter's `redelivery_grace_ms` and
+    /// `max_remembered_ids`; a capacity of 0 is taken as 1.
     pub fn new(grace: Duration, capacity: usize) -> Self {
         Self {
             grace,
@@ -66,6 +68,7 @@ impl RecentIds {
         }
     }
 
+    /// The same, behind the lock the intake and the scheduler share.
     pub fn shared(grace: Duration, capacity: usize) -> SharedIds {
         Arc::new(Mutex::new(Self::new(grace, capacity)))
     }

@@ -32,8 +32,11 @@ use std::time::{Duration, Instant};
 /// Counters of the loader, cumulative since start.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadStats {
+    /// Layers read into slots; failed reads do not count.
     pub layers: u64,
+    /// Bytes the loader read from storage.
     pub bytes: u64,
+    /// Time the loader spent reading: with `bytes`, the storage bandwidth seen.
     pub busy: Duration,
 }
 
@@ -107,7 +110,9 @@ impl Drop for Slot {
 
 /// A layer ready to run: resident, or streamed into a slot.
 pub enum LayerRef<'a> {
+    /// Held for good; borrowed from the residency.
     Resident(&'a DecoderLayer),
+    /// Lent from the pool; the slot goes back when this is dropped.
     Streamed(Slot),
 }
 
@@ -414,16 +419,19 @@ impl Residency {
         }
     }
 
+    /// Indexes of the layers held for good, in model order.
     pub fn resident(&self) -> Vec<usize> {
         let mut r: Vec<usize> = self.resident.keys().copied().collect();
         r.sort_unstable();
         r
     }
 
+    /// Indexes of the streamed layers, in visit order.
     pub fn offloaded(&self) -> &[usize] {
         &self.offloaded
     }
 
+    /// Slots in the pool; 0 when nothing is streamed.
     pub fn slots(&self) -> usize {
         self.slots
     }
@@ -433,10 +441,12 @@ impl Residency {
         self.prefetch
     }
 
+    /// Bytes the resident layers take, slots not included.
     pub fn resident_bytes(&self) -> u64 {
         self.resident_bytes
     }
 
+    /// The loader's counters since start, loaders stopped on the way included.
     pub fn stats(&self) -> LoadStats {
         let now = self
             .streamer

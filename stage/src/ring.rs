@@ -30,8 +30,11 @@ use tokio::sync::watch;
 /// Who this stage is, for hellos.
 #[derive(Debug, Clone)]
 pub struct LinkIdentity {
+    /// This stage's name in the plan; the peer checks it against its own plan.
     pub me: String,
+    /// The plan this stage runs: a peer under another plan is refused.
     pub epoch: u64,
+    /// Longest wait for a connection to open and for the peer's hello.
     pub hello_timeout: Duration,
     /// The ring's pre-shared key, when links must authenticate.
     pub key: Option<RingKey>,
@@ -40,7 +43,9 @@ pub struct LinkIdentity {
 /// Whom the listener accepts: the plan's epoch and this stage's predecessor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
+    /// A hello under any other plan is refused.
     pub epoch: u64,
+    /// Name of the only stage whose hello is taken.
     pub prev: String,
 }
 
@@ -269,6 +274,7 @@ fn check_hello(h: &Hello, epoch: u64, from: &str) -> Result<(), String> {
 /// The stage a link goes to.
 #[derive(Debug, Clone)]
 pub struct NextStage {
+    /// As in the plan: its hello must say it, and breaks are reported under it.
     pub name: String,
     /// `host:port` of its data-plane listener.
     pub addr: String,

@@ -332,12 +332,14 @@ impl Stage {
         let worker = tokio::task::spawn_blocking(move || {
             let mut last = Instant::now();
             let device = device.open()?;
-            worker::Worker::load(ckpt, device, &plan, &name, &memory, |done, total| {
-                if done == total || last.elapsed() > Duration::from_secs(1) {
-                    last = Instant::now();
-                    tracing::info!(done, total, "loading resident layers");
-                }
-            })
+            let loaded =
+                worker::Worker::load(ckpt, device, &plan, &name, &memory, |done, total| {
+                    if done == total || last.elapsed() > Duration::from_secs(1) {
+                        last = Instant::now();
+                        tracing::info!(done, total, "loading resident layers");
+                    }
+                });
+            anyhow::Ok(loaded?)
         })
         .await??;
         let weights = worker.weights_bytes();

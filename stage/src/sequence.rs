@@ -8,6 +8,7 @@ use std::time::Instant;
 
 /// A sequence in generation.
 pub struct Sequence<'t> {
+    /// The request it answers, as the intake checked it.
     pub job: Job,
     sampler: Sampler,
     /// Prompt then generated tokens.
@@ -18,6 +19,8 @@ pub struct Sequence<'t> {
     text: Option<TextStream<'t>>,
     stops: StopMatcher,
     pieces: u32,
+    /// When the scheduler admitted it; from `job.received` to here is its
+    /// time in the queue.
     pub admitted: Instant,
     first_token: Option<Instant>,
     last_logits: Option<Vec<f32>>,
@@ -32,6 +35,8 @@ pub enum Step {
 }
 
 impl<'t> Sequence<'t> {
+    /// A sequence with nothing fed through the model yet; its text is decoded
+    /// with `tokenizer`.
     pub fn new(job: Job, tokenizer: &'t TextTokenizer, admitted: Instant) -> Self {
         Self {
             sampler: Sampler::new(job.sampling.clone()),
@@ -133,6 +138,7 @@ impl<'t> Sequence<'t> {
         Ok(join(emit, self.stops.flush()))
     }
 
+    /// The tokens generated so far, the prompt left out.
     pub fn generated(&self) -> &[u32] {
         &self.history[self.job.prompt.len()..]
     }
@@ -206,6 +212,7 @@ pub struct StopMatcher {
 }
 
 impl StopMatcher {
+    /// A matcher for `stops`; with none, all text streams at once.
     pub fn new(stops: Vec<String>) -> Self {
         Self {
             stops,

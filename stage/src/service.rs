@@ -92,6 +92,8 @@ impl Service {
         }
     }
 
+    /// Tells systemd the stage has begun to drain, so that `systemctl status`
+    /// shows it stopping.
     pub fn stopping(&self) {
         send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
     }

@@ -17,10 +17,14 @@ use tokio::sync::mpsc::UnboundedSender;
 /// A message for the MQTT publisher.
 #[derive(Debug)]
 pub struct Outgoing {
+    /// Where the reply goes: the robot's response topic and correlation data.
     pub reply: ReplyTo,
+    /// The JSON reply (a token chunk, the final answer or an error).
     pub payload: Vec<u8>,
 }
 
+/// The starter's scheduler: admitted sequences, which of them form the next
+/// micro-batch, and what each sampled token means for its answer.
 pub struct Scheduler<'t> {
     tokenizer: &'t TextTokenizer,
     eos: Vec<u32>,
@@ -363,9 +367,7 @@ impl<'t> Scheduler<'t> {
         let mut done = Vec::new();
         let started = Instant::now();
         if !rows.is_empty() {
-            let logits = worker
-                .logits(&act, &rows)
-                .and_then(|t| Ok(t.to_vec2::<f32>()?));
+            let logits = worker.logits(&act, &rows);
             match logits {
                 Ok(logits) => {
                     for (id, logits) in sampled.into_iter().zip(logits) {

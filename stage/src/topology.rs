@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 
+/// What the pipeline holds to re-point the ring's links when the plan changes.
 pub struct Topology {
     runtime: tokio::runtime::Handle,
     me: String,
@@ -56,6 +57,8 @@ impl Topology {
         }
     }
 
+    /// The measurements of the link to the successor, for telemetry; each new
+    /// link starts them afresh.
     pub fn gauge(&self) -> &LinkGauge {
         &self.gauge
     }
