@@ -8,22 +8,62 @@ use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
-/// What to generate from, and how.
-#[derive(Debug, Clone)]
+/// What to generate from, and how (`lime generate`'s arguments).
+#[derive(Debug, Clone, clap::Args)]
 pub struct GenerateArgs {
+    /// Checkpoint directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
     pub model: PathBuf,
+    /// Prompt text (tokenized with the checkpoint's tokenizer, BOS added).
+    #[arg(long, conflicts_with = "prompt_ids")]
     pub prompt: Option<String>,
+    /// Prompt as token ids, comma or space separated, used as given.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
     pub prompt_ids: Option<Vec<u32>>,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
-    pub sampling: SamplingParams,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling's probability mass.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 keeps all tokens.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// 1 leaves the logits as they are.
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Seed of the sampler's random stream.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Keep going past end-of-sequence tokens.
+    #[arg(long)]
     pub ignore_eos: bool,
+    /// Print generated token ids instead of text.
+    #[arg(long)]
     pub print_ids: bool,
-    /// Appends each step's logits (f32, little-endian) to this file.
+    /// Write every step's logits (f32 little-endian, vocab per step) to this file.
+    #[arg(long)]
     pub logits_out: Option<PathBuf>,
 }
 
+impl GenerateArgs {
+    fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        }
+    }
+}
+
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
-    args.sampling.validate()?;
+    let sampling = args.sampling();
+    sampling.validate()?;
     let ckpt = Checkpoint::open(&args.model)?;
     // Token ids in and out need no tokenizer (some checkpoints ship none).
     let tokenizer = if args.prompt_ids.is_some() && args.print_ids {
@@ -49,7 +89,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let req = GenerateRequest {
         prompt: &prompt,
         max_tokens: args.max_tokens,
-        sampling: args.sampling.clone(),
+        sampling,
         stop_tokens,
     };
     let mut logits_file = match &args.logits_out {

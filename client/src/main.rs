@@ -7,7 +7,6 @@ mod up;
 use clap::{Args, Parser, Subcommand};
 use generate::GenerateArgs;
 use lime_kernels::synth::{Preset, StoredDtype};
-use lime_schemas::SamplingParams;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -38,14 +37,14 @@ enum Command {
         out: PathBuf,
     },
     /// Generate from a checkpoint in this one process (the reference output).
-    Generate(GenerateCli),
+    Generate(GenerateArgs),
     /// Start a local cluster: lime-broker and N lime-stage processes on loopback.
-    Up(UpCli),
+    Up(up::UpArgs),
     /// Send a prompt to a cluster and stream the answer.
     Ask(AskCli),
     /// Plan a model's partition over devices: chunks, order, interleave, resident
     /// sets, with the predicted TTFT, time per token and tokens/s.
-    Plan(PlanCli),
+    Plan(plan::PlanArgs),
     /// Show the stages of a cluster, from their retained status.
     Status {
         /// MQTT 5 listener of the cluster's broker.
@@ -83,22 +82,8 @@ enum BenchCommand {
     /// A cluster of N stages against one process serving the same model, sporadic
     /// and bursty requests, through the whole MQTT path.
     Serving {
-        /// Checkpoint directory; the `bench` preset is synthesised there if empty.
-        #[arg(long, default_value = "models/bench")]
-        model: PathBuf,
-        #[arg(long, default_value_t = 4)]
-        stages: usize,
-        /// Sporadic requests, sent one at a time.
-        #[arg(long, default_value_t = 8)]
-        sporadic: usize,
-        /// Bursty requests, sent at once.
-        #[arg(long, default_value_t = 32)]
-        burst: usize,
-        #[arg(long, default_value_t = 32)]
-        max_tokens: u32,
-        /// Starter's micro-batches in flight (0: one per stage).
-        #[arg(long, default_value_t = 0)]
-        max_inflight: usize,
+        #[command(flatten)]
+        bench: lime_testbench::serving::ServingBench,
         /// Also print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -123,67 +108,20 @@ enum BenchCommand {
     /// the planner's plan, an even split and a memory-proportional split,
     /// predicted and measured side by side.
     ValidatePlan {
-        /// Checkpoint directory; the `bench` preset is synthesised there if empty.
-        #[arg(long, default_value = "models/bench")]
-        model: PathBuf,
+        #[command(flatten)]
+        bench: lime_testbench::validation::ValidateBench,
         /// Only the setups whose names contain one of these.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
-        /// Sporadic requests per measurement.
-        #[arg(long, default_value_t = 2)]
-        requests: usize,
-        #[arg(long, default_value_t = 10)]
-        max_tokens: u32,
-        /// Sequences at once in bursty setups.
-        #[arg(long, default_value_t = 8)]
-        concurrency: usize,
-        /// Tokens of KV per sequence planned for.
-        #[arg(long, default_value_t = 256)]
-        context: usize,
-        /// Compute threads per stage.
-        #[arg(long, default_value_t = 1)]
-        compute_threads: usize,
+        /// Also print the report as JSON.
         #[arg(long)]
         json: bool,
     },
     /// lime against the naive and mdi baselines on a model that does not fit its
     /// stages' memory budgets, with emulated storage bandwidth.
     Offload {
-        /// Checkpoint directory; the `bench` preset is synthesised there if empty.
-        #[arg(long, default_value = "models/bench")]
-        model: PathBuf,
-        #[arg(long, default_value_t = 4)]
-        stages: usize,
-        /// lime's interleave degree (the baselines are contiguous).
-        #[arg(long, default_value_t = 4)]
-        interleave: usize,
-        /// Each stage's memory budget as a share of its weights.
-        #[arg(long, default_value_t = 0.5)]
-        share: f64,
-        /// Emulated storage: reading a layer takes this many times computing it at batch 1.
-        #[arg(long, default_value_t = 3.0)]
-        read_ratio: f64,
-        /// Emulated read bandwidth in MB/s, instead of deriving it from --read-ratio.
-        #[arg(long)]
-        read_mb_s: Option<f64>,
-        #[arg(long, default_value_t = 4)]
-        sporadic: usize,
-        #[arg(long, default_value_t = 32)]
-        burst: usize,
-        #[arg(long, default_value_t = 32)]
-        max_tokens: u32,
-        /// Largest micro-batch in tokens (its activation workspace is budgeted).
-        #[arg(long, default_value_t = 64)]
-        activation_tokens: usize,
-        /// lime's micro-batches in flight (0: one per stage).
-        #[arg(long, default_value_t = 1)]
-        max_inflight: usize,
-        /// Compute threads per stage (the emulated devices share this machine).
-        #[arg(long, default_value_t = 1)]
-        compute_threads: usize,
-        /// Modes to run, of lime, mdi and naive.
-        #[arg(long, value_delimiter = ',', default_value = "naive,mdi,lime")]
-        modes: Vec<lime_testbench::cluster::Mode>,
+        #[command(flatten)]
+        bench: lime_testbench::offloading::OffloadBench,
         /// Also print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -204,104 +142,15 @@ enum BenchCommand {
     /// `cuda` feature) against its memory roofline, then with the last layers
     /// streamed from storage: tokens/s and loading bubbles.
     Device {
-        /// Checkpoint directory; the `bench` preset is synthesised there (in
-        /// --dtype) if empty.
-        #[arg(long, default_value = "models/bench-bf16")]
-        model: PathBuf,
+        #[command(flatten)]
+        bench: lime_testbench::device_bench::DeviceBench,
+        /// The dtype the `bench` preset is synthesised in when --model is empty.
         #[arg(long, default_value = "bf16")]
         dtype: StoredDtype,
-        #[arg(long, default_value = "cpu")]
-        device: lime_kernels::DeviceSpec,
-        /// Decode steps timed per run.
-        #[arg(long, default_value_t = 32)]
-        steps: usize,
-        /// Share of the layers offloaded in the streaming run.
-        #[arg(long, default_value_t = 0.5)]
-        offload_share: f64,
-        #[arg(long, default_value_t = 2)]
-        slots: usize,
         /// Also print the report as JSON.
         #[arg(long)]
         json: bool,
     },
-}
-
-#[derive(Args)]
-struct UpCli {
-    /// Checkpoint directory; the preset is synthesised there if it is empty.
-    #[arg(long, default_value = "models/small")]
-    model: PathBuf,
-    /// Preset to synthesise when the model is missing.
-    #[arg(long, default_value = "small")]
-    preset: Preset,
-    /// Stage processes.
-    #[arg(long, default_value_t = 4)]
-    stages: usize,
-    /// Skip the planner: split the layers evenly (with --interleave chunks per
-    /// stage) or at --cuts.
-    #[arg(long)]
-    even: bool,
-    /// Chunks per stage (interleave degree) of an even split.
-    #[arg(long, requires = "even")]
-    interleave: Option<usize>,
-    /// Cut the layers at these indices (e.g. 3,7,9) instead of planning.
-    #[arg(long, value_delimiter = ',', requires = "even")]
-    cuts: Option<Vec<usize>>,
-    /// What the planner optimises: sporadic (time per token) or bursty (tokens/s).
-    #[arg(long, default_value = "sporadic")]
-    workload: String,
-    /// Sequences at once the planner provisions KV for (bursty).
-    #[arg(long, default_value_t = 16)]
-    concurrency: usize,
-    /// Tokens of context per sequence the planner provisions KV for.
-    #[arg(long, default_value_t = 1024)]
-    context: usize,
-    /// lime-broker's MQTT 3.1.1 and MQTT 5 ports.
-    #[arg(long, default_value_t = 1883)]
-    mqtt_port: u16,
-    #[arg(long, default_value_t = 1884)]
-    mqtt5_port: u16,
-    /// Use this MQTT 5 broker (host:port) instead of starting lime-broker.
-    #[arg(long)]
-    external_broker: Option<String>,
-    /// First data-plane port (stage i listens on port + i).
-    #[arg(long, default_value_t = 7100)]
-    data_port: u16,
-    /// Give stages the plan through the retained lime/control/plan topic.
-    #[arg(long)]
-    plan_over_mqtt: bool,
-    /// Micro-batches in flight (0: one per stage).
-    #[arg(long, default_value_t = 0)]
-    max_inflight: usize,
-    /// Configs, plan and logs (default: a directory under the system's temp dir).
-    #[arg(long)]
-    dir: Option<PathBuf>,
-    /// Ask these prompts once the cluster is up, print the answers and stop.
-    #[arg(long)]
-    ask: Vec<String>,
-    #[arg(long, default_value_t = 64)]
-    max_tokens: u32,
-    /// lime, or one of the baselines it is measured against: mdi, naive.
-    #[arg(long, default_value = "lime")]
-    mode: lime_testbench::cluster::Mode,
-    /// Each stage's memory budget in MiB (layers beyond it are streamed from storage).
-    #[arg(long, conflicts_with = "budget_share")]
-    budget_mib: Option<u64>,
-    /// Each stage's memory budget as a share of its weights (e.g. 0.5).
-    #[arg(long)]
-    budget_share: Option<f64>,
-    /// Emulated storage read bandwidth in MB/s (for trying offloading on a fast disk).
-    #[arg(long)]
-    read_mb_s: Option<f64>,
-    /// Read streamed layers with O_DIRECT, bypassing the page cache.
-    #[arg(long)]
-    direct_io: bool,
-    /// No logins and no ring key: anonymous MQTT on loopback
-    /// (allow_anonymous) and an unauthenticated data plane (data.insecure).
-    /// Without it the cluster gets a service and a robot login and a ring key
-    /// of its own, printed when it is up.
-    #[arg(long)]
-    insecure: bool,
 }
 
 /// A login at the broker (what `lime up` prints, or one of lime-broker's
@@ -363,82 +212,6 @@ struct AskCli {
     timeout: u64,
 }
 
-#[derive(Args)]
-struct GenerateCli {
-    /// Checkpoint directory (config.json, safetensors, tokenizer.json).
-    #[arg(long)]
-    model: PathBuf,
-    /// Prompt text (tokenized with the checkpoint's tokenizer, BOS added).
-    #[arg(long, conflicts_with = "prompt_ids")]
-    prompt: Option<String>,
-    /// Prompt as token ids, comma or space separated, used as given.
-    #[arg(long, value_delimiter = ',', num_args = 1..)]
-    prompt_ids: Option<Vec<u32>>,
-    #[arg(long, default_value_t = 128)]
-    max_tokens: usize,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// 0 keeps all tokens.
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    repetition_penalty: f32,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Keep going past end-of-sequence tokens.
-    #[arg(long)]
-    ignore_eos: bool,
-    /// Print generated token ids instead of text.
-    #[arg(long)]
-    print_ids: bool,
-    /// Write every step's logits (f32 little-endian, vocab per step) to this file.
-    #[arg(long)]
-    logits_out: Option<PathBuf>,
-}
-
-#[derive(Args)]
-struct PlanCli {
-    /// A checkpoint directory, or a `config.json` alone.
-    #[arg(long)]
-    model: PathBuf,
-    /// Device profiles: one profile, or a list of `[[device]]` entries (TOML or JSON).
-    #[arg(long)]
-    devices: PathBuf,
-    /// The network: a default link and exceptions (TOML or JSON).
-    #[arg(long)]
-    links: PathBuf,
-    /// sporadic (minimise time per token) or bursty (maximise tokens/s).
-    #[arg(long, default_value = "sporadic")]
-    workload: lime_plan::WorkloadKind,
-    /// Sequences generating at once, for the bursty workload.
-    #[arg(long, default_value_t = 16)]
-    concurrency: usize,
-    /// Tokens of context each sequence's KV cache is planned for.
-    #[arg(long, default_value_t = 4096)]
-    context: usize,
-    /// Prompt length for the predicted time to first token.
-    #[arg(long, default_value_t = 128)]
-    prompt_tokens: usize,
-    /// Most layer slots a stage streams through.
-    #[arg(long, default_value_t = 2)]
-    max_slots: usize,
-    /// The stages' activation workspace in tokens.
-    #[arg(long, default_value_t = 512)]
-    activation_tokens: usize,
-    /// Largest interleave degree considered.
-    #[arg(long, default_value_t = 8)]
-    max_interleave: usize,
-    /// Also print the plan document as JSON.
-    #[arg(long)]
-    json: bool,
-    /// Write the plan document here.
-    #[arg(long)]
-    out: Option<PathBuf>,
-}
-
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -480,75 +253,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             out,
         } => lime_client::synth::run(preset, dtype, seed, &out),
-        Command::Generate(g) => generate::run(&GenerateArgs {
-            model: g.model,
-            prompt: g.prompt,
-            prompt_ids: g.prompt_ids,
-            max_tokens: g.max_tokens,
-            sampling: SamplingParams {
-                temperature: g.temperature,
-                top_p: g.top_p,
-                top_k: g.top_k,
-                repetition_penalty: g.repetition_penalty,
-                seed: g.seed,
-            },
-            ignore_eos: g.ignore_eos,
-            print_ids: g.print_ids,
-            logits_out: g.logits_out,
-        }),
-        Command::Up(u) => {
-            let dir = u.dir.unwrap_or_else(|| {
-                std::env::temp_dir().join(format!("lime-up-{}", std::process::id()))
-            });
-            let mut spec = lime_testbench::cluster::ClusterSpec::new(u.model, u.stages, dir);
-            spec.interleave = u.interleave.unwrap_or(1);
-            spec.cuts = u.cuts;
-            // The broker's planner decides unless told otherwise (the baselines and
-            // share budgets are defined on even splits; an outside broker runs none).
-            let planned = !u.even
-                && u.mode == lime_testbench::cluster::Mode::Lime
-                && u.budget_share.is_none()
-                && u.external_broker.is_none()
-                && !u.plan_over_mqtt;
-            if planned {
-                u.workload
-                    .parse::<lime_plan::WorkloadKind>()
-                    .map_err(anyhow::Error::msg)?;
-                spec.planner = Some(lime_testbench::cluster::PlannerSpec::new(
-                    &u.workload,
-                    u.concurrency,
-                    u.context,
-                ));
-            }
-            spec.mqtt_ports = (u.mqtt_port, u.mqtt5_port);
-            spec.external_broker = u
-                .external_broker
-                .as_deref()
-                .map(lime_client::mqtt::BrokerAddr::parse)
-                .transpose()?;
-            spec.data_port = u.data_port;
-            spec.plan_over_mqtt = u.plan_over_mqtt;
-            spec.max_inflight = u.max_inflight;
-            spec.mode = u.mode;
-            spec.memory.budget = match (u.budget_mib, u.budget_share) {
-                (Some(mib), _) => lime_testbench::cluster::Budget::Bytes(mib << 20),
-                (None, Some(share)) => lime_testbench::cluster::Budget::ShareFraction(share),
-                (None, None) => lime_testbench::cluster::Budget::Unlimited,
-            };
-            spec.memory.read_mb_per_s = u.read_mb_s;
-            spec.memory.direct_io = u.direct_io;
-            spec.security = if u.insecure {
-                lime_testbench::cluster::Security::Open
-            } else {
-                lime_testbench::cluster::Security::Locked
-            };
-            block_on(up::run(up::UpArgs {
-                spec,
-                preset: u.preset,
-                asks: u.ask,
-                max_tokens: u.max_tokens,
-            }))
-        }
+        Command::Generate(g) => generate::run(&g),
+        Command::Up(u) => block_on(up::run(u)),
         Command::Ask(a) => {
             let mut broker = lime_client::mqtt::BrokerAddr::parse(&a.broker)?;
             a.login.apply(&mut broker)?;
@@ -574,22 +280,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("{}", lime_client::ask::summary(&done));
             Ok(())
         }
-        Command::Plan(p) => plan::run(&plan::PlanArgs {
-            model: p.model,
-            devices: p.devices,
-            links: p.links,
-            workload: p.workload,
-            concurrency: p.concurrency,
-            context: p.context,
-            prompt_tokens: p.prompt_tokens,
-            runtime: lime_plan::Runtime {
-                max_slots: p.max_slots,
-                activation_tokens: p.activation_tokens,
-                max_interleave: p.max_interleave,
-            },
-            json: p.json,
-            out: p.out,
-        }),
+        Command::Plan(p) => plan::run(&p),
         Command::Status { broker, login } => {
             let mut broker = lime_client::mqtt::BrokerAddr::parse(&broker)?;
             login.apply(&mut broker)?;
@@ -637,26 +328,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 Ok(())
             }
-            BenchCommand::Serving {
-                model,
-                stages,
-                sporadic,
-                burst,
-                max_tokens,
-                max_inflight,
-                json,
-            } => {
-                lime_client::synth::ensure(Preset::Bench, &model)?;
-                let dir = std::env::temp_dir().join(format!("lime-bench-{}", std::process::id()));
-                let bench = lime_testbench::serving::ServingBench {
-                    model,
-                    stages,
-                    sporadic,
-                    burst,
-                    max_tokens,
-                    max_inflight,
-                    dir,
-                };
+            BenchCommand::Serving { bench, json } => {
+                lime_client::synth::ensure(Preset::Bench, &bench.model)?;
                 let report = block_on(lime_testbench::serving::run(&bench))?;
                 print_report(&report, json)
             }
@@ -673,90 +346,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             BenchCommand::ValidatePlan {
-                model,
+                mut bench,
                 only,
-                requests,
-                max_tokens,
-                concurrency,
-                context,
-                compute_threads,
                 json,
             } => {
-                lime_client::synth::ensure(Preset::Bench, &model)?;
-                let setups = lime_testbench::validation::default_setups()
-                    .into_iter()
-                    .filter(|s| only.is_empty() || only.iter().any(|o| s.name.contains(o.as_str())))
-                    .collect();
-                let bench = lime_testbench::validation::ValidateBench {
-                    model,
-                    setups,
-                    requests,
-                    max_tokens,
-                    concurrency,
-                    context,
-                    compute_threads,
-                    dir: std::env::temp_dir().join(format!("lime-validate-{}", std::process::id())),
-                };
+                lime_client::synth::ensure(Preset::Bench, &bench.model)?;
+                bench.setups.retain(|s| {
+                    only.is_empty() || only.iter().any(|o| s.name.contains(o.as_str()))
+                });
                 let report = block_on(lime_testbench::validation::run(&bench))?;
                 print_report(&report, json)
             }
-            BenchCommand::Offload {
-                model,
-                stages,
-                interleave,
-                share,
-                read_ratio,
-                read_mb_s,
-                sporadic,
-                burst,
-                max_tokens,
-                activation_tokens,
-                max_inflight,
-                compute_threads,
-                modes,
-                json,
-            } => {
-                let bench = lime_testbench::offloading::OffloadBench {
-                    model,
-                    stages,
-                    interleave,
-                    share,
-                    read_ratio,
-                    read_mb_per_s: read_mb_s,
-                    sporadic,
-                    burst,
-                    max_tokens,
-                    activation_tokens,
-                    modes,
-                    max_inflight,
-                    compute_threads,
-                    dir: std::env::temp_dir()
-                        .join(format!("lime-bench-offload-{}", std::process::id())),
-                };
+            BenchCommand::Offload { bench, json } => {
                 let report = block_on(lime_testbench::offloading::run(&bench))?;
                 print_report(&report, json)
             }
-            BenchCommand::Device {
-                model,
-                dtype,
-                device,
-                steps,
-                offload_share,
-                slots,
-                json,
-            } => {
-                if !model.join("config.json").exists() {
-                    lime_client::synth::run(Preset::Bench, dtype, 0, &model)?;
+            BenchCommand::Device { bench, dtype, json } => {
+                if !bench.model.join("config.json").exists() {
+                    lime_client::synth::run(Preset::Bench, dtype, 0, &bench.model)?;
                 }
-                let report = lime_testbench::device_bench::run(
-                    &lime_testbench::device_bench::DeviceBench {
-                        model,
-                        device,
-                        steps,
-                        offload_share,
-                        slots,
-                    },
-                )?;
+                let report = lime_testbench::device_bench::run(&bench)?;
                 print_report(&report, json)
             }
             BenchCommand::Kernels { model, steps, json } => {

@@ -2,25 +2,49 @@
 //! plan and what the cost model predicts for it.
 
 use anyhow::Context;
-use lime_kernels::{Checkpoint, Config};
+use lime_kernels::{checkpoint, Checkpoint, Config};
 use lime_plan::{self as planner, files, Runtime, Workload, WorkloadKind};
 use lime_schemas::ModelShape;
 use std::path::{Path, PathBuf};
 
-/// What to plan.
-#[derive(Debug, Clone)]
+/// What to plan (`lime plan`'s arguments).
+#[derive(Debug, Clone, clap::Args)]
 pub struct PlanArgs {
     /// A checkpoint directory, or a `config.json` alone (a model you do not have).
+    #[arg(long)]
     pub model: PathBuf,
+    /// Device profiles: one profile, or a list of `[[device]]` entries (TOML or JSON).
+    #[arg(long)]
     pub devices: PathBuf,
+    /// The network: a default link and exceptions (TOML or JSON).
+    #[arg(long)]
     pub links: PathBuf,
+    /// sporadic (minimise time per token) or bursty (maximise tokens/s).
+    #[arg(long, default_value = "sporadic")]
     pub workload: WorkloadKind,
+    /// Sequences generating at once, for the bursty workload.
+    #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
+    /// Tokens of context each sequence's KV cache is planned for.
+    #[arg(long, default_value_t = 4096)]
     pub context: usize,
+    /// Prompt length for the predicted time to first token.
+    #[arg(long, default_value_t = 128)]
     pub prompt_tokens: usize,
-    pub runtime: Runtime,
+    /// Most layer slots a stage streams through.
+    #[arg(long, default_value_t = 2)]
+    pub max_slots: usize,
+    /// The stages' activation workspace in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub activation_tokens: usize,
+    /// Largest interleave degree considered.
+    #[arg(long, default_value_t = 8)]
+    pub max_interleave: usize,
+    /// Also print the plan document as JSON.
+    #[arg(long)]
     pub json: bool,
     /// Write the plan (the `lime/control/plan` document) here.
+    #[arg(long)]
     pub out: Option<PathBuf>,
 }
 
@@ -28,8 +52,8 @@ pub struct PlanArgs {
 /// from `config.json` with the dtype it declares (bf16 when it declares none).
 pub fn model_shape(path: &Path) -> anyhow::Result<ModelShape> {
     let has_weights = path.is_dir()
-        && (path.join("model.safetensors").is_file()
-            || path.join("model.safetensors.index.json").is_file());
+        && (path.join(checkpoint::SINGLE_FILE).is_file()
+            || path.join(checkpoint::INDEX_FILE).is_file());
     if has_weights {
         return Ok(Checkpoint::open(path)?.shape());
     }
@@ -68,7 +92,11 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
         devices: &devices,
         links: &links,
         workload,
-        runtime: args.runtime,
+        runtime: Runtime {
+            max_slots: args.max_slots,
+            activation_tokens: args.activation_tokens,
+            max_interleave: args.max_interleave,
+        },
         starter: None,
     };
     let started = std::time::Instant::now();

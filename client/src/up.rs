@@ -4,27 +4,154 @@
 use lime_client::ask;
 use lime_kernels::synth::Preset;
 use lime_schemas::Request;
-use lime_testbench::cluster::{Cluster, ClusterSpec};
+use lime_testbench::cluster::{Budget, Cluster, ClusterSpec, Mode, PlannerSpec, Security};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// How to start the cluster and what to ask it (`lime up`'s arguments).
+#[derive(clap::Args)]
 pub struct UpArgs {
-    pub spec: ClusterSpec,
-    /// Synthesise this preset into `spec.model` when it holds no checkpoint.
+    /// Checkpoint directory; the preset is synthesised there if it is empty.
+    #[arg(long, default_value = "models/small")]
+    pub model: PathBuf,
+    /// Preset to synthesise when the model is missing.
+    #[arg(long, default_value = "small")]
     pub preset: Preset,
-    pub asks: Vec<String>,
+    /// Stage processes.
+    #[arg(long, default_value_t = 4)]
+    pub stages: usize,
+    /// Skip the planner: split the layers evenly (with --interleave chunks per
+    /// stage) or at --cuts.
+    #[arg(long)]
+    pub even: bool,
+    /// Chunks per stage (interleave degree) of an even split.
+    #[arg(long, requires = "even")]
+    pub interleave: Option<usize>,
+    /// Cut the layers at these indices (e.g. 3,7,9) instead of planning.
+    #[arg(long, value_delimiter = ',', requires = "even")]
+    pub cuts: Option<Vec<usize>>,
+    /// What the planner optimises: sporadic (time per token) or bursty (tokens/s).
+    #[arg(long, default_value = "sporadic")]
+    pub workload: String,
+    /// Sequences at once the planner provisions KV for (bursty).
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Tokens of context per sequence the planner provisions KV for.
+    #[arg(long, default_value_t = 1024)]
+    pub context: usize,
+    /// lime-broker's MQTT 3.1.1 and MQTT 5 ports.
+    #[arg(long, default_value_t = 1883)]
+    pub mqtt_port: u16,
+    #[arg(long, default_value_t = 1884)]
+    pub mqtt5_port: u16,
+    /// Use this MQTT 5 broker (host:port) instead of starting lime-broker.
+    #[arg(long)]
+    pub external_broker: Option<String>,
+    /// First data-plane port (stage i listens on port + i).
+    #[arg(long, default_value_t = 7100)]
+    pub data_port: u16,
+    /// Give stages the plan through the retained lime/control/plan topic.
+    #[arg(long)]
+    pub plan_over_mqtt: bool,
+    /// Micro-batches in flight (0: one per stage).
+    #[arg(long, default_value_t = 0)]
+    pub max_inflight: usize,
+    /// Configs, plan and logs (default: a directory under the system's temp dir).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Ask these prompts once the cluster is up, print the answers and stop.
+    #[arg(long)]
+    pub ask: Vec<String>,
+    /// Tokens each `--ask` answer generates at most.
+    #[arg(long, default_value_t = 64)]
     pub max_tokens: u32,
+    /// lime, or one of the baselines it is measured against: mdi, naive.
+    #[arg(long, default_value = "lime")]
+    pub mode: Mode,
+    /// Each stage's memory budget in MiB (layers beyond it are streamed from storage).
+    #[arg(long, conflicts_with = "budget_share")]
+    pub budget_mib: Option<u64>,
+    /// Each stage's memory budget as a share of its weights (e.g. 0.5).
+    #[arg(long)]
+    pub budget_share: Option<f64>,
+    /// Emulated storage read bandwidth in MB/s (for trying offloading on a fast disk).
+    #[arg(long)]
+    pub read_mb_s: Option<f64>,
+    /// Read streamed layers with O_DIRECT, bypassing the page cache.
+    #[arg(long)]
+    pub direct_io: bool,
+    /// No logins and no ring key: anonymous MQTT on loopback
+    /// (allow_anonymous) and an unauthenticated data plane (data.insecure).
+    /// Without it the cluster gets a service and a robot login and a ring key
+    /// of its own, printed when it is up.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
+impl UpArgs {
+    /// The cluster these arguments describe.
+    fn spec(&self) -> anyhow::Result<ClusterSpec> {
+        let dir = self.dir.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("lime-up-{}", std::process::id()))
+        });
+        let mut spec = ClusterSpec::new(&self.model, self.stages, dir);
+        spec.interleave = self.interleave.unwrap_or(1);
+        spec.cuts = self.cuts.clone();
+        // The broker's planner decides unless told otherwise (the baselines and
+        // share budgets are defined on even splits; an outside broker runs none).
+        let planned = !self.even
+            && self.mode == Mode::Lime
+            && self.budget_share.is_none()
+            && self.external_broker.is_none()
+            && !self.plan_over_mqtt;
+        if planned {
+            self.workload
+                .parse::<lime_plan::WorkloadKind>()
+                .map_err(anyhow::Error::msg)?;
+            spec.planner = Some(PlannerSpec::new(
+                &self.workload,
+                self.concurrency,
+                self.context,
+            ));
+        }
+        spec.mqtt_ports = (self.mqtt_port, self.mqtt5_port);
+        spec.external_broker = self
+            .external_broker
+            .as_deref()
+            .map(lime_client::mqtt::BrokerAddr::parse)
+            .transpose()?;
+        spec.data_port = self.data_port;
+        spec.plan_over_mqtt = self.plan_over_mqtt;
+        spec.max_inflight = self.max_inflight;
+        spec.mode = self.mode;
+        spec.memory.budget = match (self.budget_mib, self.budget_share) {
+            (Some(mib), _) => Budget::Bytes(mib << 20),
+            (None, Some(share)) => Budget::ShareFraction(share),
+            (None, None) => Budget::Unlimited,
+        };
+        spec.memory.read_mb_per_s = self.read_mb_s;
+        spec.memory.direct_io = self.direct_io;
+        spec.security = if self.insecure {
+            Security::Open
+        } else {
+            Security::Locked
+        };
+        Ok(spec)
+    }
+}
+
+/// Starts the cluster, then serves until Ctrl-C or answers the `--ask` prompts.
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    lime_client::synth::ensure(args.preset, &args.spec.model)?;
+    let spec = args.spec()?;
+    lime_client::synth::ensure(args.preset, &spec.model)?;
     let started = Instant::now();
     eprintln!(
         "starting {} stages on {} (logs in {})",
-        args.spec.stages,
-        args.spec.model.display(),
-        args.spec.dir.display()
+        spec.stages,
+        spec.model.display(),
+        spec.dir.display()
     );
-    let mut cluster = Cluster::start(&args.spec).await?;
+    let mut cluster = Cluster::start(&spec).await?;
     cluster.wait_online(Duration::from_secs(300)).await?;
     let statuses =
         lime_client::status::collect(&cluster.broker, Duration::from_millis(300)).await?;
@@ -39,11 +166,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .map(|p| format!(", MQTT 3.1.1 on 127.0.0.1:{p}"))
             .unwrap_or_default()
     );
-    if args.asks.is_empty() {
+    if args.ask.is_empty() {
         let v4 = cluster.v4_port.unwrap_or(cluster.broker.port);
         let (host, port) = (&cluster.broker.host, cluster.broker.port);
         match &cluster.credentials {
-            Some(c) if args.spec.external_broker.is_none() => {
+            Some(c) if spec.external_broker.is_none() => {
                 let (robot, pw) = &c.robot;
                 eprintln!(
                     "logins: robot {robot:?} password {pw:?}; the stages' service login {:?} password {:?}; ring key {}",
@@ -69,7 +196,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         wait_for_ctrl_c(&mut cluster).await?;
     } else {
         let requests: Vec<Request> = args
-            .asks
+            .ask
             .iter()
             .map(|p| Request {
                 prompt: Some(p.clone()),
@@ -84,7 +211,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             |_, _| {},
         )
         .await?;
-        for (prompt, answer) in args.asks.iter().zip(&answers) {
+        for (prompt, answer) in args.ask.iter().zip(&answers) {
             println!("> {prompt}");
             match &answer.outcome {
                 Ok(f) => {

@@ -21,15 +21,24 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// What to run.
-#[derive(Debug, Clone)]
+/// What to run (`lime bench device`'s arguments).
+#[derive(Debug, Clone, clap::Args)]
 pub struct DeviceBench {
+    /// Checkpoint directory; the `bench` preset is synthesised there (in
+    /// --dtype) if empty.
+    #[arg(long, default_value = "models/bench-bf16")]
     pub model: PathBuf,
+    /// `cpu`, or `cuda:N` in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
+    /// Decode steps timed per run.
+    #[arg(long, default_value_t = 32)]
     pub steps: usize,
     /// Share of the layers offloaded in the second run (the last ones).
+    #[arg(long, default_value_t = 0.5)]
     pub offload_share: f64,
     /// Streaming slots for the offloaded layers.
+    #[arg(long, default_value_t = 2)]
     pub slots: usize,
 }
 

@@ -15,3 +15,8 @@ pub mod serving;
 pub mod soak;
 pub mod swing;
 pub mod validation;
+
+/// A directory for one benchmark run's configs and logs, unique to this process.
+pub fn scratch_dir(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("{name}-{}", std::process::id()))
+}

@@ -18,29 +18,52 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone)]
+/// What to run (`lime bench offload`'s arguments).
+#[derive(Debug, Clone, clap::Args)]
 pub struct OffloadBench {
+    /// Checkpoint directory; the `bench` preset is synthesised there if empty.
+    #[arg(long, default_value = "models/bench")]
     pub model: PathBuf,
+    /// Stage processes.
+    #[arg(long, default_value_t = 4)]
     pub stages: usize,
-    /// lime's interleave degree (the baselines use 1).
+    /// lime's interleave degree (the baselines are contiguous).
+    #[arg(long, default_value_t = 4)]
     pub interleave: usize,
-    /// Each stage's budget as a share of its weights.
+    /// Each stage's memory budget as a share of its weights.
+    #[arg(long, default_value_t = 0.5)]
     pub share: f64,
-    /// Reading a layer takes this many times computing it at batch 1.
+    /// Emulated storage: reading a layer takes this many times computing it at batch 1.
+    #[arg(long, default_value_t = 3.0)]
     pub read_ratio: f64,
-    /// Use this read bandwidth (MB/s) instead of deriving it from `read_ratio`.
+    /// Emulated read bandwidth in MB/s, instead of deriving it from --read-ratio.
+    #[arg(long = "read-mb-s")]
     pub read_mb_per_s: Option<f64>,
+    /// Sporadic requests, sent one at a time.
+    #[arg(long, default_value_t = 4)]
     pub sporadic: usize,
+    /// Bursty requests, sent at once.
+    #[arg(long, default_value_t = 32)]
     pub burst: usize,
+    /// Tokens each request generates.
+    #[arg(long, default_value_t = 32)]
     pub max_tokens: u32,
-    /// The largest micro-batch, in tokens (the activation workspace).
+    /// Largest micro-batch in tokens (its activation workspace is budgeted).
+    #[arg(long, default_value_t = 64)]
     pub activation_tokens: usize,
+    /// Modes to run, of lime, mdi and naive.
+    #[arg(long, value_delimiter = ',', default_value = "naive,mdi,lime")]
     pub modes: Vec<Mode>,
-    /// Compute threads per stage, and for the calibration.
+    /// Compute threads per stage (the emulated devices share this machine), and
+    /// for the calibration.
+    #[arg(long, default_value_t = 1)]
     pub compute_threads: usize,
     /// lime's micro-batches in flight (0: one per stage). Fewer, larger
     /// micro-batches share each streamed layer's read among more sequences.
+    #[arg(long, default_value_t = 1)]
     pub max_inflight: usize,
+    /// Configs and logs of the clusters.
+    #[arg(skip = crate::scratch_dir("lime-bench-offload"))]
     pub dir: PathBuf,
 }
 

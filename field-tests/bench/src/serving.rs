@@ -39,15 +39,29 @@ pub struct ServingReport {
     pub sporadic_tpot_ratio: f64,
 }
 
-/// What to run.
-#[derive(Debug, Clone)]
+/// What to run (`lime bench serving`'s arguments).
+#[derive(Debug, Clone, clap::Args)]
 pub struct ServingBench {
+    /// Checkpoint directory; the `bench` preset is synthesised there if empty.
+    #[arg(long, default_value = "models/bench")]
     pub model: PathBuf,
+    /// Stage processes of the distributed setup.
+    #[arg(long, default_value_t = 4)]
     pub stages: usize,
+    /// Sporadic requests, sent one at a time.
+    #[arg(long, default_value_t = 8)]
     pub sporadic: usize,
+    /// Bursty requests, sent at once.
+    #[arg(long, default_value_t = 32)]
     pub burst: usize,
+    /// Tokens each request generates.
+    #[arg(long, default_value_t = 32)]
     pub max_tokens: u32,
+    /// Starter's micro-batches in flight (0: one per stage).
+    #[arg(long, default_value_t = 0)]
     pub max_inflight: usize,
+    /// Configs and logs of the clusters.
+    #[arg(skip = crate::scratch_dir("lime-bench"))]
     pub dir: PathBuf,
 }
 

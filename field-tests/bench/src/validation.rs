@@ -68,19 +68,33 @@ pub fn default_setups() -> Vec<Setup> {
     ]
 }
 
-/// What to run.
-#[derive(Debug, Clone)]
+/// What to run (`lime bench validate-plan`'s arguments).
+#[derive(Debug, Clone, clap::Args)]
 pub struct ValidateBench {
+    /// Checkpoint directory; the `bench` preset is synthesised there if empty.
+    #[arg(long, default_value = "models/bench")]
     pub model: PathBuf,
+    /// The emulated device setups measured ([`default_setups`] unless a caller
+    /// picks others).
+    #[arg(skip = default_setups())]
     pub setups: Vec<Setup>,
-    /// Sporadic requests per measurement, and tokens each.
+    /// Sporadic requests per measurement.
+    #[arg(long, default_value_t = 2)]
     pub requests: usize,
+    /// Tokens each request generates.
+    #[arg(long, default_value_t = 10)]
     pub max_tokens: u32,
     /// Sequences at once for bursty setups.
+    #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
     /// Tokens of KV per sequence planned for (and reserved by stages).
+    #[arg(long, default_value_t = 256)]
     pub context: usize,
+    /// Compute threads per stage.
+    #[arg(long, default_value_t = 1)]
     pub compute_threads: usize,
+    /// Configs and logs of the clusters.
+    #[arg(skip = crate::scratch_dir("lime-validate"))]
     pub dir: PathBuf,
 }
 
