@@ -156,7 +156,8 @@ impl LayerWeights<WeightSpec> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let q = cfg.num_attention_heads * cfg.head_dim;
         let kv = cfg.num_key_value_heads * cfg.head_dim;
-        let at = |part: &str| format!("{}.{part}", layer_prefix(index).trim_end_matches('.'));
+        let prefix = layer_prefix(index);
+        let at = |part: &str| format!("{prefix}{part}");
         let projection = |part: &str, dims: [usize; 2], bias: bool| Projection {
             weight: WeightSpec::new(at(&format!("{part}.weight")), &dims),
             bias: bias.then(|| WeightSpec::new(at(&format!("{part}.bias")), &dims[..1])),

@@ -40,6 +40,7 @@ impl MemoryGovernor {
     /// A budget too small to run the shard at all is refused before any read.
     pub(super) fn start(
         ckpt: Arc<Checkpoint>,
+        stage: &str,
         shard: &ModelShard,
         offloaded: Option<&[usize]>,
         memory: &MemoryConfig,
@@ -63,7 +64,7 @@ impl MemoryGovernor {
         };
         let split = Split::choose(memory.budget_bytes, layers, offloaded, max_slots, &costs)
             .map_err(|source| Error::TooSmall {
-                stage: String::new(),
+                stage: stage.to_owned(),
                 source,
             })?;
         tracing::info!(

@@ -370,19 +370,13 @@ impl Loaded {
             .and_then(|s| s.offloaded.as_deref());
         let governor = MemoryGovernor::start(
             ckpt.clone(),
+            stage,
             &shard,
             offloaded,
             memory,
             kept.layers,
             progress,
-        )
-        .map_err(|e| match e {
-            Error::TooSmall { source, .. } => Error::TooSmall {
-                stage: stage.to_owned(),
-                source,
-            },
-            other => other,
-        })?;
+        )?;
         Ok(Self { shard, governor })
     }
 }
