@@ -49,8 +49,15 @@ pub async fn run(cfg: BrokerConfig, login: crate::gate::internal::Internal, key:
     let mut planner = Planner::new(cfg.planner.clone(), links).with_key(key.clone());
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
+        let first_due = planner.first_plan_due();
         let event = tokio::select! {
             e = eventloop.poll() => e,
+            _ = tokio::time::sleep_until(first_due.unwrap_or_else(Instant::now).into()), if first_due.is_some() => {
+                if let Some(plan) = planner.first_plan(Instant::now()) {
+                    publish_plan(&client, key.as_ref(), plan).await;
+                }
+                continue;
+            }
             _ = tick.tick() => {
                 if let Some(plan) = planner.tick(Instant::now()) {
                     publish_plan(&client, key.as_ref(), plan).await;
@@ -79,7 +86,8 @@ pub async fn run(cfg: BrokerConfig, login: crate::gate::internal::Internal, key:
                     planner.status(stage, &p.payload, Instant::now());
                     None
                 } else if let Some(stage) = topics::stage_of_profile(&topic) {
-                    planner.profile(stage, &p.payload)
+                    planner.profile(stage, &p.payload, Instant::now());
+                    None
                 } else if topics::stage_of_telemetry(&topic).is_some() {
                     match serde_json::from_slice::<Telemetry>(&p.payload) {
                         Ok(t) => planner.telemetry(&t, Instant::now()),
@@ -103,6 +111,12 @@ pub async fn run(cfg: BrokerConfig, login: crate::gate::internal::Internal, key:
         }
     }
 }
+
+/// How long a planner whose profiles are all in waits for the ring's plan
+/// before making one: the starter publishes both back to back after a broker
+/// restart, so this covers their reordering and little more; a first start
+/// pays it once.
+pub const FOUND_PLAN_WAIT: Duration = Duration::from_millis(150);
 
 /// Publishes `plan` retained, signed with `key` when there is one.
 async fn publish_plan(client: &AsyncClient, key: Option<&RingKey>, mut plan: Plan) {
@@ -140,6 +154,9 @@ pub struct Planner {
     /// A plan found on the retained topic before this planner made one: the
     /// ring's, republished by its starter after this broker restarted.
     found: Option<Plan>,
+    /// When every expected profile is in but no plan was found: the moment a
+    /// plan of its own is made, unless the ring's shows up before.
+    first_plan_at: Option<Instant>,
     /// Plans are signed with it, and only plans signed with it are followed.
     key: Option<RingKey>,
     /// Stages of the running plan that went offline, and since when.
@@ -165,6 +182,7 @@ impl Planner {
             reads: HashMap::new(),
             context_tokens: 0,
             found: None,
+            first_plan_at: None,
             key: None,
             lost: BTreeMap::new(),
             excluded: Default::default(),
@@ -293,6 +311,9 @@ impl Planner {
             None => {
                 tracing::info!(epoch = plan.epoch, "found the plan the ring runs");
                 self.found = Some(plan);
+                if self.first_plan_at.is_some() {
+                    return self.first_plan(Instant::now());
+                }
             }
         }
         None
@@ -313,11 +334,13 @@ impl Planner {
         Ok(())
     }
 
-    /// A stage's profile; the first plan once every expected stage has one.
-    pub fn profile(&mut self, stage: &str, payload: &[u8]) -> Option<Plan> {
+    /// A stage's profile. Once every expected stage has one, the first plan is
+    /// due: the ring's, if it was found, or one of this planner's own after
+    /// [`FOUND_PLAN_WAIT`] (see [`Planner::first_plan`]).
+    pub fn profile(&mut self, stage: &str, payload: &[u8], now: Instant) {
         if payload.is_empty() {
             self.profiles.remove(stage);
-            return None;
+            return;
         }
         match serde_json::from_slice::<StageProfile>(payload) {
             Ok(sp) if sp.device.name == stage => {
@@ -330,9 +353,40 @@ impl Planner {
             Ok(_) => tracing::warn!(%stage, "profile names another stage; ignored"),
             Err(e) => tracing::warn!(%stage, error = %e, "bad profile; ignored"),
         }
-        if self.running.is_some() || self.profiles.len() < self.cfg.stages {
+        if self.running.is_none()
+            && self.first_plan_at.is_none()
+            && self.profiles.len() >= self.cfg.stages
+        {
+            let at = if self.found.is_some() {
+                now
+            } else {
+                now + FOUND_PLAN_WAIT
+            };
+            self.first_plan_at = Some(at);
+        }
+    }
+
+    /// When [`Planner::first_plan`] is next to be called, if a first plan is due.
+    pub fn first_plan_due(&self) -> Option<Instant> {
+        self.first_plan_at.filter(|_| self.running.is_none())
+    }
+
+    /// The first plan, once every expected profile is in: the ring's plan if its
+    /// starter published it (after a broker restart the ring keeps running and
+    /// the plan stays, nothing to publish), else a new one. MQTT orders messages
+    /// per topic only, so a restarted broker may hand over the last stage's
+    /// profile before the starter's plan, although the starter sent the plan
+    /// first: hence the wait of [`FOUND_PLAN_WAIT`] for a plan before making one.
+    pub fn first_plan(&mut self, now: Instant) -> Option<Plan> {
+        let at = self.first_plan_due()?;
+        if self.profiles.len() < self.cfg.stages {
+            self.first_plan_at = None;
             return None;
         }
+        if self.found.is_none() && now < at {
+            return None;
+        }
+        self.first_plan_at = None;
         if let Some(found) = self.found.take() {
             let epoch = found.epoch;
             match self.adopt(found) {
@@ -347,7 +401,7 @@ impl Planner {
         }
         let epoch = unix_seconds();
         match self.solve(&self.links.clone(), None, epoch) {
-            Ok((planned, _)) => Some(self.run(planned, Instant::now())),
+            Ok((planned, _)) => Some(self.run(planned, now)),
             Err(e) => {
                 tracing::error!("cannot plan: {e:#}");
                 None
@@ -640,5 +694,96 @@ mod tests {
         assert!((p - 5.5 * 240.0 / 51.0).abs() < 1e-9, "{p}");
         assert_eq!(payback_s(1.0 / 300.0, 1.0 / 290.0, 1.0), None);
         assert_eq!(payback_s(1.0 / 300.0, 1.0 / 400.0, 0.0), Some(0.0));
+    }
+
+    fn profile(stage: &str) -> Vec<u8> {
+        let model = lime_schemas::ModelShape {
+            name: "toy".into(),
+            layers: 8,
+            hidden: 64,
+            layer_params: 1 << 20,
+            largest_tensor_params: 1 << 18,
+            end_params: 1 << 19,
+            head_params: 1 << 18,
+            kv_values_per_token: 128,
+            activation_values_per_token: 512,
+            rope_values: 4096,
+            max_context: 256,
+            stored_dtype_bytes: 2,
+        };
+        let device = DeviceProfile {
+            name: stage.into(),
+            kind: "test".into(),
+            estimate: false,
+            source: String::new(),
+            memory_bytes: 1 << 30,
+            read_bytes_per_s: 1e9,
+            weight_bytes: None,
+            direct_io: false,
+            memory_bandwidth_bytes_per_s: 1e10,
+            flops: 1e10,
+            layer_overhead_s: 0.0,
+            measured: None,
+            data_addr: Some(format!("127.0.0.1:{}", 31000 + stage.len())),
+        };
+        serde_json::to_vec(&StageProfile { device, model }).unwrap()
+    }
+
+    fn planner() -> Planner {
+        let cfg = PlannerConfig {
+            stages: 2,
+            ..PlannerConfig::default()
+        };
+        let links = Links::uniform(LinkSpeed {
+            mbit_per_s: cfg.default_mbit_per_s,
+            latency_ms: cfg.default_latency_ms,
+        });
+        Planner::new(cfg, links)
+    }
+
+    #[test]
+    fn a_first_start_plans_once_no_ring_plan_came_within_the_wait() {
+        let mut p = planner();
+        let t0 = Instant::now();
+        p.profile("s0", &profile("s0"), t0);
+        assert_eq!(p.first_plan_due(), None, "one profile of two");
+        p.profile("s1", &profile("s1"), t0);
+        assert_eq!(p.first_plan_due(), Some(t0 + FOUND_PLAN_WAIT));
+        assert!(p.first_plan(t0).is_none(), "a plan before the wait is over");
+        let plan = p.first_plan(t0 + FOUND_PLAN_WAIT).expect("a plan");
+        assert_eq!(plan.stages.len(), 2);
+        assert_eq!(p.first_plan_due(), None);
+        assert!(p.first_plan(t0 + 2 * FOUND_PLAN_WAIT).is_none(), "only one");
+    }
+
+    /// A restarted broker may get every profile before the starter's plan,
+    /// though the starter published the plan first (per-topic order only).
+    #[test]
+    fn a_restarted_planner_keeps_the_ring_plan_that_arrives_after_the_profiles() {
+        let t0 = Instant::now();
+        let ring = {
+            let mut first = planner();
+            first.profile("s0", &profile("s0"), t0);
+            first.profile("s1", &profile("s1"), t0);
+            first.first_plan(t0 + FOUND_PLAN_WAIT).unwrap()
+        };
+        let mut p = planner();
+        p.profile("s1", &profile("s1"), t0);
+        p.profile("s0", &profile("s0"), t0);
+        assert!(p.first_plan(t0).is_none());
+        let seen = p.plan_seen(&serde_json::to_vec(&ring).unwrap());
+        assert!(seen.is_none(), "nothing to publish: the ring's plan stays");
+        assert_eq!(p.running.as_ref().map(|r| r.plan.epoch), Some(ring.epoch));
+        assert_eq!(p.first_plan_due(), None);
+        assert!(p.first_plan(t0 + 10 * FOUND_PLAN_WAIT).is_none());
+
+        // Found before the last profile: kept without waiting.
+        let mut p = planner();
+        p.profile("s0", &profile("s0"), t0);
+        assert!(p.plan_seen(&serde_json::to_vec(&ring).unwrap()).is_none());
+        p.profile("s1", &profile("s1"), t0);
+        assert_eq!(p.first_plan_due(), Some(t0));
+        assert!(p.first_plan(t0).is_none());
+        assert_eq!(p.running.as_ref().map(|r| r.plan.epoch), Some(ring.epoch));
     }
 }
