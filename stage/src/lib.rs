@@ -1,40 +1,33 @@
 //! lime-stage: the runtime on one device, one stage of the pipeline ring.
 //!
-//! A stage joins the MQTT control plane ([`control`]), takes its part of the plan,
-//! loads its chunks ([`worker`]), and runs the pipeline loop ([`pipeline`]) between
-//! a TCP link from the previous stage and one to the next ([`ring`]). The plan's
-//! first stage is the starter: it also checks and tokenizes requests ([`intake`]),
-//! schedules sequences into micro-batches and samples ([`starter`], [`sequence`]).
+//! The folders are the stage's rooms:
+//! - [`control`]: the MQTT control plane (status, plan, requests in and replies
+//!   out) and the device profile the planner asks for;
+//! - [`ring`]: the data plane, TCP links to the previous and next stage, their
+//!   handshake and the measurements of the link;
+//! - [`worker`]: the model shard this stage computes, its KV store and the
+//!   memory governor;
+//! - [`memory`]: the budget and its account, and which layers stay resident or
+//!   stream back in when a micro-batch needs them;
+//! - [`pipeline`]: the loop that batches what arrives, runs the chunks held here
+//!   and hands the result on, and the move to a new plan;
+//! - [`starter`]: at the plan's first stage, the request intake (size, JSON,
+//!   chat template, tokens), the scheduler, sampling and the replies.
+//!
 //! [`runtime`] takes a stage through its phases, from settings to serving, and
-//! drains it when the [`shutdown`] signal fires.
+//! drains it when the [`shutdown`] signal fires; [`service`] tells systemd.
 
 #![warn(missing_docs)]
 
-pub mod adaptation;
-pub mod admission;
-pub mod auth;
-pub mod broker_tls;
-pub mod chat;
 pub mod config;
-pub mod connection;
 pub mod control;
-pub mod demand;
-pub mod inflow;
-pub mod intake;
-pub mod link;
 pub mod memory;
 pub mod pipeline;
-pub mod profile;
-pub mod recent;
-pub mod residency;
 pub mod ring;
 pub mod runtime;
-pub mod sequence;
 pub mod service;
 pub mod shutdown;
 pub mod starter;
-pub mod switch;
-pub mod topology;
 pub mod worker;
 
 use anyhow::Context;

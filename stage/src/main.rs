@@ -30,7 +30,8 @@ fn profile(cfg: lime_stage::config::StageConfig, out: Option<PathBuf>) -> anyhow
             .num_threads(n.max(1))
             .build_global()?;
     }
-    let (device, _) = lime_stage::profile::measure(&cfg, |step| eprintln!("profiling: {step}"))?;
+    let (device, _) =
+        lime_stage::control::profile::measure(&cfg, |step| eprintln!("profiling: {step}"))?;
     let text = serde_json::to_string_pretty(&device)?;
     println!("{text}");
     if let Some(out) = out {

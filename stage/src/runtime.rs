@@ -8,9 +8,11 @@
 use crate::config::StageConfig;
 use crate::control::{self, Inbox, RequestSink};
 use crate::pipeline::{self, Event, Note};
+use crate::ring::{self, auth, topology};
 use crate::service::Service;
 use crate::shutdown::{self, Shutdown, Trigger};
-use crate::{auth, chat, inflow, intake, recent, ring, starter, topology, worker};
+use crate::starter::{self, chat, inflow, intake, recent};
+use crate::worker;
 use anyhow::Context;
 use lime_kernels::{Checkpoint, ReadOptions, TextTokenizer};
 use lime_schemas::signing::RingKey;
@@ -589,7 +591,9 @@ async fn own_profile(cfg: &StageConfig) -> anyhow::Result<lime_schemas::StagePro
         None => {
             let cfg = cfg.clone();
             tokio::task::spawn_blocking(move || {
-                crate::profile::measure(&cfg, |step| tracing::info!(step, "profiling this device"))
+                crate::control::profile::measure(&cfg, |step| {
+                    tracing::info!(step, "profiling this device")
+                })
             })
             .await??
             .into()

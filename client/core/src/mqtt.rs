@@ -27,7 +27,7 @@ impl BrokerTls {
     pub fn new(ca_file: &std::path::Path) -> anyhow::Result<Self> {
         Ok(Self {
             ca_file: ca_file.to_owned(),
-            transport: lime_stage::broker_tls::transport(ca_file)?,
+            transport: lime_stage::control::broker_tls::transport(ca_file)?,
         })
     }
 }

@@ -764,7 +764,7 @@ impl Cluster {
         if spec.plan_over_mqtt && spec.planner.is_none() {
             let mut plan = plan.clone();
             if let Some(c) = &cluster.credentials {
-                lime_stage::auth::load_key(&c.ring_key)?.sign(&mut plan);
+                lime_stage::ring::auth::load_key(&c.ring_key)?.sign(&mut plan);
             }
             publish_plan(&cluster.broker, &plan).await?;
         }

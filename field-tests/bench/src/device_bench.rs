@@ -14,8 +14,8 @@ use lime_kernels::{
     accelerator::decode_roofline, sampling::argmax, Checkpoint, Device, DeviceSpec, Embedding,
     Head, KvCache, MicroBatch, Model, Rope, SeqSpan, Tensor,
 };
+use lime_stage::memory::residency::Residency;
 use lime_stage::memory::Split;
-use lime_stage::residency::Residency;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -124,7 +124,7 @@ pub struct OffloadReport {
 
 /// Milliseconds for `layer` to decode `tokens` sequences, as a stage profiles it.
 fn time_layer(ckpt: &Checkpoint, layer: &DecoderLayer, tokens: usize) -> anyhow::Result<f64> {
-    Ok(lime_stage::profile::time_decode(ckpt.config(), layer, tokens, 15)? * 1e3)
+    Ok(lime_stage::control::profile::time_decode(ckpt.config(), layer, tokens, 15)? * 1e3)
 }
 
 fn calibrate(bench: &OffloadBench) -> anyhow::Result<Calibration> {

@@ -6,8 +6,8 @@ mod common;
 
 use common::{ask, assert_answers, runtime, up, varied_requests, Reference};
 use lime_schemas::{Frame, Hello};
-use lime_stage::auth::{Handshake, RingKey, Side};
-use lime_stage::connection::{read_frame, write_bytes};
+use lime_stage::ring::auth::{Handshake, RingKey, Side};
+use lime_stage::ring::connection::{read_frame, write_bytes};
 use lime_testbench::cluster::ClusterSpec;
 use std::time::Duration;
 use tokio::net::TcpStream;

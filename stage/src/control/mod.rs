@@ -2,10 +2,13 @@
 //! the retained status, the plan topic, and (at the starter) requests in and
 //! replies out.
 
+pub mod broker_tls;
+pub mod profile;
+
 use crate::config::StageConfig;
-use crate::inflow::Inflow;
-use crate::intake::{Intake, Sender};
 use crate::pipeline::Event;
+use crate::starter::inflow::Inflow;
+use crate::starter::intake::{Intake, Sender};
 use crate::starter::Outgoing;
 use lime_schemas::signing::{RingKey, Signature};
 use lime_schemas::{topics, Plan, StageStatus};
@@ -32,7 +35,7 @@ pub fn options(cfg: &StageConfig) -> anyhow::Result<MqttOptions> {
         o.set_credentials(u.clone(), p.clone());
     }
     if let Some(ca) = &cfg.broker.ca_file {
-        o.set_transport(crate::broker_tls::transport(ca)?);
+        o.set_transport(crate::control::broker_tls::transport(ca)?);
     }
     let will = serde_json::to_vec(&StageStatus::offline(&cfg.name)).unwrap_or_default();
     o.set_last_will(LastWill::new(

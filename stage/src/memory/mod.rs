@@ -9,6 +9,10 @@
 //! the README as the fixed overhead: the executable, the async runtime and MQTT
 //! client, the tokenizer at the starter, thread stacks and allocator slack.
 
+pub mod adaptation;
+pub mod demand;
+pub mod residency;
+
 use crate::config::MemoryConfig;
 use lime_kernels::{Checkpoint, LoadPath, Placement};
 pub use lime_plan::memory::{mib, Split, StageCosts, TooSmall};

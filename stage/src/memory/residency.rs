@@ -14,13 +14,13 @@
 //! layer not coming next, loaded slots that were not wanted are given back and
 //! the loader reads the wanted layer first.
 //!
-//! The split moves at run time ([`crate::adaptation`] chooses the layers): a
+//! The split moves at run time ([`crate::memory::adaptation`] chooses the layers): a
 //! resident layer is evicted by dropping it and adding it to the loader's order
 //! (starting the loader with one slot if there was none), and a streamed layer
 //! becomes resident by keeping the copy a slot was just filled with, so bringing
 //! it back costs no extra read.
 
-use crate::demand::Demand;
+use crate::memory::demand::Demand;
 use crate::memory::Split;
 use lime_kernels::{Checkpoint, DecoderLayer, Device, StagingBuffer};
 use std::collections::{HashMap, VecDeque};

@@ -11,11 +11,13 @@
 //! loop also keeps the stage's clock: computing, waiting for weights, waiting for
 //! the ring, idle.
 //!
-//! A new plan is taken between token steps ([`crate::switch`]).
+//! A new plan is taken between token steps ([`crate::pipeline::switch`]).
+
+pub mod switch;
 
 use crate::config::MemoryConfig;
+use crate::ring::topology::Topology;
 use crate::starter::Scheduler;
-use crate::topology::Topology;
 use crate::worker::Worker;
 use lime_schemas::telemetry::{LoadReport, StageTime, Telemetry};
 use lime_schemas::{Activations, Frame, Plan};
@@ -28,7 +30,7 @@ pub enum Event {
     /// A frame from the previous stage.
     Frame(Frame),
     /// A checked request (starter only).
-    Job(Box<crate::intake::Job>),
+    Job(Box<crate::starter::intake::Job>),
     /// A plan published on the control plane; the starter moves the ring to it.
     Plan(Box<Plan>),
     /// A link of the ring under plan `epoch` closed or broke: what was on it

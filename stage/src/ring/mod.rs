@@ -2,7 +2,7 @@
 //! stage, and the long-lived connection to the next one.
 //!
 //! Both ends exchange a `Hello` first (magic, protocol version, plan epoch, stage
-//! name, a nonce), and with a ring key prove they hold it ([`crate::auth`]); a
+//! name, a nonce), and with a ring key prove they hold it ([`crate::ring::auth`]); a
 //! peer that sends anything else, the wrong hello or no proof is logged and
 //! dropped while the ring goes on serving. After the hellos frames flow forwards,
 //! and the receiver answers each large one with an `Ack` saying how long its bytes
@@ -12,12 +12,17 @@
 //! The listener outlives plans: which epoch and predecessor it accepts is a
 //! [`Route`] the pipeline changes when the ring moves to a new plan.
 
-use crate::auth::{self, Handshake, RingKey, Side};
-use crate::connection::{read_frame, read_handshake, read_timed, write_bytes};
-use crate::link::{LinkGauge, MIN_TIMED_BYTES};
+pub mod auth;
+pub mod connection;
+pub mod link;
+pub mod topology;
+
 use crate::pipeline::Event;
+use auth::{Handshake, RingKey, Side};
+use connection::{read_frame, read_handshake, read_timed, write_bytes};
 use lime_schemas::frame::{Frame, MAGIC, PROTOCOL_VERSION};
 use lime_schemas::Hello;
+use link::{LinkGauge, MIN_TIMED_BYTES};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

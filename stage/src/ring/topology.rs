@@ -2,9 +2,9 @@
 //! epoch its listener accepts, and the link to its successor. Moving to a new
 //! plan re-points both; the listening socket stays.
 
-use crate::auth::RingKey;
 use crate::config::DataConfig;
-use crate::link::LinkGauge;
+use crate::ring::auth::RingKey;
+use crate::ring::link::LinkGauge;
 use crate::ring::{self, LinkIdentity, Probing, Route};
 use lime_schemas::{Frame, Plan};
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! stage when its first token arrives there, so growth never surprises a stage.
 //! Each stage reports its room with every layer streamed when the ring closes
 //! (the `Ping`); a request is admitted only while every stage has room for it, and
-//! a stage makes the room by streaming more layers ([`crate::adaptation`]).
+//! a stage makes the room by streaming more layers ([`crate::memory::adaptation`]).
 
 use lime_schemas::KvRoom;
 use std::collections::HashMap;

@@ -8,8 +8,8 @@
 //! topic, never silence.
 
 use crate::control::RequestSink;
-use crate::intake::{Refusal, Sender};
 use crate::pipeline::Event;
+use crate::starter::intake::{Refusal, Sender};
 use crate::starter::Outgoing;
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};

@@ -7,8 +7,8 @@
 //! `lime/response/<user>/`, the topics that robot may read, so that no robot can
 //! have the starter publish on another's replies or on the control topics.
 
-use crate::chat::ChatTemplate;
-use crate::recent::{fingerprint, Seen, SharedIds};
+use crate::starter::chat::ChatTemplate;
+use crate::starter::recent::{fingerprint, Seen, SharedIds};
 use lime_kernels::TextTokenizer;
 use lime_schemas::request::Input;
 use lime_schemas::{topics, ErrorCode, ErrorReply, Invalid, Request, SamplingParams};

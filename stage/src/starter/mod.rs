@@ -2,14 +2,21 @@
 //! replies. Requests join between token steps; finished ones leave at once and
 //! their caches are freed round the ring.
 
-use crate::admission::{Fit, Ledger, Waiting};
+pub mod admission;
+pub mod chat;
+pub mod inflow;
+pub mod intake;
+pub mod recent;
+pub mod sequence;
+
 use crate::config::StarterConfig;
-use crate::intake::{Job, ReplyTo};
-use crate::recent::SharedIds;
-use crate::sequence::{Sequence, Step};
 use crate::worker::Worker;
+use admission::{Fit, Ledger, Waiting};
+use intake::{Job, ReplyTo};
 use lime_kernels::TextTokenizer;
 use lime_schemas::{Activations, ErrorCode, ErrorReply, KvRoom, Queued};
+use recent::SharedIds;
+use sequence::{Sequence, Step};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;

@@ -1,7 +1,7 @@
 //! One request's life at the starter: which tokens go into the next pass, sampling,
 //! streamed text with stop strings, and the reply messages.
 
-use crate::intake::Job;
+use crate::starter::intake::Job;
 use lime_kernels::{Sampler, TextStream, TextTokenizer};
 use lime_schemas::{Final, FinishReason, SeqSlot, TextPiece, Timing, Usage};
 use std::time::Instant;

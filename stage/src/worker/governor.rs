@@ -2,14 +2,14 @@
 //! (resident or streamed through slots, [`Residency`]) and the account of every
 //! KV cache. It gives a new sequence room, streaming more layers when caches
 //! need it, and keeps streamed layers resident again when room comes back
-//! ([`crate::adaptation`] chooses which).
+//! ([`crate::memory::adaptation`] chooses which).
 
 use super::shard::ModelShard;
 use super::Error;
-use crate::adaptation;
 use crate::config::MemoryConfig;
+use crate::memory::adaptation;
+use crate::memory::residency::{LayerRef, LoadStats, Residency, Slot};
 use crate::memory::{self, Budget, Exhausted, Held, Split, StageCosts};
-use crate::residency::{LayerRef, LoadStats, Residency, Slot};
 use lime_kernels::{Checkpoint, DecoderLayer, KvCache, Tensor};
 use lime_schemas::telemetry::{MemoryReport, ResidencyReport};
 use std::collections::HashMap;

@@ -17,8 +17,8 @@ mod shard;
 pub use shard::Ends;
 
 use crate::config::MemoryConfig;
+use crate::memory::residency::LoadStats;
 use crate::memory::{Exhausted, TooSmall};
-use crate::residency::LoadStats;
 use governor::MemoryGovernor;
 use kv_store::KvStore;
 use lime_kernels::{Checkpoint, Config, DecoderLayer, Device, KvCache};
