@@ -86,14 +86,6 @@ impl KvCache {
         }
     }
 
-    /// Keeps only the first `len` cached tokens of every layer: the sequence
-    /// continues from position `len` as if nothing after it had been computed.
-    pub fn truncate(&mut self, len: usize) {
-        for l in self.layers.iter_mut().flatten() {
-            l.len = l.len.min(len);
-        }
-    }
-
     /// Forgets every cached token, keeping the allocation for the next sequence.
     pub fn clear(&mut self) {
         for l in self.layers.iter_mut().flatten() {

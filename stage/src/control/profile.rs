@@ -17,25 +17,12 @@ use std::time::Instant;
 /// Cached tokens in front of each measured decode step.
 const CONTEXT: usize = 32;
 
-/// Seconds of runs each figure's median is taken over, beyond its least count.
-const MEASURE_S: f64 = 0.12;
-
-/// The most runs a figure is measured with.
-const MAX_REPS: usize = 101;
-
-/// The median of at least `reps` runs of `f`, in seconds, after one warm-up
-/// run, and of as many more as fit in `MEASURE_S`: a single run of a
-/// millisecond-long step is at the mercy of the scheduler, and a plan predicted
-/// from a noisy profile misses its measured throughput.
+/// The median of `reps` runs of `f`, in seconds, after one warm-up run.
 fn median(reps: usize, mut f: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<f64> {
     f()?;
-    let started = Instant::now();
-    let mut times = Vec::new();
-    while times.len() < reps.max(1)
-        || (times.len() < MAX_REPS && started.elapsed().as_secs_f64() < MEASURE_S)
-    {
-        times.push(f()?);
-    }
+    let mut times = (0..reps.max(1))
+        .map(|_| f())
+        .collect::<anyhow::Result<Vec<f64>>>()?;
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
 }
@@ -78,10 +65,10 @@ pub fn time_decode(
         .collect::<Result<_, _>>()?;
     let x = Tensor::ones((tokens, cfg.hidden_size), dtype, &dev)?;
     let xp = Tensor::ones((CONTEXT * tokens, cfg.hidden_size), dtype, &dev)?;
-    layer.forward(&xp, &fill, &mut caches.iter_mut().collect::<Vec<_>>())?;
     median(reps, || {
         // Rewind so every run appends at the same position.
-        caches.iter_mut().for_each(|c| c.truncate(CONTEXT));
+        caches.iter_mut().for_each(KvCache::clear);
+        layer.forward(&xp, &fill, &mut caches.iter_mut().collect::<Vec<_>>())?;
         dev.synchronize()?;
         let started = Instant::now();
         layer.forward(&x, &step, &mut caches.iter_mut().collect::<Vec<_>>())?;
