@@ -57,6 +57,9 @@ impl SwingSpec {
     }
 }
 
+/// The planner's payback horizon in this scenario (see [`run`]).
+pub const PAYBACK_S: f64 = 120.0;
+
 /// A plan as the robots' side saw it arrive.
 #[derive(Debug, Clone)]
 pub struct PlanSeen {
@@ -87,6 +90,9 @@ pub struct SwingRun {
     pub adapt: bool,
     /// Text pieces streamed in each second since the load started.
     pub pieces: Vec<u64>,
+    /// Seconds in which some request waited for its first token: its prompt
+    /// was being prefilled, which a plan's tokens/s (steady decode) leaves out.
+    pub prefilling: Vec<bool>,
     /// Generated tokens per streamed piece, from the final messages.
     pub tokens_per_piece: f64,
     pub plans: Vec<PlanSeen>,
@@ -108,6 +114,20 @@ impl SwingRun {
             return 0.0;
         }
         self.pieces[a..b].iter().sum::<u64>() as f64 / (b - a) as f64 * self.tokens_per_piece
+    }
+
+    /// Mean tokens/s over the seconds of `[from, to)` in which no prompt was
+    /// prefilled: steady decode, what a plan's `tokens_per_s` predicts; `None`
+    /// when fewer than `least` such seconds are left.
+    pub fn decode_tokens_per_s(&self, from: f64, to: f64, least: usize) -> Option<f64> {
+        let (a, b) = (from.max(0.0) as usize, (to as usize).min(self.pieces.len()));
+        let seconds: Vec<u64> = (a..b)
+            .filter(|&s| !self.prefilling.get(s).copied().unwrap_or(false))
+            .map(|s| self.pieces[s])
+            .collect();
+        (seconds.len() >= least.max(1)).then(|| {
+            seconds.iter().sum::<u64>() as f64 / seconds.len() as f64 * self.tokens_per_piece
+        })
     }
 
     /// The first plan published at or after `t` seconds.
@@ -151,6 +171,15 @@ pub fn request(k: usize, max_tokens: u32) -> Request {
     }
 }
 
+/// Marks every second that `[sent, answered]` touches as one with a prefill.
+fn mark_prefilling(seconds: &mut Vec<bool>, sent: f64, answered: f64) {
+    let (a, b) = (sent.max(0.0) as usize, answered.max(0.0) as usize);
+    if seconds.len() <= b {
+        seconds.resize(b + 1, false);
+    }
+    seconds[a..=b.max(a)].iter_mut().for_each(|s| *s = true);
+}
+
 /// Runs the scenario on `fabric` (one namespace per stage).
 pub async fn run(
     spec: &SwingSpec,
@@ -163,6 +192,12 @@ pub async fn run(
     planner.link_mbit_per_s = spec.high_mbit_per_s;
     planner.link_latency_ms = 0.1;
     planner.adapt = spec.adapt;
+    // The scenario asks whether the planner follows each swing, as it would
+    // bandwidth that changed for good. Its phases are short, and with 16 long
+    // sequences cached the switch back repays itself in 12-31 s: near the
+    // default 30 s horizon, so whether the planner follows would depend on how
+    // many tokens happen to be cached at the change.
+    planner.payback_s = Some(PAYBACK_S);
     cluster_spec.planner = Some(planner);
     cluster_spec.memory = MemorySpec {
         stage_budget_bytes: vec![spec.budget_bytes; 4],
@@ -213,6 +248,8 @@ async fn load(
     ];
     let started = Instant::now();
     let mut in_flight: BTreeMap<usize, usize> = BTreeMap::new();
+    // Requests not yet answered with a first piece, and when they were sent.
+    let mut awaiting: BTreeMap<usize, f64> = BTreeMap::new();
     let mut next = 0usize;
     let (mut pieces, mut tokens) = (0u64, 0u64);
     let send = |n: usize| {
@@ -235,6 +272,7 @@ async fn load(
     };
     while next < spec.concurrency {
         send(next).await?;
+        awaiting.insert(next, started.elapsed().as_secs_f64());
         in_flight.insert(next, next % TEMPLATES);
         next += 1;
     }
@@ -322,6 +360,9 @@ async fn load(
                 }
                 out.pieces[second] += 1;
                 pieces += 1;
+                if let Some(sent) = awaiting.remove(&n) {
+                    mark_prefilling(&mut out.prefilling, sent, now);
+                }
                 false
             }
             Ok(Reply::Final(f)) => {
@@ -343,8 +384,14 @@ async fn load(
                 true
             }
         };
+        if ended {
+            if let Some(sent) = awaiting.remove(&n) {
+                mark_prefilling(&mut out.prefilling, sent, now);
+            }
+        }
         if ended && in_flight.remove(&n).is_some() && now < total {
             send(next).await?;
+            awaiting.insert(next, started.elapsed().as_secs_f64());
             in_flight.insert(next, next % TEMPLATES);
             next += 1;
         }
@@ -358,6 +405,7 @@ async fn load(
         1.0
     };
     out.pieces.truncate(total.ceil() as usize);
+    out.prefilling.resize(out.pieces.len(), false);
     let _ = client.disconnect().await;
     Ok(out)
 }
