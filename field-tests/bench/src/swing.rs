@@ -384,10 +384,10 @@ async fn load(
                 true
             }
         };
-        if ended {
-            if let Some(sent) = awaiting.remove(&n) {
-                mark_prefilling(&mut out.prefilling, sent, now);
-            }
+        // An answer that ended without a piece (an error) still had its prompt read.
+        let unanswered = if ended { awaiting.remove(&n) } else { None };
+        if let Some(sent) = unanswered {
+            mark_prefilling(&mut out.prefilling, sent, now);
         }
         if ended && in_flight.remove(&n).is_some() && now < total {
             send(next).await?;
