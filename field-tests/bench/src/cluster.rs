@@ -173,8 +173,8 @@ pub struct PlannerSpec {
     pub link_latency_ms: f64,
     /// Re-plan on measured changes (the broker's `planner.adapt`).
     pub adapt: bool,
-    /// The broker's `planner.payback_s`, where a scenario needs its own.
-    pub payback_s: Option<f64>,
+    /// The broker's `planner.payback_s`: how soon a switch must repay itself.
+    pub payback_s: f64,
 }
 
 impl PlannerSpec {
@@ -196,7 +196,7 @@ impl PlannerSpec {
             link_mbit_per_s: 10_000.0,
             link_latency_ms: 0.05,
             adapt: true,
-            payback_s: None,
+            payback_s: PlannerConfig::default().payback_s,
         }
     }
 }
@@ -740,11 +740,9 @@ impl Cluster {
                         default_mbit_per_s: p.link_mbit_per_s,
                         default_latency_ms: p.link_latency_ms,
                         adapt: p.adapt,
+                        payback_s: p.payback_s,
                         ..PlannerConfig::default()
                     };
-                    if let Some(payback) = p.payback_s {
-                        cfg.planner.payback_s = payback;
-                    }
                 }
                 let file = spec.dir.join("broker.toml");
                 write_private(&file, &cfg.to_toml()?)?;

@@ -109,25 +109,34 @@ pub struct SwingRun {
 impl SwingRun {
     /// Mean tokens/s over `[from, to)` seconds.
     pub fn tokens_per_s(&self, from: f64, to: f64) -> f64 {
-        let (a, b) = (from.max(0.0) as usize, (to as usize).min(self.pieces.len()));
-        if b <= a {
-            return 0.0;
-        }
-        self.pieces[a..b].iter().sum::<u64>() as f64 / (b - a) as f64 * self.tokens_per_piece
+        self.mean_tokens_per_s(from, to, 1, |_| true).unwrap_or(0.0)
     }
 
     /// Mean tokens/s over the seconds of `[from, to)` in which no prompt was
     /// prefilled: steady decode, what a plan's `tokens_per_s` predicts; `None`
     /// when fewer than `least` such seconds are left.
     pub fn decode_tokens_per_s(&self, from: f64, to: f64, least: usize) -> Option<f64> {
-        let (a, b) = (from.max(0.0) as usize, (to as usize).min(self.pieces.len()));
-        let seconds: Vec<u64> = (a..b)
-            .filter(|&s| !self.prefilling.get(s).copied().unwrap_or(false))
+        self.mean_tokens_per_s(from, to, least, |s| {
+            !self.prefilling.get(s).copied().unwrap_or(false)
+        })
+    }
+
+    /// Mean tokens/s over the whole seconds of `[from, to)` that `keep` keeps;
+    /// `None` when it keeps fewer than `least` (at least one).
+    fn mean_tokens_per_s(
+        &self,
+        from: f64,
+        to: f64,
+        least: usize,
+        keep: impl Fn(usize) -> bool,
+    ) -> Option<f64> {
+        let seconds = from.max(0.0) as usize..(to as usize).min(self.pieces.len());
+        let kept: Vec<u64> = seconds
+            .filter(|&s| keep(s))
             .map(|s| self.pieces[s])
             .collect();
-        (seconds.len() >= least.max(1)).then(|| {
-            seconds.iter().sum::<u64>() as f64 / seconds.len() as f64 * self.tokens_per_piece
-        })
+        (kept.len() >= least.max(1))
+            .then(|| kept.iter().sum::<u64>() as f64 / kept.len() as f64 * self.tokens_per_piece)
     }
 
     /// The first plan published at or after `t` seconds.
@@ -173,11 +182,12 @@ pub fn request(k: usize, max_tokens: u32) -> Request {
 
 /// Marks every second that `[sent, answered]` touches as one with a prefill.
 fn mark_prefilling(seconds: &mut Vec<bool>, sent: f64, answered: f64) {
-    let (a, b) = (sent.max(0.0) as usize, answered.max(0.0) as usize);
+    let a = sent.max(0.0) as usize;
+    let b = (answered.max(0.0) as usize).max(a);
     if seconds.len() <= b {
         seconds.resize(b + 1, false);
     }
-    seconds[a..=b.max(a)].iter_mut().for_each(|s| *s = true);
+    seconds[a..=b].iter_mut().for_each(|s| *s = true);
 }
 
 /// Runs the scenario on `fabric` (one namespace per stage).
@@ -197,7 +207,7 @@ pub async fn run(
     // sequences cached the switch back repays itself in 12-31 s: near the
     // default 30 s horizon, so whether the planner follows would depend on how
     // many tokens happen to be cached at the change.
-    planner.payback_s = Some(PAYBACK_S);
+    planner.payback_s = PAYBACK_S;
     cluster_spec.planner = Some(planner);
     cluster_spec.memory = MemorySpec {
         stage_budget_bytes: vec![spec.budget_bytes; 4],
@@ -578,4 +588,25 @@ pub fn svg(runs: &[&SwingRun], phases_s: [f64; 3]) -> String {
     }
     s += "</svg>\n";
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_throughput_leaves_out_the_seconds_of_prefills() {
+        let mut run = SwingRun {
+            pieces: vec![10, 10, 2, 10, 10, 10],
+            tokens_per_piece: 2.0,
+            ..SwingRun::default()
+        };
+        // A prompt sent at 1.5 s and answered at 2.2 s touches seconds 1 and 2.
+        mark_prefilling(&mut run.prefilling, 1.5, 2.2);
+        assert_eq!(run.prefilling, vec![false, true, true]);
+        assert_eq!(run.decode_tokens_per_s(0.0, 6.0, 3), Some(20.0));
+        assert_eq!(run.decode_tokens_per_s(0.0, 6.0, 5), None);
+        // The plain mean counts every second.
+        assert!((run.tokens_per_s(0.0, 6.0) - 104.0 / 6.0).abs() < 1e-9);
+    }
 }
