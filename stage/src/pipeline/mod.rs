@@ -432,7 +432,7 @@ impl Pipeline<'_> {
     /// on every stage; once a ping gets round (every hop connected again,
     /// whether the stage came back or the ring was planned anew) each
     /// sequence recomputes its cache from its prompt and the tokens already
-    /// streamed. The kernels make those caches and the tokens that follow
+    /// streamed, under a new number that nothing sent before the break names. The kernels make those caches and the tokens that follow
     /// bit-identical to a run without the fault, and nothing is streamed twice:
     /// a sequence samples again only once its cache has caught up.
     fn ring_broken(&mut self, why: String) {
@@ -475,6 +475,17 @@ impl Pipeline<'_> {
     /// Runs every chunk held here that the micro-batch reaches next, then hands it
     /// on: to the next stage, or at the end of the model to the starter's sampler.
     fn advance(&mut self, mut act: Activations) {
+        if self.starter.as_ref().is_some_and(|s| s.stale(&act.batches)) {
+            // Launched before the ring broke: its sequences are being replayed
+            // under new numbers, and running it would only make caches for the
+            // old ones.
+            tracing::debug!(
+                batch = act.batch(),
+                chunk = act.chunk,
+                "a micro-batch from before the ring broke came back; dropped"
+            );
+            return;
+        }
         let chunks = self.worker.chunk_count() as u32;
         while act.chunk < chunks && self.worker.owns(act.chunk) {
             if let Err(e) = self.worker.run_chunk(&mut act) {

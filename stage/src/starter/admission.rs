@@ -116,6 +116,13 @@ impl Ledger {
         }
     }
 
+    /// Sequence `old` goes on as `new` (its cache is being rebuilt).
+    pub fn renumber(&mut self, old: u64, new: u64) {
+        if let Some(tokens) = self.tokens.remove(&old) {
+            self.tokens.insert(new, tokens);
+        }
+    }
+
     /// Gives back sequence `id`'s room once it has finished; an unknown id is ignored.
     pub fn free(&mut self, id: u64) {
         let Some(tokens) = self.tokens.remove(&id) else {
@@ -176,5 +183,17 @@ mod tests {
         assert_eq!(l.check(11), Fit::Later(Waiting::Memory));
         l.forget_rooms();
         assert_eq!(l.check(1), Fit::Later(Waiting::Ring));
+    }
+
+    #[test]
+    fn a_renumbered_sequence_keeps_its_room_under_its_new_number() {
+        let mut l = Ledger::default();
+        l.set_rooms(vec![room("a", Some(600))]);
+        l.admit(7, 50);
+        l.renumber(7, 8);
+        l.free(7);
+        assert_eq!(l.check(11), Fit::Later(Waiting::Memory));
+        l.free(8);
+        assert_eq!(l.check(60), Fit::Now);
     }
 }

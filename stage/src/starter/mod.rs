@@ -156,17 +156,36 @@ impl<'t> Scheduler<'t> {
         self.launched.is_empty()
     }
 
-    /// The ring moved to a new plan with `stages` stages: every sequence
-    /// recomputes its cache from its tokens, in admission order, and the rooms
-    /// are learnt again.
+    /// A sequence number no stage has seen from this starter.
+    fn new_seq_id(&mut self) -> u64 {
+        let id = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        id
+    }
+
+    /// The ring moved to a new plan with `stages` stages, or is whole again:
+    /// every sequence recomputes its cache from its tokens, in admission order,
+    /// and the rooms are learnt again.
+    ///
+    /// Each sequence does so under a new number. Frames sent before now (a
+    /// `Release` or `Failed` still going round, a micro-batch of the old ring)
+    /// name the old numbers, so however late they arrive, and by whichever
+    /// link, they can only touch the caches they were meant for, never the
+    /// ones being rebuilt.
     pub fn rebuild(&mut self, stages: usize, plan_inflight: Option<usize>) -> usize {
         self.max_inflight = inflight(&self.limits, stages, plan_inflight);
-        let mut ids: Vec<u64> = self.sequences.keys().copied().collect();
-        ids.sort_unstable();
-        for id in &ids {
-            if let Some(seq) = self.sequences.get_mut(id) {
-                seq.restart();
-            }
+        let mut old: Vec<u64> = self.sequences.keys().copied().collect();
+        old.sort_unstable();
+        let mut ids = Vec::with_capacity(old.len());
+        for id in old {
+            let Some(mut seq) = self.sequences.remove(&id) else {
+                continue;
+            };
+            seq.restart();
+            let renumbered = self.new_seq_id();
+            self.ledger.renumber(id, renumbered);
+            self.sequences.insert(renumbered, seq);
+            ids.push(renumbered);
         }
         let rebuilt = ids.len();
         self.rebuilding = (rebuilt > 0).then(|| (Instant::now(), ids.iter().copied().collect()));
@@ -634,8 +653,7 @@ impl<'t> Scheduler<'t> {
             let Some(job) = self.waiting.pop_front() else {
                 break;
             };
-            let id = self.next_seq;
-            self.next_seq = self.next_seq.wrapping_add(1);
+            let id = self.new_seq_id();
             self.ledger.admit(id, tokens);
             let seq = Sequence::new(job, self.tokenizer, Instant::now());
             self.sequences.insert(id, seq);
