@@ -92,7 +92,9 @@ impl RingKey {
 
     fn plan_mac(&self, unsigned: &Plan) -> Hmac<Sha256> {
         // Serialising the same plan always gives the same bytes: its fields
-        // have a fixed order and no maps, and floats print as they parse.
+        // have a fixed order and no maps, and floats print as they parse
+        // (serde_json's `float_roundtrip`, set in the workspace: without it a
+        // parsed figure may come back a bit off, and the plan with it).
         let bytes = serde_json::to_vec(unsigned).unwrap_or_default();
         let mut mac = self.mac(PLAN_LABEL);
         mac.update(&bytes);
@@ -136,6 +138,34 @@ mod tests {
         let mut junk = back;
         junk.signature = Some("zz".into());
         assert_eq!(key.check(&junk), Signature::Wrong);
+    }
+
+    /// The planner's figures are arbitrary doubles: each must parse back to
+    /// the bits it was printed from, or a plan fails its own signature (the
+    /// workspace enables serde_json's `float_roundtrip` for this).
+    #[test]
+    fn a_signed_plan_with_measured_figures_checks_after_a_round_trip() {
+        let key = RingKey::from_hex(&"ab".repeat(32)).unwrap();
+        let mut bits = 0x2545_f491_4f6c_dd1d_u64;
+        let mut figure = |scale: f64| {
+            bits ^= bits << 13;
+            bits ^= bits >> 7;
+            bits ^= bits << 17;
+            (bits >> 11) as f64 / (1u64 << 53) as f64 * scale
+        };
+        for _ in 0..2000 {
+            let mut p = plan();
+            p.prediction = Some(crate::PlanPrediction {
+                time_per_token_s: figure(1.0),
+                tokens_per_s: figure(500.0),
+                ttft_s: figure(10.0),
+                slowest_link_mbit_per_s: figure(1000.0),
+                reason: "profiles".into(),
+            });
+            key.sign(&mut p);
+            let back: Plan = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+            assert_eq!(key.check(&back), Signature::Valid, "{:?}", p.prediction);
+        }
     }
 
     #[test]
