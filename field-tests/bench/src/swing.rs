@@ -58,7 +58,7 @@ impl SwingSpec {
 }
 
 /// The planner's payback horizon in this scenario (see [`run`]).
-pub const PAYBACK_S: f64 = 120.0;
+const PAYBACK_S: f64 = 120.0;
 
 /// A plan as the robots' side saw it arrive.
 #[derive(Debug, Clone)]

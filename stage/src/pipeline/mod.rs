@@ -432,9 +432,10 @@ impl Pipeline<'_> {
     /// on every stage; once a ping gets round (every hop connected again,
     /// whether the stage came back or the ring was planned anew) each
     /// sequence recomputes its cache from its prompt and the tokens already
-    /// streamed, under a new number that nothing sent before the break names. The kernels make those caches and the tokens that follow
-    /// bit-identical to a run without the fault, and nothing is streamed twice:
-    /// a sequence samples again only once its cache has caught up.
+    /// streamed, under a new number that nothing sent before the break names.
+    /// The kernels make those caches and the tokens that follow bit-identical
+    /// to a run without the fault, and nothing is streamed twice: a sequence
+    /// samples again only once its cache has caught up.
     fn ring_broken(&mut self, why: String) {
         let Some(s) = &mut self.starter else { return };
         if self.next.is_none() || self.recovering.is_some() {

@@ -358,16 +358,11 @@ impl<'t> Scheduler<'t> {
         }
     }
 
-    /// A micro-batch came back round the ring: sample, stream, and requeue or
-    /// finish its sequences. Returns the finished ones, to release.
+    /// A micro-batch launched on the running ring came back round it (the
+    /// pipeline drops [`Scheduler::stale`] ones before they run): sample,
+    /// stream, and requeue or finish its sequences. Returns the finished ones,
+    /// to release.
     pub fn returned(&mut self, act: Activations, worker: &mut Worker) -> Vec<u64> {
-        if self.stale(&act.batches) {
-            tracing::debug!(
-                batch = act.batch(),
-                "a micro-batch from before the ring broke came back; dropped"
-            );
-            return Vec::new();
-        }
         for b in &act.batches {
             self.launched.remove(b);
         }
