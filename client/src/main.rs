@@ -117,6 +117,15 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Device emulation's proof: a resident pipeline with one micro-batch in
+    /// flight against one per stage, without and with paced compute.
+    Fill {
+        #[command(flatten)]
+        bench: lime_testbench::fill::FillBench,
+        /// Also print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// lime against the naive and mdi baselines on a model that does not fit its
     /// stages' memory budgets, with emulated storage bandwidth.
     Offload {
@@ -355,6 +364,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     only.is_empty() || only.iter().any(|o| s.name.contains(o.as_str()))
                 });
                 let report = block_on(lime_testbench::validation::run(&bench))?;
+                print_report(&report, json)
+            }
+            BenchCommand::Fill { bench, json } => {
+                let report = block_on(lime_testbench::fill::run(&bench))?;
                 print_report(&report, json)
             }
             BenchCommand::Offload { bench, json } => {

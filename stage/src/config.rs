@@ -51,6 +51,9 @@ pub struct StageConfig {
     /// leave room for it).
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// Emulating a slower device on this machine, for benchmarks only.
+    #[serde(default)]
+    pub emulate: EmulateConfig,
 }
 
 fn default_telemetry_ms() -> u64 {
@@ -104,6 +107,27 @@ impl MemoryConfig {
     /// The emulated read bandwidth in bytes per second.
     pub fn read_bytes_per_s(&self) -> Option<u64> {
         self.read_mb_per_s.map(|mb| (mb * 1e6) as u64)
+    }
+}
+
+/// Device emulation, for benchmarks: several stages on one machine behave
+/// like separate, slower devices. Off by default; a field device never sets it.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmulateConfig {
+    /// Compute as if on a device this many times slower than this machine:
+    /// after each layer (and the starter's ends) the stage waits until the
+    /// computation has taken this many times as long. Stages sharing a few cores
+    /// then mostly wait instead of competing for them, so that N of them overlap
+    /// like N devices. 1 is off. The profile reports the emulated speed.
+    pub compute_slowdown: f64,
+}
+
+impl Default for EmulateConfig {
+    fn default() -> Self {
+        Self {
+            compute_slowdown: 1.0,
+        }
     }
 }
 
@@ -260,6 +284,7 @@ impl StageConfig {
             compute_threads: None,
             device: lime_kernels::DeviceSpec::default(),
             shutdown_grace_ms: default_shutdown_grace_ms(),
+            emulate: EmulateConfig::default(),
         }
     }
 
@@ -323,6 +348,11 @@ impl StageConfig {
              (cargo build --release --features cuda, with the CUDA toolkit)",
             self.device
         );
+        let slowdown = self.emulate.compute_slowdown;
+        anyhow::ensure!(
+            slowdown.is_finite() && (1.0..=1000.0).contains(&slowdown),
+            "emulate.compute_slowdown must be 1 (off) to 1000"
+        );
         anyhow::ensure!(self.telemetry_ms >= 50, "telemetry_ms must be at least 50");
         anyhow::ensure!(
             self.shutdown_grace_ms <= 600_000,
@@ -358,8 +388,24 @@ mod tests {
         cfg.memory.read_mb_per_s = Some(250.5);
         cfg.data.key_file = Some("/etc/lime/ring.key".into());
         cfg.broker.username = Some("stage".into());
+        cfg.emulate.compute_slowdown = 4.0;
         let back = load(&cfg.to_toml().unwrap()).unwrap();
         assert_eq!(format!("{back:?}"), format!("{cfg:?}"));
+    }
+
+    #[test]
+    fn emulation_is_off_by_default_and_bounded() {
+        let base = "name = \"s0\"\nmodel = \"/m\"\n";
+        assert_eq!(load(base).unwrap().emulate.compute_slowdown, 1.0);
+        for bad in ["0.5", "0", "1e9", "nan"] {
+            let err = load(&format!("{base}[emulate]\ncompute_slowdown = {bad}\n")).unwrap_err();
+            assert!(
+                format!("{err:#}").contains("compute_slowdown"),
+                "{bad}: {err:#}"
+            );
+        }
+        let err = load(&format!("{base}[emulate]\nslowdown = 4\n")).unwrap_err();
+        assert!(format!("{err:#}").contains("unknown field"), "{err:#}");
     }
 
     #[test]

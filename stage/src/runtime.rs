@@ -324,12 +324,13 @@ impl Stage {
                 .join(", "),
             adopted.plan.epoch
         ));
-        let (plan, name, memory, ckpt, device) = (
+        let (plan, name, memory, ckpt, device, slowdown) = (
             adopted.plan.clone(),
             self.cfg.name.clone(),
             self.cfg.memory.clone(),
             adopted.ckpt.clone(),
             self.cfg.device,
+            self.cfg.emulate.compute_slowdown,
         );
         let worker = tokio::task::spawn_blocking(move || {
             let mut last = Instant::now();
@@ -341,7 +342,9 @@ impl Stage {
                         tracing::info!(done, total, "loading resident layers");
                     }
                 });
-            anyhow::Ok(loaded?)
+            let mut worker = loaded?;
+            worker.emulate_slowdown(slowdown);
+            anyhow::Ok(worker)
         })
         .await??;
         let weights = worker.weights_bytes();

@@ -56,6 +56,10 @@ pub struct ClusterSpec {
     pub telemetry_ms: Option<u64>,
     /// Compute threads per stage (absent: one per core).
     pub compute_threads: Option<usize>,
+    /// Every stage computes this many times slower than this machine
+    /// (`emulate.compute_slowdown`), so that stages sharing its cores overlap
+    /// like separate devices; 1 is off.
+    pub compute_slowdown: f64,
     /// Where every stage computes; budgets are sized for it.
     pub device: DeviceSpec,
     /// Let lime-broker's planner make the plan from the stages' profiles
@@ -352,6 +356,7 @@ impl ClusterSpec {
             memory: MemorySpec::default(),
             telemetry_ms: None,
             compute_threads: None,
+            compute_slowdown: 1.0,
             device: DeviceSpec::Cpu,
             planner: None,
             namespaces: None,
@@ -480,6 +485,7 @@ impl StageSettings<'_> {
             cfg.telemetry_ms = ms;
         }
         cfg.compute_threads = spec.compute_threads;
+        cfg.emulate.compute_slowdown = spec.compute_slowdown;
         cfg.device = spec.device;
         cfg.broker.host = broker.host.clone();
         cfg.broker.port = broker.port;

@@ -2,12 +2,13 @@
 //! starts a broker and stages as real processes with emulated budgets, paced
 //! compute and reads, optionally in network namespaces ([`netns`]); the
 //! benchmarks run against it side by side with their baselines ([`serving`],
-//! [`offloading`], [`validation`], [`device_bench`], [`kernels`]), as do the
+//! [`fill`], [`offloading`], [`validation`], [`device_bench`], [`kernels`]), as do the
 //! bounded soak ([`soak`]) and the bandwidth swing ([`swing`]). `lime up` and
 //! `lime bench` call into it; the integration tests in `tests/` drive it.
 
 pub mod cluster;
 pub mod device_bench;
+pub mod fill;
 pub mod kernels;
 pub mod netns;
 pub mod offloading;

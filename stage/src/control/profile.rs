@@ -4,7 +4,10 @@
 //! stage's own read path, and the memory lime may use.
 //!
 //! The compute runs on the stage's thread pool, so a profile measured with
-//! `compute_threads = 1` describes one thread's worth of the machine.
+//! `compute_threads = 1` describes one thread's worth of the machine. Under
+//! device emulation (`emulate.compute_slowdown`) every compute figure is the
+//! emulated device's: the measured time times the slowdown, which is what the
+//! stage's paced layers then take.
 
 use crate::config::StageConfig;
 use lime_kernels::{
@@ -205,6 +208,12 @@ pub fn measure(
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let slowdown = cfg.emulate.compute_slowdown.max(1.0);
+    let (decode, prefill, ends) = (
+        slower(decode, slowdown),
+        slower(prefill, slowdown),
+        slower(ends, slowdown),
+    );
     let layer_bytes = layer.bytes() as f64;
     let bandwidth = layer_bytes / decode[0].seconds.max(1e-9);
     let flops = prefill
@@ -217,16 +226,20 @@ pub fn measure(
         .or_else(memory_available)
         .ok_or_else(|| anyhow::anyhow!("no memory budget set and /proc/meminfo unreadable"))?;
     let threads = rayon::current_num_threads();
+    let mut kind = match cfg.device {
+        DeviceSpec::Cpu => format!("{} CPU thread(s), {}", threads, std::env::consts::ARCH),
+        gpu => format!(
+            "{gpu} beside {} CPU thread(s), {}",
+            threads,
+            std::env::consts::ARCH
+        ),
+    };
+    if slowdown > 1.0 {
+        kind = format!("emulated: {kind} computing {slowdown}x slower");
+    }
     let profile = DeviceProfile {
         name: cfg.name.clone(),
-        kind: match cfg.device {
-            DeviceSpec::Cpu => format!("{} CPU thread(s), {}", threads, std::env::consts::ARCH),
-            gpu => format!(
-                "{gpu} beside {} CPU thread(s), {}",
-                threads,
-                std::env::consts::ARCH
-            ),
-        },
+        kind,
         estimate: false,
         source: format!(
             "measured by lime-stage --profile on {} ({} layers of {})",
@@ -257,6 +270,17 @@ pub fn measure(
     };
     profile.validate()?;
     Ok((profile, shape))
+}
+
+/// The figures of a device `slowdown` times slower than the one measured.
+fn slower(points: Vec<TimePoint>, slowdown: f64) -> Vec<TimePoint> {
+    points
+        .into_iter()
+        .map(|p| TimePoint {
+            seconds: p.seconds * slowdown,
+            ..p
+        })
+        .collect()
 }
 
 fn host_name() -> String {

@@ -7,11 +7,14 @@
 //!   (resident or streamed, so the pipeline loop never knows which) and the
 //!   adaptation of that split to the room caches leave.
 //!
+//! Under device emulation the model math is paced ([`pace`]).
+//!
 //! Every failure is one [`Error`], which says whether a micro-batch was refused,
 //! memory ran out or the model's math failed.
 
 mod governor;
 mod kv_store;
+pub mod pace;
 mod shard;
 
 pub use shard::Ends;
@@ -24,6 +27,7 @@ use kv_store::KvStore;
 use lime_kernels::{Checkpoint, Config, DecoderLayer, Device, KvCache};
 use lime_schemas::telemetry::{MemoryReport, ResidencyReport};
 use lime_schemas::{Activations, KvRoom, Plan, SeqSlot};
+use pace::ComputePace;
 use shard::ModelShard;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -69,6 +73,8 @@ pub struct Worker {
     kv: KvStore,
     /// Time spent waiting for streamed layers since the plan was loaded.
     load_wait: Duration,
+    /// How much slower than this machine the emulated device computes.
+    pace: ComputePace,
 }
 
 /// What the worker holds of a plan it loaded.
@@ -107,7 +113,14 @@ impl Worker {
             loaded: Some(loaded),
             kv: KvStore::default(),
             load_wait: Duration::ZERO,
+            pace: ComputePace::new(1.0),
         })
+    }
+
+    /// Computes as a device `slowdown` times slower than this machine would
+    /// (`emulate.compute_slowdown`; 1 is full speed).
+    pub fn emulate_slowdown(&mut self, slowdown: f64) {
+        self.pace = ComputePace::new(slowdown);
     }
 
     /// Moves this stage to `plan`: every cache and slot goes, resident layers the
@@ -236,13 +249,28 @@ impl Worker {
 
     /// Embeds the micro-batch's tokens (starter only): the activations for chunk 0.
     pub fn embed(&self, batch: u64, seqs: Vec<SeqSlot>, ids: &[u32]) -> Result<Activations> {
-        self.shard()?.embed(batch, seqs, ids)
+        let shard = self.shard()?;
+        self.pace.run(
+            pace::Work::Embed(ids.len()),
+            || shard.embed(batch, seqs, ids),
+            || self.finish(),
+        )
     }
 
     /// Next-token logits, a row of the vocabulary each, for the given rows of a
     /// finished micro-batch (starter only).
     pub fn logits(&self, act: &Activations, rows: &[u32]) -> Result<Vec<Vec<f32>>> {
-        self.shard()?.logits(act, rows)
+        let shard = self.shard()?;
+        self.pace.run(
+            pace::Work::Head(rows.len()),
+            || shard.logits(act, rows),
+            || self.finish(),
+        )
+    }
+
+    /// Waits for queued device work, so that paced time is the work's own.
+    fn finish(&self) {
+        let _ = self.device.synchronize();
     }
 
     /// Whether a micro-batch that just arrived can run here: it passes its checks
@@ -263,6 +291,8 @@ impl Worker {
             loaded,
             kv,
             load_wait,
+            pace,
+            device,
             ..
         } = self;
         let Loaded { shard, governor } = loaded.as_mut().ok_or_else(not_loaded)?;
@@ -292,13 +322,22 @@ impl Worker {
             }
         }
         let mut waited = Duration::ZERO;
+        let context: usize = act.seqs.iter().map(|s| (s.pos + s.len) as usize).sum();
+        let work = pace::Work::layer(act.tokens(), act.seqs.len(), context);
         let result = {
             let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
             let mut x: Result<lime_kernels::Tensor> = Ok(x);
             for index in range {
                 x = x.and_then(|x| {
-                    let (y, wait) =
-                        governor.with_layer(index, |layer| layer.forward(&x, &batch, &mut refs))?;
+                    let (y, wait) = governor.with_layer(index, |layer| {
+                        pace.run(
+                            work,
+                            || layer.forward(&x, &batch, &mut refs),
+                            || {
+                                let _ = device.synchronize();
+                            },
+                        )
+                    })?;
                     waited += wait;
                     Ok(y)
                 });
