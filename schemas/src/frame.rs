@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// First bytes of every hello.
 pub const MAGIC: [u8; 4] = *b"LIME";
 /// Bumped whenever a frame's layout changes.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Frames before a peer has proven itself may not be larger than this.
 pub const MAX_HANDSHAKE_BYTES: usize = 4 << 10;
 /// Larger frames are refused unread: no honest micro-batch comes near this.
@@ -153,6 +153,44 @@ pub struct Activations {
     /// Row-major `[tokens, hidden]`, little-endian.
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
+    /// The starter's round this micro-batch travels in: stages keep a streamed
+    /// layer until the round's last micro-batch has passed it.
+    pub round: Round,
+}
+
+/// A round: the micro-batches the starter launches one after another that
+/// take every sequence one step further. Each visits every chunk in turn, so a
+/// stage that keeps a streamed layer in its slot until the round's last
+/// micro-batch has run it reads the layer once per round, not once per
+/// micro-batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Round {
+    /// The starter's number of the round; later rounds have larger numbers.
+    pub id: u64,
+    /// Micro-batches of the round launched after this one: 0 for the last.
+    pub after: u32,
+}
+
+impl Round {
+    /// The round a micro-batch merged from `self` and `other` visits layers in:
+    /// the newer one, and within one round the later micro-batch's place.
+    pub fn merged(self, other: Round) -> Round {
+        match self.id.cmp(&other.id) {
+            std::cmp::Ordering::Less => other,
+            std::cmp::Ordering::Greater => self,
+            std::cmp::Ordering::Equal => Round {
+                id: self.id,
+                after: self.after.min(other.after),
+            },
+        }
+    }
+
+    /// Whether a layer kept for round `self` may go once a micro-batch of
+    /// round `visit` has run it: that was the round's last, or a later round
+    /// came (the rest of this one will not: its sequences ended or failed).
+    pub fn passed_by(self, visit: Round) -> bool {
+        (visit.id == self.id && visit.after == 0) || visit.id > self.id
+    }
 }
 
 /// One sequence's rows in a micro-batch: `len` tokens from position `pos`.
@@ -249,6 +287,7 @@ impl Activations {
         self.seqs.extend(other.seqs);
         self.data.extend(other.data);
         self.batches.extend(other.batches);
+        self.round = self.round.merged(other.round);
     }
 
     /// The micro-batch's name in traces.
@@ -318,7 +357,21 @@ mod tests {
             }],
             dtype: ActivationDtype::F32,
             data: vec![1; 2 * 4 * 4],
+            round: Round { id: 2, after: 1 },
         })
+    }
+
+    #[test]
+    fn a_merged_micro_batch_visits_as_the_later_of_its_rounds() {
+        let r = |id, after| Round { id, after };
+        assert_eq!(r(3, 2).merged(r(3, 0)), r(3, 0));
+        assert_eq!(r(3, 0).merged(r(4, 2)), r(4, 2));
+        assert_eq!(r(5, 1).merged(r(4, 0)), r(5, 1));
+        // A layer kept for round 3 goes with its last micro-batch or a later round.
+        assert!(!r(3, 2).passed_by(r(3, 1)));
+        assert!(r(3, 2).passed_by(r(3, 0)));
+        assert!(r(3, 2).passed_by(r(4, 3)));
+        assert!(!r(3, 2).passed_by(r(2, 0)));
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub mod status;
 pub mod telemetry;
 pub mod topics;
 
-pub use frame::{Activations, Frame, FrameError, Hello, KvRoom, SeqSlot};
+pub use frame::{Activations, Frame, FrameError, Hello, KvRoom, Round, SeqSlot};
 pub use plan::{LayerRange, Plan, PlanChunk, PlanError, PlanPrediction, PlanStage};
 pub use profile::{
     DeviceProfile, Link, LinkSpeed, Links, MeasuredCompute, ModelShape, ProfileError, ShapeKey,

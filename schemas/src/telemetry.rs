@@ -104,6 +104,10 @@ pub struct ResidencyReport {
     /// Evicted layers brought back when the room freed, since start.
     #[serde(default)]
     pub restorations: u64,
+    /// Visits to a streamed layer that found it kept from an earlier
+    /// micro-batch of the same round, and so read nothing, since start.
+    #[serde(default)]
+    pub shared_visits: u64,
 }
 
 /// Where the stage's wall-clock time went, in seconds.

@@ -53,6 +53,10 @@ fn frame(rng: &mut ChaCha8Rng) -> Frame {
                 ActivationDtype::Bf16,
             ][rng.random_range(0..3)],
             data: bytes(rng, 256),
+            round: lime_schemas::frame::Round {
+                id: rng.random(),
+                after: rng.random(),
+            },
         }),
         3 => Frame::Release { seqs: ids(rng) },
         4 => Frame::Failed {

@@ -252,7 +252,7 @@ pub enum Budget {
     ShareFraction(f64),
     /// This fraction of the model's layers offloaded (rounded to whole layers),
     /// named in the plan, with each stage's budget the least that holds its
-    /// resident layers and one slot.
+    /// resident layers and `max_slots` slots (one when not set).
     Offload(f64),
 }
 
@@ -433,7 +433,13 @@ fn stage_budgets(
             }
             Budget::Offload(_) => {
                 stage.offloaded = Some(lime_plan::memory::spread(&layers[i], offloaded[i]));
-                Some(costs.budget_for(n - offloaded[i]))
+                let slots = spec
+                    .memory
+                    .max_slots
+                    .unwrap_or(1)
+                    .clamp(1, offloaded[i].max(1));
+                let more = if offloaded[i] > 0 { slots - 1 } else { 0 };
+                Some(costs.budget_for(n - offloaded[i]) + more as u64 * costs.layer())
             }
         };
         out.insert(stage.name.clone(), budget);

@@ -97,6 +97,51 @@ fn every_offloaded_share_and_interleave_answers_bit_identically() {
 }
 
 #[test]
+fn micro_batches_in_flight_share_reads_and_answer_bit_identically() {
+    let reference = Reference::tiny();
+    let requests = varied_requests(12);
+    let rt = runtime();
+    // (share offloaded, interleave, stages, micro-batches in flight, slots)
+    let cases = [
+        (0.5, 1, 2, 4, 4),
+        (0.5, 2, 3, 3, 2),
+        (0.25, 2, 2, 2, 3),
+        (0.9, 4, 2, 4, 3),
+    ];
+    for (share, interleave, stages, inflight, slots) in cases {
+        let what = format!(
+            "{stages} stages, v={interleave}, {share} offloaded, {inflight} in flight, {slots} slots"
+        );
+        let work = tempfile::tempdir().unwrap();
+        let mut spec = ClusterSpec::new(reference.path(), stages, work.path());
+        spec.interleave = interleave;
+        spec.max_inflight = inflight;
+        spec.memory.budget = Budget::Offload(share);
+        spec.memory.max_slots = Some(slots);
+        spec.telemetry_ms = Some(100);
+        rt.block_on(async {
+            let cluster = up(&spec).await;
+            let answers = ask(&cluster.broker, &requests).await;
+            assert_answers(&reference, &requests, &answers, &what);
+            let telemetry = fresh_telemetry(&cluster).await;
+            check_budgets(&telemetry, &what);
+            let shared: u64 = telemetry.iter().map(|t| t.residency.shared_visits).sum();
+            assert!(
+                shared > 0,
+                "{what}: no micro-batch found a layer kept for it"
+            );
+            for t in &telemetry {
+                assert_eq!(
+                    t.residency.slots,
+                    slots.min(t.residency.offloaded.len()),
+                    "{what}"
+                );
+            }
+        });
+    }
+}
+
+#[test]
 fn baselines_and_paced_direct_reads_answer_bit_identically() {
     let reference = Reference::tiny();
     let requests = varied_requests(12);

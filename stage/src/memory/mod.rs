@@ -12,6 +12,7 @@
 pub mod adaptation;
 pub mod demand;
 pub mod residency;
+pub mod rounds;
 
 use crate::config::MemoryConfig;
 use lime_kernels::{Checkpoint, LoadPath, Placement};

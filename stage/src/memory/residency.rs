@@ -373,6 +373,17 @@ impl Residency {
     /// Layer `index`, waiting for its read if it is streamed; also returns how long
     /// it waited (the loading bubble).
     pub fn layer(&self, index: usize) -> lime_kernels::Result<(LayerRef<'_>, Duration)> {
+        self.layer_or_free(index, &mut || false)
+    }
+
+    /// [`Residency::layer`], calling `free_slot` when every slot is lent out (kept
+    /// for a round, [`crate::memory::rounds`]) so that the read can have one back;
+    /// `free_slot` says whether it gave one.
+    pub fn layer_or_free(
+        &self,
+        index: usize,
+        free_slot: &mut dyn FnMut() -> bool,
+    ) -> lime_kernels::Result<(LayerRef<'_>, Duration)> {
         if let Some(l) = self.resident.get(&index) {
             return Ok((LayerRef::Resident(l), Duration::ZERO));
         }
@@ -414,6 +425,16 @@ impl Residency {
                 st.cursor = position;
                 st.wanted = Some(index);
                 shared.changed.notify_all();
+            }
+            if st.free.is_empty() && st.loading.is_none() && st.ready.is_empty() {
+                drop(st);
+                if !free_slot() {
+                    return Err(lime_kernels::Error::Input(format!(
+                        "layer {index} has no slot to be read into: every slot is lent out"
+                    )));
+                }
+                st = shared.lock();
+                continue;
             }
             st = shared.wait(st);
         }

@@ -14,7 +14,7 @@ use crate::worker::Worker;
 use admission::{Fit, Ledger, Waiting};
 use intake::{Job, ReplyTo};
 use lime_kernels::TextTokenizer;
-use lime_schemas::{Activations, ErrorCode, ErrorReply, KvRoom, Queued};
+use lime_schemas::{Activations, ErrorCode, ErrorReply, KvRoom, Queued, Round};
 use recent::SharedIds;
 use sequence::{Sequence, Step};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -46,6 +46,10 @@ pub struct Scheduler<'t> {
     launched: HashMap<u64, (Instant, Vec<u64>)>,
     next_seq: u64,
     next_batch: u64,
+    /// The round being launched: its number, the micro-batches still to come
+    /// in it, and the sequences it has carried so far.
+    round: Round,
+    round_seqs: HashSet<u64>,
     outbox: UnboundedSender<Outgoing>,
     /// KV room on every stage: what admission checks requests against.
     ledger: Ledger,
@@ -93,6 +97,8 @@ impl<'t> Scheduler<'t> {
             launched: HashMap::new(),
             next_seq: base,
             next_batch: 0,
+            round: Round::default(),
+            round_seqs: HashSet::new(),
             outbox,
             ledger: Ledger::default(),
             holding: false,
@@ -339,13 +345,16 @@ impl<'t> Scheduler<'t> {
         }
         let batch = self.next_batch;
         self.next_batch += 1;
+        let round = self.round_of(&slots, share);
         tracing::debug!(
             batch,
+            round = round.id,
+            after = round.after,
             seqs = slots.len(),
             tokens = ids.len(),
             "launching micro-batch"
         );
-        match worker.embed(batch, slots.clone(), &ids) {
+        match worker.embed(batch, round, slots.clone(), &ids) {
             Ok(act) => {
                 let seqs = slots.iter().map(|s| s.id).collect();
                 self.launched.insert(batch, (Instant::now(), seqs));
@@ -356,6 +365,24 @@ impl<'t> Scheduler<'t> {
                 Some(Err(self.fail(&seqs, &format!("embedding failed: {e}"))))
             }
         }
+    }
+
+    /// The round a micro-batch of `slots` goes in, `share` sequences making a
+    /// micro-batch: the current one, unless that has had all its micro-batches
+    /// or already carried one of these sequences.
+    fn round_of(&mut self, slots: &[lime_schemas::SeqSlot], share: usize) -> Round {
+        let again = slots.iter().any(|s| self.round_seqs.contains(&s.id));
+        if self.round.after == 0 || again {
+            let lanes = self.sequences.len().div_ceil(share.max(1)).max(1);
+            self.round = Round {
+                id: self.round.id + 1,
+                after: lanes as u32,
+            };
+            self.round_seqs.clear();
+        }
+        self.round.after = self.round.after.saturating_sub(1);
+        self.round_seqs.extend(slots.iter().map(|s| s.id));
+        self.round
     }
 
     /// A micro-batch launched on the running ring came back round it (the

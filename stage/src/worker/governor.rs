@@ -9,9 +9,11 @@ use super::Error;
 use crate::config::MemoryConfig;
 use crate::memory::adaptation;
 use crate::memory::residency::{LayerRef, LoadStats, Residency, Slot};
+use crate::memory::rounds::RoundKeep;
 use crate::memory::{self, Budget, Exhausted, Held, Split, StageCosts};
 use lime_kernels::{Checkpoint, DecoderLayer, KvCache, Tensor};
 use lime_schemas::telemetry::{MemoryReport, ResidencyReport};
+use lime_schemas::Round;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +22,8 @@ use std::time::Duration;
 pub(super) struct MemoryGovernor {
     ckpt: Arc<Checkpoint>,
     residency: Residency,
+    /// Streamed layers kept until the rest of a round has run them.
+    rounds: RoundKeep,
     budget: Budget,
     costs: StageCosts,
     /// Layers the shard runs: every cache holds this many.
@@ -100,6 +104,7 @@ impl MemoryGovernor {
         Ok(Self {
             ckpt,
             residency,
+            rounds: RoundKeep::default(),
             budget,
             costs,
             layers: layers.len(),
@@ -191,20 +196,37 @@ impl MemoryGovernor {
     /// Runs `compute` with layer `index`, waiting for its read if it is streamed,
     /// and says how long that wait was (the loading bubble). A streamed layer
     /// marked for restoring stays resident afterwards.
+    ///
+    /// A micro-batch of `round` that is not the round's last leaves a streamed
+    /// layer in its slot for the rest of the round ([`RoundKeep`]).
     pub(super) fn with_layer(
         &mut self,
         index: usize,
+        round: Round,
         compute: impl FnOnce(&DecoderLayer) -> lime_kernels::Result<Tensor>,
     ) -> Result<(Tensor, Duration), Error> {
-        let (layer, wait) = self.residency.layer(index)?;
-        let y = compute(&layer)?;
+        let (layer, wait, kept) = match self.rounds.take(index) {
+            Some((slot, kept)) => (LayerRef::Streamed(slot), Duration::ZERO, Some(kept)),
+            None => {
+                let rounds = &mut self.rounds;
+                let (layer, wait) = self
+                    .residency
+                    .layer_or_free(index, &mut || rounds.release_oldest())?;
+                (layer, wait, None)
+            }
+        };
+        let y = compute(&layer);
         let slot = match layer {
             LayerRef::Streamed(slot) => slot,
-            LayerRef::Resident(_) => return Ok((y, wait)),
+            LayerRef::Resident(_) => return Ok((y?, wait)),
         };
+        let y = y?;
         if self.restoring == Some(index) {
             self.restoring = None;
             self.keep_streamed(slot)?;
+        } else {
+            let limit = self.residency.slots().saturating_sub(1);
+            self.rounds.visited(index, slot, kept, round, limit);
         }
         Ok((y, wait))
     }
@@ -237,6 +259,7 @@ impl MemoryGovernor {
             read_limit_bytes_per_s: self.read_limit,
             evictions: self.evictions,
             restorations: self.restorations,
+            shared_visits: self.rounds.shared_visits(),
         }
     }
 }

@@ -26,7 +26,7 @@ use governor::MemoryGovernor;
 use kv_store::KvStore;
 use lime_kernels::{Checkpoint, Config, DecoderLayer, Device, KvCache};
 use lime_schemas::telemetry::{MemoryReport, ResidencyReport};
-use lime_schemas::{Activations, KvRoom, Plan, SeqSlot};
+use lime_schemas::{Activations, KvRoom, Plan, Round, SeqSlot};
 use pace::ComputePace;
 use shard::ModelShard;
 use std::collections::HashMap;
@@ -248,11 +248,17 @@ impl Worker {
     }
 
     /// Embeds the micro-batch's tokens (starter only): the activations for chunk 0.
-    pub fn embed(&self, batch: u64, seqs: Vec<SeqSlot>, ids: &[u32]) -> Result<Activations> {
+    pub fn embed(
+        &self,
+        batch: u64,
+        round: Round,
+        seqs: Vec<SeqSlot>,
+        ids: &[u32],
+    ) -> Result<Activations> {
         let shard = self.shard()?;
         self.pace.run(
             pace::Work::Embed(ids.len()),
-            || shard.embed(batch, seqs, ids),
+            || shard.embed(batch, round, seqs, ids),
             || self.finish(),
         )
     }
@@ -324,12 +330,13 @@ impl Worker {
         let mut waited = Duration::ZERO;
         let context: usize = act.seqs.iter().map(|s| (s.pos + s.len) as usize).sum();
         let work = pace::Work::layer(act.tokens(), act.seqs.len(), context);
+        let round = act.round;
         let result = {
             let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
             let mut x: Result<lime_kernels::Tensor> = Ok(x);
             for index in range {
                 x = x.and_then(|x| {
-                    let (y, wait) = governor.with_layer(index, |layer| {
+                    let (y, wait) = governor.with_layer(index, round, |layer| {
                         pace.run(
                             work,
                             || layer.forward(&x, &batch, &mut refs),

@@ -10,7 +10,7 @@ use lime_kernels::{
     Checkpoint, Config, DType, Device, Embedding, Head, MicroBatch, Rope, SeqSpan, Tensor,
 };
 use lime_schemas::frame::ActivationDtype;
-use lime_schemas::{Activations, Plan, SeqSlot};
+use lime_schemas::{Activations, Plan, Round, SeqSlot};
 use std::ops::Range;
 
 /// Embedding and head: what only the starter holds.
@@ -162,6 +162,7 @@ impl ModelShard {
     pub(super) fn embed(
         &self,
         batch: u64,
+        round: Round,
         seqs: Vec<SeqSlot>,
         ids: &[u32],
     ) -> Result<Activations, Error> {
@@ -172,6 +173,7 @@ impl ModelShard {
             seqs,
             dtype: ActivationDtype::F32,
             data: to_bytes(&hidden)?,
+            round,
         })
     }
 
