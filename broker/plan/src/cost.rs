@@ -27,9 +27,14 @@
 //! - **sporadic** (one sequence): time per token `T = max(P(1), max_d Λ_d)`.
 //! - **bursty** (`N` sequences as `k` micro-batches of `b = ⌈N/k⌉`): a round, in
 //!   which every sequence gains a token, takes
-//!   `Y = max(P(b), max_d k·(m_d·c_d(b) + e_d(b)), max_d k·Λ_d, max_hop k·v·t(b))`
-//!   (the pass, each stage's busy time, each loader reading once per micro-batch,
-//!   each link's busy time); tokens/s `= N / Y`.
+//!   `Y = max(P(b), max_d k·(m_d·c_d(b) + e_d(b)), max_d R_d, max_hop k·v·t(b))`
+//!   (the pass, each stage's busy time, each loader's reads, each link's busy
+//!   time); tokens/s `= N / Y`. The round's micro-batches share reads: a stage
+//!   keeps up to `s − 1` of a chunk's streamed layers in their slots until the
+//!   round's last micro-batch has run them (one slot stays free to stream
+//!   through), so with `a_i = min(q_i, s − 1)` the loader reads
+//!   `R_d = Σ_i (a_i + k·(q_i − a_i))·ρ_d` per round: `Λ_d` when the slots hold
+//!   every chunk's streamed layers, `k·Λ_d` with one slot.
 //! - **TTFT**: the prompt's prefill passes (`activation_tokens` at a time, with
 //!   prefill compute times), each `max(P, max_d Λ_d)`.
 //!
@@ -270,6 +275,32 @@ pub fn loader_s(offloaded: usize, slots: usize, read_s: f64, layer_s: f64) -> f6
     }
 }
 
+/// The loader's time per round of `k` micro-batches over chunks with
+/// `offloaded` streamed layers each (see the module docs): a layer kept in its
+/// slot for the round is read once, the others once per micro-batch.
+pub fn round_reads_s(
+    offloaded: impl IntoIterator<Item = usize>,
+    slots: usize,
+    k: usize,
+    read_s: f64,
+    layer_s: f64,
+) -> f64 {
+    let k = k.max(1);
+    let chunks: Vec<usize> = offloaded.into_iter().collect();
+    let o: usize = chunks.iter().sum();
+    if slots <= 1 {
+        return k as f64 * loader_s(o, slots, read_s, layer_s);
+    }
+    let reads: usize = chunks
+        .iter()
+        .map(|&q| {
+            let kept = q.min(slots - 1);
+            kept + k * (q - kept)
+        })
+        .sum();
+    reads as f64 * read_s
+}
+
 /// Time to send one micro-batch of `tokens` tokens over `link`.
 pub fn hop_s(shape: &ModelShape, link: LinkSpeed, tokens: usize) -> f64 {
     // The frame's header and per-sequence slots are small next to the rows.
@@ -312,5 +343,19 @@ mod tests {
         assert_eq!(stall(4, 2, 0.5, 1.0), 0.0);
         assert_eq!(loader_s(3, 1, 10.0, 1.0), 33.0);
         assert_eq!(loader_s(3, 2, 10.0, 1.0), 30.0);
+    }
+
+    #[test]
+    fn a_round_reads_a_kept_layer_once_and_the_rest_per_micro_batch() {
+        // Two chunks of 1 streamed layer, 2 slots: each kept, read once a round.
+        assert_eq!(round_reads_s([1, 1], 2, 4, 10.0, 1.0), 20.0);
+        // Chunks of 3 with 3 slots: 2 kept, the third read by each of 4.
+        assert_eq!(
+            round_reads_s([3, 3], 3, 4, 10.0, 1.0),
+            2.0 * (2.0 + 4.0) * 10.0
+        );
+        // One slot keeps nothing; one micro-batch is one read of each.
+        assert_eq!(round_reads_s([1, 2], 1, 4, 10.0, 1.0), 4.0 * 33.0);
+        assert_eq!(round_reads_s([2, 2], 2, 1, 10.0, 1.0), 40.0);
     }
 }

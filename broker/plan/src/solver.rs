@@ -74,7 +74,8 @@ pub struct StagePrediction {
     pub compute_s: f64,
     /// ...and the waits for weights.
     pub stall_s: f64,
-    /// The loader's reading per token.
+    /// The loader's reading per round (every sequence one token further),
+    /// reads shared by the round's micro-batches counted once.
     pub loader_s: f64,
 }
 
@@ -186,6 +187,8 @@ fn evaluate_with(
     let prefill_passes = p.workload.prompt_tokens.max(1).div_ceil(prompt);
     let mut stages = Vec::with_capacity(n);
     let (mut pass, mut prefill, mut loader_max, mut busy_max) = (0.0, 0.0, 0.0f64, 0.0f64);
+    // A prefill pass carries one prompt: each streamed layer is read once for it.
+    let mut prefill_reads_max = 0.0f64;
     for (j, &d) in layout.order.iter().enumerate() {
         let dc = &costs[d];
         let mine: Vec<ChunkLoad> = layout.chunks.iter().skip(j).step_by(n).copied().collect();
@@ -208,7 +211,8 @@ fn evaluate_with(
             .map(|ch| cost::stall(ch.offloaded, slots, dc.read_s, c))
             .sum();
         let ends = if starter { dc.ends_s(b) } else { 0.0 };
-        let loader = cost::loader_s(o, slots, dc.read_s, c);
+        let loader =
+            cost::round_reads_s(mine.iter().map(|ch| ch.offloaded), slots, k, dc.read_s, c);
         let cp = dc.prefill_s(prompt);
         let prefill_stall: f64 = mine
             .iter()
@@ -217,6 +221,7 @@ fn evaluate_with(
         pass += m as f64 * c + stall + ends;
         prefill += m as f64 * cp + prefill_stall + if starter { dc.ends_s(1) } else { 0.0 };
         loader_max = loader_max.max(loader);
+        prefill_reads_max = prefill_reads_max.max(cost::loader_s(o, slots, dc.read_s, cp));
         busy_max = busy_max.max(k as f64 * (m as f64 * c + ends));
         stages.push(StagePrediction {
             device: dc.profile.name.clone(),
@@ -245,13 +250,13 @@ fn evaluate_with(
     }
     pass += hops;
     prefill += hops_prefill;
-    let ttft = prefill_passes as f64 * prefill.max(loader_max);
+    let ttft = prefill_passes as f64 * prefill.max(prefill_reads_max);
     let candidates: Vec<(&str, f64)> = match p.workload.kind {
         WorkloadKind::Sporadic => vec![("the ring pass", pass), ("a stage's reads", loader_max)],
         WorkloadKind::Bursty => vec![
             ("the ring pass", pass),
             ("a stage's compute", busy_max),
-            ("a stage's reads", k as f64 * loader_max),
+            ("a stage's reads", loader_max),
             ("a link", link_busy),
         ],
     };
@@ -374,10 +379,16 @@ fn pareto_dp(
                         let stall: f64 = (0..v)
                             .map(|i| cost::stall(split(o, v, i), slots, dc.read_s, c))
                             .sum();
-                        let loader = cost::loader_s(o, slots, dc.read_s, c);
+                        let loader = cost::round_reads_s(
+                            (0..v).map(|i| split(o, v, i)),
+                            slots,
+                            k,
+                            dc.read_s,
+                            c,
+                        );
                         let bound = match p.workload.kind {
                             WorkloadKind::Sporadic => loader,
-                            WorkloadKind::Bursty => k as f64 * loader.max(m as f64 * c + ends),
+                            WorkloadKind::Bursty => loader.max(k as f64 * (m as f64 * c + ends)),
                         };
                         let opt = DeviceChoice {
                             pass: m as f64 * c + stall + ends,
