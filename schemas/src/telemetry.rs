@@ -62,6 +62,10 @@ pub struct LinkMeasurement {
 pub struct MemoryReport {
     /// `None`: no budget, every layer resident.
     pub budget_bytes: Option<u64>,
+    /// Of the budget, what the stage reserves for the process itself (not
+    /// accounted term by term): the account's limit is the budget less this.
+    #[serde(default)]
+    pub overhead_bytes: u64,
     /// Resident layers, plus the embedding and head at the starter and the rotary
     /// tables.
     pub weights_bytes: u64,
@@ -150,6 +154,10 @@ pub struct LoadReport {
     pub bytes_read: u64,
     /// Seconds the loader spent reading streamed layers.
     pub read_busy_s: f64,
+    /// Of them, seconds the loader thread ran on a CPU (copies out of the page
+    /// cache, conversion): what streaming takes from compute.
+    #[serde(default)]
+    pub read_cpu_s: f64,
     /// Bytes of streamed layers read.
     pub streamed_bytes: u64,
     /// The loader's read bandwidth over its recent reads, in MB/s (10^6 bytes).

@@ -87,7 +87,16 @@ pub struct MemoryConfig {
     /// KV room kept for one sequence of this many tokens when the budget is split;
     /// absent, the model's whole context.
     pub kv_reserve_tokens: Option<usize>,
+    /// Bytes of the budget reserved for the process itself and not split: the
+    /// executable, the async runtime and MQTT client, the tokenizer, thread
+    /// stacks and allocator slack. With it the stage's RSS stays within
+    /// `budget_bytes`; profiles offer the planner the budget less this.
+    pub overhead_bytes: u64,
 }
+
+/// The fixed overhead reserved by default: a CPU stage of the bench preset
+/// peaked 31 MiB above what it accounted; the rest is margin.
+pub const DEFAULT_OVERHEAD_BYTES: u64 = 40 << 20;
 
 impl Default for MemoryConfig {
     fn default() -> Self {
@@ -99,11 +108,19 @@ impl Default for MemoryConfig {
             read_mb_per_s: None,
             activation_tokens: 512,
             kv_reserve_tokens: None,
+            overhead_bytes: DEFAULT_OVERHEAD_BYTES,
         }
     }
 }
 
 impl MemoryConfig {
+    /// What the budget leaves for weights, caches and workspace once the fixed
+    /// overhead is reserved; `None` without a budget.
+    pub fn accountable_bytes(&self) -> Option<u64> {
+        self.budget_bytes
+            .map(|b| b.saturating_sub(self.overhead_bytes))
+    }
+
     /// The emulated read bandwidth in bytes per second.
     pub fn read_bytes_per_s(&self) -> Option<u64> {
         self.read_mb_per_s.map(|mb| (mb * 1e6) as u64)

@@ -604,7 +604,7 @@ async fn own_profile(cfg: &StageConfig) -> anyhow::Result<lime_schemas::StagePro
     };
     announced.device.name = cfg.name.clone();
     announced.device.data_addr = Some(data_addr);
-    if let Some(budget) = cfg.memory.budget_bytes {
+    if let Some(budget) = cfg.memory.accountable_bytes() {
         announced.device.memory_bytes = budget;
     }
     announced.device.validate()?;

@@ -34,7 +34,10 @@
 //!   round's last micro-batch has run them (one slot stays free to stream
 //!   through), so with `a_i = min(q_i, s − 1)` the loader reads
 //!   `R_d = Σ_i (a_i + k·(q_i − a_i))·ρ_d` per round: `Λ_d` when the slots hold
-//!   every chunk's streamed layers, `k·Λ_d` with one slot.
+//!   every chunk's streamed layers. With one slot a chunk's only streamed layer
+//!   is kept too, and the loader waits while the round's `k` micro-batches run
+//!   it: `ρ_d + k·c_d` per such chunk; chunks streaming more than one layer
+//!   through one slot read each for every micro-batch, `k·q_i·(ρ_d + c_d)`.
 //! - **TTFT**: the prompt's prefill passes (`activation_tokens` at a time, with
 //!   prefill compute times), each `max(P, max_d Λ_d)`.
 //!
@@ -287,9 +290,15 @@ pub fn round_reads_s(
 ) -> f64 {
     let k = k.max(1);
     let chunks: Vec<usize> = offloaded.into_iter().collect();
-    let o: usize = chunks.iter().sum();
     if slots <= 1 {
-        return k as f64 * loader_s(o, slots, read_s, layer_s);
+        return chunks
+            .iter()
+            .map(|&q| match q {
+                0 => 0.0,
+                1 => read_s + k as f64 * layer_s,
+                q => (k * q) as f64 * (read_s + layer_s),
+            })
+            .sum();
     }
     let reads: usize = chunks
         .iter()
@@ -354,8 +363,11 @@ mod tests {
             round_reads_s([3, 3], 3, 4, 10.0, 1.0),
             2.0 * (2.0 + 4.0) * 10.0
         );
-        // One slot keeps nothing; one micro-batch is one read of each.
-        assert_eq!(round_reads_s([1, 2], 1, 4, 10.0, 1.0), 4.0 * 33.0);
+        // One slot keeps a chunk's only streamed layer while the round runs it;
+        // two layers through it are read by every micro-batch.
+        assert_eq!(round_reads_s([1, 2], 1, 4, 10.0, 1.0), 14.0 + 8.0 * 11.0);
+        // One micro-batch is one read of each.
+        assert_eq!(round_reads_s([1, 2], 1, 1, 10.0, 1.0), 33.0);
         assert_eq!(round_reads_s([2, 2], 2, 1, 10.0, 1.0), 40.0);
     }
 }

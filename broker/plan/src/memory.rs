@@ -13,9 +13,11 @@
 //! + read_buffer + s · layer     when it streams (o > 0)
 //! ```
 //!
-//! Not modelled, and documented as the fixed overhead: the executable, the async
-//! runtime and MQTT client, the tokenizer at the starter, thread stacks and
-//! allocator slack.
+//! Not modelled term by term: the process's fixed overhead (the executable, the
+//! async runtime and MQTT client, the tokenizer at the starter, thread stacks
+//! and allocator slack). A stage reserves it whole out of its budget before
+//! splitting the rest ([`StageCosts::overhead`]), so that its RSS stays within
+//! the budget; the planner is told the budget without it.
 
 use lime_schemas::ModelShape;
 use std::fmt;
@@ -125,6 +127,7 @@ impl Footprint {
     pub fn stage(self, layers: usize, starter: bool, kv_reserve_tokens: usize) -> StageCosts {
         StageCosts {
             footprint: self,
+            overhead: 0,
             layers,
             starter,
             kv_reserve_tokens,
@@ -143,9 +146,24 @@ pub struct StageCosts {
     pub starter: bool,
     /// KV room the split keeps for one sequence of this many tokens.
     pub kv_reserve_tokens: usize,
+    /// The process's fixed overhead, reserved out of the budget before the split.
+    pub overhead: u64,
 }
 
 impl StageCosts {
+    /// These costs with `bytes` of the budget reserved for the process itself.
+    pub fn with_overhead(self, bytes: u64) -> Self {
+        Self {
+            overhead: bytes,
+            ..self
+        }
+    }
+
+    /// What the account may hold under `budget`: the budget less the overhead.
+    pub fn accountable(&self, budget: u64) -> u64 {
+        budget.saturating_sub(self.overhead)
+    }
+
     /// One layer as held.
     pub fn layer(&self) -> u64 {
         self.footprint.layer
@@ -180,11 +198,12 @@ impl StageCosts {
     /// The smallest budget under which [`Split::choose`] keeps `resident` of the
     /// stage's layers in memory and streams the rest through one slot.
     pub fn budget_for(&self, resident: usize) -> u64 {
-        if resident >= self.layers {
+        let held = if resident >= self.layers {
             self.floor() + self.layers as u64 * self.layer()
         } else {
             self.floor() + self.footprint.streaming(1) + resident as u64 * self.layer()
-        }
+        };
+        self.overhead + held
     }
 }
 
@@ -225,6 +244,8 @@ impl Split {
         costs: &StageCosts,
     ) -> Result<Self, TooSmall> {
         let fixed = costs.floor();
+        let given = budget;
+        let budget = budget.map(|b| costs.accountable(b));
         let all_resident = Self {
             resident: layers.to_vec(),
             offloaded: Vec::new(),
@@ -241,17 +262,18 @@ impl Split {
         let minimum = fixed + w.min(n * w) + if n > 0 { read_buffer } else { 0 };
         if budget < minimum || (n > 0 && max_slots == 0 && budget < fixed + n * w) {
             return Err(TooSmall(format!(
-                "a memory budget of {} cannot hold one layer ({}) plus one sequence of {} tokens ({} of KV) \
+                "a memory budget of {} cannot hold the process's fixed overhead ({}) plus one layer ({}) plus one sequence of {} tokens ({} of KV) \
                  plus the activation workspace ({}), the read buffer ({}) and the embedding, head and rotary tables ({}): \
                  it needs at least {}",
-                mib(budget),
+                mib(given.unwrap_or(budget)),
+                mib(costs.overhead),
                 mib(w),
                 costs.kv_reserve_tokens,
                 mib(costs.kv_reserve()),
                 mib(costs.activations()),
                 mib(read_buffer),
                 mib(costs.fixed_weights()),
-                mib(if max_slots == 0 { fixed + n * w } else { minimum })
+                mib(costs.overhead + if max_slots == 0 { fixed + n * w } else { minimum })
             )));
         }
         if let Some(o) = offloaded {

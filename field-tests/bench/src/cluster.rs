@@ -179,6 +179,9 @@ pub struct PlannerSpec {
     pub adapt: bool,
     /// The broker's `planner.payback_s`: how soon a switch must repay itself.
     pub payback_s: f64,
+    /// Prompt length the planner predicts TTFT for (the broker's
+    /// `planner.prompt_tokens`).
+    pub prompt_tokens: usize,
 }
 
 impl PlannerSpec {
@@ -201,6 +204,7 @@ impl PlannerSpec {
             link_latency_ms: 0.05,
             adapt: true,
             payback_s: PlannerConfig::default().payback_s,
+            prompt_tokens: PlannerConfig::default().prompt_tokens,
         }
     }
 }
@@ -248,7 +252,8 @@ pub enum Budget {
     Unlimited,
     Bytes(u64),
     /// This fraction of the stage's share of the weights (its layers, plus the
-    /// embedding and head at the starter).
+    /// embedding and head at the starter), plus the fixed overhead the stage
+    /// reserves for itself.
     ShareFraction(f64),
     /// This fraction of the model's layers offloaded (rounded to whole layers),
     /// named in the plan, with each stage's budget the least that holds its
@@ -304,8 +309,33 @@ impl MemorySpec {
             read_mb_per_s: self.read_mb_per_s,
             activation_tokens: self.activation_tokens.unwrap_or(defaults.activation_tokens),
             kv_reserve_tokens: self.kv_reserve_tokens,
+            overhead_bytes: defaults.overhead_bytes,
         }
     }
+}
+
+/// Each stage's budget in bytes as `fraction` of its share of the weights
+/// (its layers, plus the embedding and head on the first) on an even
+/// contiguous split over `stages`, plus the process's fixed overhead that the
+/// stage reserves: what a device of that memory lets lime use, whatever plan
+/// then runs on it.
+pub fn share_budgets(
+    model: &Path,
+    stages: usize,
+    fraction: f64,
+    memory: &MemorySpec,
+) -> anyhow::Result<Vec<u64>> {
+    let ckpt = Checkpoint::open(model)?;
+    let layers = ckpt.config().num_hidden_layers;
+    let config = memory.config(Mode::Lime);
+    Ok((0..stages)
+        .map(|i| {
+            let n = layers * (i + 1) / stages - layers * i / stages;
+            let costs = lime_stage::memory::stage_costs(&ckpt, n, i == 0, &config, Placement::Cpu);
+            let share = (n as u64 * costs.layer() + costs.fixed_weights()) as f64 * fraction;
+            costs.overhead + share as u64
+        })
+        .collect())
 }
 
 /// Offloaded layers per stage: `fraction` of all layers, dealt to stages in
@@ -429,7 +459,7 @@ fn stage_budgets(
             Budget::Bytes(b) => Some(b),
             Budget::ShareFraction(f) => {
                 let share = n as u64 * costs.layer() + costs.fixed_weights();
-                Some((share as f64 * f) as u64)
+                Some(costs.overhead + (share as f64 * f) as u64)
             }
             Budget::Offload(_) => {
                 stage.offloaded = Some(lime_plan::memory::spread(&layers[i], offloaded[i]));
@@ -753,6 +783,7 @@ impl Cluster {
                         default_latency_ms: p.link_latency_ms,
                         adapt: p.adapt,
                         payback_s: p.payback_s,
+                        prompt_tokens: p.prompt_tokens,
                         ..PlannerConfig::default()
                     };
                 }

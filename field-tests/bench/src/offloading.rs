@@ -1,19 +1,28 @@
 //! `lime bench offload`: lime against the `naive` and `mdi` baselines on a model
 //! that does not fit, all three started from the same binaries in one run.
 //!
-//! Every stage gets the same budget (a share of its weights) and the same emulated
-//! storage: a paced read bandwidth chosen so that reading a layer takes `ratio`
-//! times as long as computing it at batch 1, as on a Jetson streaming a 70B model.
-//! The page cache would otherwise serve reads at memory speed. The report gives
-//! sporadic time per token, bursty throughput, where each stage's time went
-//! (computing, waiting for weights, for the ring, idle), bytes read, peak RSS
-//! against the budget, and lime's bursty throughput against the cost model's bound.
+//! The stages are emulated devices: each computes `--compute-slowdown` times
+//! slower than this machine (`emulate.compute_slowdown`), so that four of them on
+//! two cores overlap like four separate devices instead of contending for the
+//! cores. Every device gets the same budget (a share of its weights on an even
+//! split) and the same emulated storage: a paced read bandwidth chosen so that
+//! reading a layer takes `ratio` times as long as the emulated device computes
+//! it at batch 1, as on a Jetson streaming a 70B model. The page cache would
+//! otherwise serve reads at memory speed.
+//!
+//! lime runs the plan the broker's planner makes from the stages' profiles for
+//! the bursty workload (interleave, micro-batches in flight, offloaded layers),
+//! unless `--interleave` or `--max-inflight` fix one. The report gives sporadic
+//! time per token, bursty throughput, where each stage's time went (computing,
+//! waiting for weights, for the ring, idle), bytes read and the loader's CPU,
+//! peak RSS against the budget, and lime's figures against the planner's
+//! prediction of its plan.
 
-use crate::cluster::{Budget, Cluster, ClusterSpec, Mode};
+use crate::cluster::{Cluster, ClusterSpec, Mode, PlannerSpec};
 use crate::serving::{requests, row, sporadic, ServingRow};
 use lime_client::ask::ask_all;
 use lime_kernels::{Checkpoint, DecoderLayer, Device};
-use lime_schemas::{StageTime, Telemetry};
+use lime_schemas::{PlanPrediction, StageTime, Telemetry};
 use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -27,13 +36,19 @@ pub struct OffloadBench {
     /// Stage processes.
     #[arg(long, default_value_t = 4)]
     pub stages: usize,
-    /// lime's interleave degree (the baselines are contiguous).
-    #[arg(long, default_value_t = 4)]
-    pub interleave: usize,
+    /// lime's interleave degree, fixing the plan instead of the planner's (the
+    /// baselines are contiguous); 4 when only --max-inflight is given.
+    #[arg(long)]
+    pub interleave: Option<usize>,
     /// Each stage's memory budget as a share of its weights.
     #[arg(long, default_value_t = 0.5)]
     pub share: f64,
-    /// Emulated storage: reading a layer takes this many times computing it at batch 1.
+    /// Emulated devices compute this many times slower than this machine (1: no
+    /// emulation; the stages then contend for its cores).
+    #[arg(long, default_value_t = 4.0)]
+    pub compute_slowdown: f64,
+    /// Emulated storage: reading a layer takes this many times the emulated
+    /// device's compute of it at batch 1.
     #[arg(long, default_value_t = 3.0)]
     pub read_ratio: f64,
     /// Emulated read bandwidth in MB/s, instead of deriving it from --read-ratio.
@@ -45,6 +60,11 @@ pub struct OffloadBench {
     /// Bursty requests, sent at once.
     #[arg(long, default_value_t = 32)]
     pub burst: usize,
+    /// Of them, what `naive` is sent: it serves one request at a time, so its
+    /// tokens/s does not depend on how many wait, and the whole burst would
+    /// take it half an hour on emulated devices.
+    #[arg(long, default_value_t = 4)]
+    pub naive_burst: usize,
     /// Tokens each request generates.
     #[arg(long, default_value_t = 32)]
     pub max_tokens: u32,
@@ -58,19 +78,34 @@ pub struct OffloadBench {
     /// for the calibration.
     #[arg(long, default_value_t = 1)]
     pub compute_threads: usize,
-    /// lime's micro-batches in flight (0: one per stage). Fewer, larger
-    /// micro-batches share each streamed layer's read among more sequences.
-    #[arg(long, default_value_t = 1)]
-    pub max_inflight: usize,
+    /// lime's micro-batches in flight (0: one per stage), fixing the plan
+    /// instead of the planner's; 0 when only --interleave is given.
+    #[arg(long)]
+    pub max_inflight: Option<usize>,
     /// Configs and logs of the clusters.
     #[arg(skip = crate::scratch_dir("lime-bench-offload"))]
     pub dir: PathBuf,
 }
 
-/// How long one layer takes at batch 1 and at the bursty batch, in this process.
+impl OffloadBench {
+    /// lime's fixed interleave and micro-batches in flight, if not the planner's.
+    fn fixed(&self) -> Option<(usize, usize)> {
+        (self.interleave.is_some() || self.max_inflight.is_some())
+            .then(|| (self.interleave.unwrap_or(4), self.max_inflight.unwrap_or(0)))
+    }
+
+    /// Tokens of context each bursty sequence needs: prompts are under 32.
+    fn context(&self) -> usize {
+        self.max_tokens as usize + 32
+    }
+}
+
+/// How long one layer takes on an emulated device at batch 1 and at the bursty
+/// batch (this process's time × the slowdown).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Calibration {
     pub layer_bytes: u64,
+    pub compute_slowdown: f64,
     pub layer_ms_batch1: f64,
     pub layer_ms_burst: f64,
     pub read_mb_per_s: f64,
@@ -83,6 +118,11 @@ pub struct Calibration {
 pub struct ModeRow {
     pub mode: String,
     pub interleave: usize,
+    /// Micro-batches in flight the plan ran with (its `max_inflight`; 0: one
+    /// per stage).
+    pub max_inflight: usize,
+    /// The planner's prediction of the plan, when the planner made it.
+    pub predicted: Option<PlanPrediction>,
     pub offloaded: usize,
     pub layers: usize,
     pub slots: usize,
@@ -94,6 +134,13 @@ pub struct ModeRow {
     pub bursty_bubble: f64,
     /// Bytes of streamed layers read during the bursty run.
     pub bursty_read_bytes: u64,
+    /// CPU seconds the stages' loaders used for those reads.
+    pub bursty_read_cpu_s: f64,
+    /// Visits to a streamed layer kept for them by an earlier micro-batch of
+    /// their round (reads shared), during the bursty run.
+    pub bursty_shared_visits: u64,
+    /// Decode throughput of the bursty run: sequences / median time per token.
+    pub bursty_decode_tokens_per_s: f64,
     pub budget_bytes: u64,
     /// Largest peak RSS of a stage, and that stage's budget.
     pub peak_rss_bytes: u64,
@@ -116,10 +163,15 @@ pub struct OffloadReport {
     /// naive's and mdi's sporadic time per token over lime's.
     pub sporadic_vs_naive: Option<f64>,
     pub sporadic_vs_mdi: Option<f64>,
-    /// lime's bursty tokens/s bound by the cost model, and the share achieved.
+    /// lime's bursty tokens/s as the planner predicts them for its plan (or, for
+    /// a fixed plan, a bound), and measured decode tokens/s over it.
     pub bound_tokens_per_s: Option<f64>,
     pub bound_ratio: Option<f64>,
     pub bound_note: String,
+    /// lime's measured sporadic TTFT (p50) over the planner's prediction.
+    pub ttft_vs_predicted: Option<f64>,
+    /// lime's measured bursty time per token (p50) over the predicted round.
+    pub tpot_vs_predicted: Option<f64>,
 }
 
 /// Milliseconds for `layer` to decode `tokens` sequences, as a stage profiles it.
@@ -135,13 +187,15 @@ fn calibrate(bench: &OffloadBench) -> anyhow::Result<Calibration> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(bench.compute_threads.max(1))
         .build()?;
-    let batch1 = pool.install(|| time_layer(&ckpt, &layer, 1))?;
-    let burst = pool.install(|| time_layer(&ckpt, &layer, bench.burst.max(1)))?;
+    let slowdown = bench.compute_slowdown.max(1.0);
+    let batch1 = pool.install(|| time_layer(&ckpt, &layer, 1))? * slowdown;
+    let burst = pool.install(|| time_layer(&ckpt, &layer, bench.burst.max(1)))? * slowdown;
     let read_mb_per_s = bench
         .read_mb_per_s
         .unwrap_or(layer_bytes as f64 / (bench.read_ratio * batch1 / 1e3) / 1e6);
     Ok(Calibration {
         layer_bytes,
+        compute_slowdown: slowdown,
         layer_ms_batch1: batch1,
         layer_ms_burst: burst,
         read_mb_per_s,
@@ -182,20 +236,33 @@ async fn measure(
     bench: &OffloadBench,
     mode: Mode,
     cal: &Calibration,
+    budgets: &[u64],
 ) -> anyhow::Result<(ModeRow, Vec<Telemetry>)> {
     let dir = bench.dir.join(mode.to_string());
     let mut spec = ClusterSpec::new(&bench.model, bench.stages, &dir);
     spec.mode = mode;
-    spec.interleave = bench.interleave;
     spec.compute_threads = Some(bench.compute_threads);
+    spec.compute_slowdown = cal.compute_slowdown;
     if mode == Mode::Lime {
-        spec.max_inflight = bench.max_inflight;
+        match bench.fixed() {
+            Some((interleave, inflight)) => {
+                spec.interleave = interleave;
+                spec.max_inflight = inflight;
+            }
+            None => {
+                let mut planner = PlannerSpec::new("bursty", bench.burst, bench.context());
+                // One plan for the whole run: a re-plan mid-run would mix two.
+                planner.adapt = false;
+                planner.prompt_tokens = PROMPT_TOKENS;
+                spec.planner = Some(planner);
+            }
+        }
     }
-    spec.memory.budget = Budget::ShareFraction(bench.share);
+    spec.memory.stage_budget_bytes = budgets.to_vec();
     spec.memory.read_mb_per_s = Some(cal.read_mb_per_s);
     spec.memory.activation_tokens = Some(bench.activation_tokens);
-    // KV room for the whole burst; prompts are under 32 tokens.
-    spec.memory.kv_reserve_tokens = Some(bench.burst * (bench.max_tokens as usize + 32));
+    // KV room for the whole burst.
+    spec.memory.kv_reserve_tokens = Some(bench.burst * bench.context());
     let every = Duration::from_millis(250);
     spec.telemetry_ms = Some(every.as_millis() as u64);
     eprintln!("{mode}: starting {} stages", bench.stages);
@@ -218,11 +285,16 @@ async fn measure(
     );
 
     let before = telemetry_after(&cluster, &[], every).await?;
-    eprintln!("{mode}: bursty, {} requests at once", bench.burst);
+    let burst = if mode == Mode::Naive {
+        bench.naive_burst.clamp(1, bench.burst.max(1))
+    } else {
+        bench.burst
+    };
+    eprintln!("{mode}: bursty, {burst} requests at once");
     let started = Instant::now();
     let answers = ask_all(
         &cluster.broker,
-        &requests(bench.burst, bench.max_tokens, 1),
+        &requests(burst, bench.max_tokens, 1),
         timeout,
         |_, _| {},
     )
@@ -233,7 +305,7 @@ async fn measure(
     cluster.stop();
 
     let mut time = StageTime::default();
-    let mut read = 0;
+    let (mut read, mut read_cpu, mut shared) = (0, 0.0, 0);
     for t in &after {
         let Some(b) = before.iter().find(|b| b.stage == t.stage) else {
             continue;
@@ -244,6 +316,8 @@ async fn measure(
         time.network_wait_s += d.network_wait_s;
         time.idle_s += d.idle_s;
         read += t.loads.streamed_bytes - b.loads.streamed_bytes;
+        read_cpu += t.loads.read_cpu_s - b.loads.read_cpu_s;
+        shared += t.residency.shared_visits - b.residency.shared_visits;
     }
     let peak = after
         .iter()
@@ -265,6 +339,13 @@ async fn measure(
     let row = ModeRow {
         mode: mode.to_string(),
         interleave: cluster.plan.interleave(),
+        max_inflight: cluster.plan.max_inflight.unwrap_or(spec.max_inflight),
+        predicted: cluster.plan.prediction.clone(),
+        bursty_read_cpu_s: read_cpu,
+        bursty_shared_visits: shared,
+        // naive generates for one request at a time.
+        bursty_decode_tokens_per_s: if mode == Mode::Naive { 1 } else { burst } as f64 * 1e3
+            / bursty.tpot_ms_p50.max(1e-9),
         offloaded: after.iter().map(|t| t.residency.offloaded.len()).sum(),
         layers: after
             .iter()
@@ -289,22 +370,21 @@ async fn measure(
     Ok((row, after))
 }
 
-/// The cost model's bound on lime's bursty throughput: a token step of the whole
-/// burst takes at least the longest of (a) the slowest stage reading its offloaded
-/// layers once, (b) computing every layer at the burst's batch (the emulated
-/// stages share this machine's CPU, so their compute adds up rather than
-/// overlapping as on separate devices), (c) moving the activations over every hop
-/// (loopback: negligible, not counted).
-fn bound(bench: &OffloadBench, cal: &Calibration, lime: &[Telemetry]) -> f64 {
-    let read_s = lime
-        .iter()
-        .map(|t| t.residency.offloaded.len() as f64 * cal.layer_read_ms / 1e3)
-        .fold(0.0, f64::max);
-    let layers: usize = lime
-        .iter()
-        .map(|t| t.residency.offloaded.len() + t.residency.resident.len())
-        .sum();
-    let compute_s = layers as f64 * cal.layer_ms_burst / 1e3;
+/// Prompt length the planner predicts TTFT for: the bench's prompts are 8 to
+/// 24 words.
+const PROMPT_TOKENS: usize = 16;
+
+/// A bound on lime's bursty throughput for a fixed plan (no planner prediction):
+/// a round takes at least the slowest stage reading its offloaded layers once
+/// (reads shared by the round's micro-batches) and the busiest stage computing
+/// its layers at the burst's batch on its emulated device.
+fn fixed_bound(bench: &OffloadBench, cal: &Calibration, lime: &[Telemetry]) -> f64 {
+    let slowest =
+        |per_stage: &dyn Fn(&Telemetry) -> f64| lime.iter().map(per_stage).fold(0.0, f64::max);
+    let read_s = slowest(&|t| t.residency.offloaded.len() as f64 * cal.layer_read_ms / 1e3);
+    let compute_s = slowest(&|t| {
+        (t.residency.offloaded.len() + t.residency.resident.len()) as f64 * cal.layer_ms_burst / 1e3
+    });
     bench.burst as f64 / read_s.max(compute_s)
 }
 
@@ -313,18 +393,24 @@ pub async fn run(bench: &OffloadBench) -> anyhow::Result<OffloadReport> {
     eprintln!("calibrating: one layer at batch 1 and {}…", bench.burst);
     let cal = calibrate(bench)?;
     eprintln!(
-        "a layer is {:.1} MB and computes in {:.2} ms at batch 1, {:.2} ms at batch {}; emulated reads at {:.0} MB/s take {:.2} ms per layer",
+        "a layer is {:.1} MB and computes in {:.2} ms at batch 1, {:.2} ms at batch {} on a device {}x slower than this machine; emulated reads at {:.0} MB/s take {:.2} ms per layer",
         cal.layer_bytes as f64 / 1e6,
         cal.layer_ms_batch1,
         cal.layer_ms_burst,
         bench.burst,
+        cal.compute_slowdown,
         cal.read_mb_per_s,
         cal.layer_read_ms
     );
+    let memory = crate::cluster::MemorySpec {
+        activation_tokens: Some(bench.activation_tokens),
+        ..Default::default()
+    };
+    let budgets = crate::cluster::share_budgets(&bench.model, bench.stages, bench.share, &memory)?;
     let mut rows = Vec::new();
     let mut lime_telemetry = None;
     for &mode in &bench.modes {
-        let (row, telemetry) = measure(bench, mode, &cal).await?;
+        let (row, telemetry) = measure(bench, mode, &cal, &budgets).await?;
         if mode == Mode::Lime {
             lime_telemetry = Some(telemetry);
         }
@@ -335,7 +421,22 @@ pub async fn run(bench: &OffloadBench) -> anyhow::Result<OffloadReport> {
     let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
     let tps = |r: Option<&ModeRow>| r.map(|r| r.bursty.tokens_per_s);
     let tpot = |r: Option<&ModeRow>| r.map(|r| r.sporadic.tpot_ms_p50);
-    let bound_tps = lime_telemetry.as_ref().map(|t| bound(bench, &cal, t));
+    let predicted = lime.and_then(|r| r.predicted.clone());
+    let (bound_tps, bound_note) = match (&predicted, &lime_telemetry) {
+        (Some(p), _) => (
+            Some(p.tokens_per_s),
+            format!(
+                "the planner's prediction of its plan ({}); measured as decode throughput (sequences / median time per token)",
+                p.reason
+            ),
+        ),
+        (None, Some(t)) => (
+            Some(fixed_bound(bench, &cal, t)),
+            "fixed plan: the slowest stage's reads once per round, or the busiest stage's compute at the burst's batch".into(),
+        ),
+        (None, None) => (None, String::new()),
+    };
+    let decode_tps = lime.map(|r| r.bursty_decode_tokens_per_s);
     Ok(OffloadReport {
         model: bench.model.display().to_string(),
         stages: bench.stages,
@@ -344,9 +445,15 @@ pub async fn run(bench: &OffloadBench) -> anyhow::Result<OffloadReport> {
         bursty_vs_mdi: ratio(tps(lime), tps(mdi)),
         sporadic_vs_naive: ratio(tpot(naive), tpot(lime)),
         sporadic_vs_mdi: ratio(tpot(mdi), tpot(lime)),
-        bound_ratio: ratio(tps(lime), bound_tps),
+        bound_ratio: ratio(decode_tps, bound_tps),
         bound_tokens_per_s: bound_tps,
-        bound_note: "max of read-bound (slowest stage reads its offloaded layers once per step) and compute-bound (every layer at the burst's batch; the emulated stages share one CPU)".into(),
+        bound_note,
+        ttft_vs_predicted: lime
+            .zip(predicted.as_ref())
+            .map(|(r, p)| r.sporadic.ttft_ms_p50 / (p.ttft_s * 1e3)),
+        tpot_vs_predicted: lime
+            .zip(predicted.as_ref())
+            .map(|(r, p)| r.bursty.tpot_ms_p50 / (p.time_per_token_s * 1e3)),
         calibration: cal,
         rows,
     })
@@ -357,9 +464,10 @@ impl fmt::Display for OffloadReport {
         let mb = |b: u64| b as f64 / (1 << 20) as f64;
         writeln!(
             f,
-            "model {}, {} stages, budgets {:.0}% of each stage's weights; layer {:.1} MB: {:.2} ms at batch 1, read {:.2} ms at {:.0} MB/s (emulated)",
+            "model {}, {} stages emulating devices {}x slower than this machine, budgets {:.0}% of each stage's weights; layer {:.1} MB: {:.2} ms at batch 1, read {:.2} ms at {:.0} MB/s (emulated)",
             self.model,
             self.stages,
+            self.calibration.compute_slowdown,
             self.share * 100.0,
             self.calibration.layer_bytes as f64 / 1e6,
             self.calibration.layer_ms_batch1,
@@ -368,9 +476,10 @@ impl fmt::Display for OffloadReport {
         )?;
         writeln!(
             f,
-            "{:<6} {:>2} {:>9} {:>5} {:>12} {:>11} {:>7} {:>8} {:>8} {:>6} {:>9} {:>15}",
+            "{:<6} {:>2} {:>2} {:>9} {:>5} {:>12} {:>11} {:>7} {:>8} {:>8} {:>6} {:>9} {:>8} {:>15}",
             "MODE",
             "v",
+            "k",
             "OFFLOADED",
             "SLOTS",
             "SPORADIC ms",
@@ -380,6 +489,7 @@ impl fmt::Display for OffloadReport {
             "NETWORK",
             "IDLE",
             "READ MB",
+            "READ CPU",
             "PEAK RSS/BUDGET"
         )?;
         for r in &self.rows {
@@ -387,9 +497,10 @@ impl fmt::Display for OffloadReport {
             let total = t.total_s().max(1e-9);
             writeln!(
                 f,
-                "{:<6} {:>2} {:>6}/{:<2} {:>5} {:>12.1} {:>11.1} {:>6.1}% {:>7.1}% {:>7.1}% {:>5.1}% {:>9.0} {:>7.0}/{:<7.0}",
+                "{:<6} {:>2} {:>2} {:>6}/{:<2} {:>5} {:>12.1} {:>11.1} {:>6.1}% {:>7.1}% {:>7.1}% {:>5.1}% {:>9.0} {:>7.1}s {:>7.0}/{:<7.0}",
                 r.mode,
                 r.interleave,
+                if r.max_inflight == 0 { self.stages } else { r.max_inflight },
                 r.offloaded,
                 r.layers,
                 r.slots,
@@ -400,6 +511,7 @@ impl fmt::Display for OffloadReport {
                 100.0 * t.network_wait_s / total,
                 100.0 * t.idle_s / total,
                 mb(r.bursty_read_bytes),
+                r.bursty_read_cpu_s,
                 mb(r.peak_rss_bytes),
                 mb(r.peak_rss_budget_bytes),
             )?;
@@ -424,12 +536,28 @@ impl fmt::Display for OffloadReport {
                 100.0 * lime.bursty_bubble
             )?;
         }
+        if let Some(lime) = self.rows.iter().find(|r| r.mode == "lime") {
+            writeln!(
+                f,
+                "lime's bursty decode: {:.1} tokens/s ({} visits shared a read; loaders' CPU {:.1} s for {:.0} MB, {:.2} ms per MB)",
+                lime.bursty_decode_tokens_per_s,
+                lime.bursty_shared_visits,
+                lime.bursty_read_cpu_s,
+                mb(lime.bursty_read_bytes),
+                1e3 * lime.bursty_read_cpu_s / mb(lime.bursty_read_bytes).max(1e-9),
+            )?;
+        }
         if let (Some(b), Some(r)) = (self.bound_tokens_per_s, self.bound_ratio) {
             writeln!(
                 f,
-                "cost-model bound for lime bursty: {b:.1} tokens/s; achieved {:.0}% of it ({})",
-                100.0 * r,
+                "predicted for lime bursty: {b:.1} tokens/s; measured / predicted {r:.2} (target 0.85-1.15; {})",
                 self.bound_note
+            )?;
+        }
+        if let (Some(t), Some(p)) = (self.tpot_vs_predicted, self.ttft_vs_predicted) {
+            writeln!(
+                f,
+                "measured / predicted: bursty time per token {t:.2}, sporadic TTFT {p:.2}"
             )?;
         }
         let overhead = self

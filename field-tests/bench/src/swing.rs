@@ -51,7 +51,7 @@ impl SwingSpec {
             phases_s: [12.0, 16.0, 16.0],
             concurrency: 16,
             max_tokens: 160,
-            budget_bytes: 68_000_000,
+            budget_bytes: 68_000_000 + lime_stage::config::DEFAULT_OVERHEAD_BYTES,
             read_mb_per_s: 1000.0,
         }
     }

@@ -29,8 +29,9 @@ fn check_budgets(telemetry: &[Telemetry], what: &str) -> usize {
     for t in telemetry {
         let m = &t.memory;
         let budget = m.budget_bytes.expect("a budget");
+        assert!(m.overhead_bytes > 0, "the fixed overhead is reserved");
         assert!(
-            m.peak_accounted_bytes <= budget,
+            m.peak_accounted_bytes <= budget - m.overhead_bytes,
             "{what}: stage {} accounted {} bytes at peak, over its budget of {budget}",
             t.stage,
             m.peak_accounted_bytes
@@ -212,7 +213,8 @@ fn a_budget_that_cannot_hold_a_layer_and_a_sequence_is_refused_at_start() {
         assert!(err.contains("exited"), "{err}");
         assert!(
             err.contains("cannot run in its memory budget")
-                && err.contains("cannot hold one layer")
+                && err.contains("cannot hold the process's fixed overhead")
+                && err.contains("plus one layer")
                 && err.contains("it needs at least"),
             "the stage says why and how much it needs: {err}"
         );

@@ -222,8 +222,8 @@ pub fn measure(
         .unwrap_or(bandwidth / 2.0);
     let memory = cfg
         .memory
-        .budget_bytes
-        .or_else(memory_available)
+        .accountable_bytes()
+        .or_else(|| memory_available().map(|m| m.saturating_sub(cfg.memory.overhead_bytes)))
         .ok_or_else(|| anyhow::anyhow!("no memory budget set and /proc/meminfo unreadable"))?;
     let threads = rayon::current_num_threads();
     let mut kind = match cfg.device {

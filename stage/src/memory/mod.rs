@@ -170,11 +170,9 @@ pub fn stage_costs(
         .kv_reserve_tokens
         .unwrap_or(max_context)
         .min(max_context);
-    Footprint::new(&ckpt.shape(), holding, memory.activation_tokens).stage(
-        layers,
-        starter,
-        kv_reserve_tokens,
-    )
+    Footprint::new(&ckpt.shape(), holding, memory.activation_tokens)
+        .stage(layers, starter, kv_reserve_tokens)
+        .with_overhead(memory.overhead_bytes)
 }
 
 /// Makes the allocator hand freed blocks of 128 KiB and more back to the

@@ -38,6 +38,10 @@ pub struct LoadStats {
     pub bytes: u64,
     /// Time the loader spent reading: with `bytes`, the storage bandwidth seen.
     pub busy: Duration,
+    /// CPU the loader thread used while reading (page-cache copies, conversion):
+    /// what streaming takes from compute on a shared CPU. Zero where the kernel
+    /// does not say.
+    pub cpu: Duration,
 }
 
 struct State {
@@ -483,7 +487,16 @@ fn add(a: LoadStats, b: LoadStats) -> LoadStats {
         layers: a.layers + b.layers,
         bytes: a.bytes + b.bytes,
         busy: a.busy + b.busy,
+        cpu: a.cpu + b.cpu,
     }
+}
+
+/// CPU time the calling thread has run, from `/proc/thread-self/schedstat`
+/// (its first field, in nanoseconds); `None` where there is no such file.
+fn thread_cpu() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns = text.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
 }
 
 /// The loader thread: refill a free slot with the next layer to read, hand it over,
@@ -521,12 +534,19 @@ fn load_loop(shared: &Shared, ckpt: &Checkpoint, prefetch: bool, mut staging: St
             }
         };
         let started = Instant::now();
+        let cpu_before = thread_cpu();
         let bytes_before = ckpt.bytes_read();
         let result = slot.reload(ckpt, index, &mut staging);
         let took = started.elapsed();
+        let cpu = thread_cpu()
+            .zip(cpu_before)
+            .map_or(Duration::ZERO, |(after, before)| {
+                after.saturating_sub(before)
+            });
         let mut st = shared.lock();
         st.loading = None;
         st.stats.busy += took;
+        st.stats.cpu += cpu;
         st.stats.bytes += ckpt.bytes_read() - bytes_before;
         match result {
             Ok(()) => {

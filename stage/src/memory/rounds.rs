@@ -4,11 +4,14 @@
 //! next; kept until the round's last micro-batch has run it, it is read once
 //! per round (the starter tags each micro-batch with its [`Round`]).
 //!
-//! A kept slot cannot be refilled, so at most all slots but one are kept: the
-//! last streams the layers that are not kept, and prefetches the next chunk's.
-//! Slots too few for a round's layers cost reads, never a stall. Should a read
-//! find every slot kept all the same (the pool shrank), the slot kept longest
-//! goes back.
+//! A kept slot cannot be refilled, so with several slots all but one are kept
+//! at most: the last streams the layers that are not kept, and prefetches the
+//! next chunk's. A stage with one slot keeps it too: the round's other
+//! micro-batches follow within a few layers' compute, far sooner than the layer
+//! could be read again, and the loader refills the slot once they have passed.
+//! Should a read find every slot kept (the round's micro-batches came apart, or
+//! a chunk streams more layers than there are slots), the slot kept longest
+//! goes back: slots too few for a round cost reads, never a deadlock.
 
 use crate::memory::residency::Slot;
 use lime_schemas::Round;

@@ -286,6 +286,7 @@ impl Pipeline<'_> {
                 layers_read: loads.layers,
                 bytes_read: self.worker.bytes_read(),
                 read_busy_s: loads.busy.as_secs_f64(),
+                read_cpu_s: loads.cpu.as_secs_f64(),
                 streamed_bytes: loads.bytes,
                 read_mb_per_s,
             },
@@ -296,7 +297,7 @@ impl Pipeline<'_> {
     }
 
     /// Handles what arrived: control frames in order, then the activations,
-    /// merged per chunk (in order of first arrival) up to the activation workspace.
+    /// merged per chunk up to the activation workspace, oldest round first.
     /// False when told to stop.
     fn handle_all(&mut self, events: impl Iterator<Item = Event>) -> bool {
         let cap = self.worker.activation_tokens();
@@ -338,6 +339,10 @@ impl Pipeline<'_> {
                 other => self.handle(other),
             }
         }
+        // The oldest round first, and in a round the micro-batch furthest
+        // behind: it runs the layers kept for it before the round's front asks
+        // for the next ones, which would take the slots back.
+        groups.sort_by_key(|g| (g.round.id, g.chunk));
         for act in groups {
             self.advance(act);
         }

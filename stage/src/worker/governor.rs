@@ -73,6 +73,7 @@ impl MemoryGovernor {
             })?;
         tracing::info!(
             budget_mb = memory.budget_bytes.map(|b| b >> 20),
+            overhead_mb = memory.overhead_bytes >> 20,
             resident = ?split.resident,
             offloaded = ?split.offloaded,
             slots = split.slots,
@@ -93,7 +94,7 @@ impl MemoryGovernor {
             costs.footprint.streaming(residency.slots())
         };
         let budget = Budget::new(
-            memory.budget_bytes,
+            memory.accountable_bytes(),
             Held {
                 weights: residency.resident_bytes() + costs.fixed_weights(),
                 staging,
@@ -198,7 +199,8 @@ impl MemoryGovernor {
     /// marked for restoring stays resident afterwards.
     ///
     /// A micro-batch of `round` that is not the round's last leaves a streamed
-    /// layer in its slot for the rest of the round ([`RoundKeep`]).
+    /// layer in its slot for the rest of the round ([`RoundKeep`]); the
+    /// baselines, which read on demand, do not share reads.
     pub(super) fn with_layer(
         &mut self,
         index: usize,
@@ -224,8 +226,8 @@ impl MemoryGovernor {
         if self.restoring == Some(index) {
             self.restoring = None;
             self.keep_streamed(slot)?;
-        } else {
-            let limit = self.residency.slots().saturating_sub(1);
+        } else if self.residency.prefetch() {
+            let limit = self.residency.slots().saturating_sub(1).max(1);
             self.rounds.visited(index, slot, kept, round, limit);
         }
         Ok((y, wait))
@@ -236,7 +238,8 @@ impl MemoryGovernor {
         let held = self.budget.held();
         let (rss, peak_rss) = memory::rss().unzip();
         MemoryReport {
-            budget_bytes: self.budget.limit(),
+            budget_bytes: self.budget.limit().map(|l| l + self.costs.overhead),
+            overhead_bytes: self.costs.overhead,
             weights_bytes: held.weights,
             staging_bytes: held.staging,
             kv_bytes: held.kv,
