@@ -38,6 +38,9 @@
 //!   is kept too, and the loader waits while the round's `k` micro-batches run
 //!   it: `ρ_d + k·c_d` per such chunk; chunks streaming more than one layer
 //!   through one slot read each for every micro-batch, `k·q_i·(ρ_d + c_d)`.
+//!   A ring that streams launches a round only once the last is back, so that
+//!   its micro-batches travel together; the pass then counts the train's tail,
+//!   `P(b) + (k − 1)·max_d c_d(b)`.
 //! - **TTFT**: the prompt's prefill passes (`activation_tokens` at a time, with
 //!   prefill compute times), each `max(P, max_d Λ_d)`.
 //!

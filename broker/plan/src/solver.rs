@@ -189,6 +189,8 @@ fn evaluate_with(
     let (mut pass, mut prefill, mut loader_max, mut busy_max) = (0.0, 0.0, 0.0f64, 0.0f64);
     // A prefill pass carries one prompt: each streamed layer is read once for it.
     let mut prefill_reads_max = 0.0f64;
+    // The slowest layer compute, and whether anything streams (see below).
+    let (mut layer_max, mut streams) = (0.0f64, false);
     for (j, &d) in layout.order.iter().enumerate() {
         let dc = &costs[d];
         let mine: Vec<ChunkLoad> = layout.chunks.iter().skip(j).step_by(n).copied().collect();
@@ -221,6 +223,8 @@ fn evaluate_with(
         pass += m as f64 * c + stall + ends;
         prefill += m as f64 * cp + prefill_stall + if starter { dc.ends_s(1) } else { 0.0 };
         loader_max = loader_max.max(loader);
+        layer_max = layer_max.max(c);
+        streams |= o > 0;
         prefill_reads_max = prefill_reads_max.max(cost::loader_s(o, slots, dc.read_s, cp));
         busy_max = busy_max.max(k as f64 * (m as f64 * c + ends));
         stages.push(StagePrediction {
@@ -251,10 +255,18 @@ fn evaluate_with(
     pass += hops;
     prefill += hops_prefill;
     let ttft = prefill_passes as f64 * prefill.max(prefill_reads_max);
+    // A ring that streams starts a round once the last is back, so that its
+    // micro-batches travel as a train sharing reads: the train's tail arrives
+    // k − 1 layer computes after its head.
+    let train = if streams {
+        (k - 1) as f64 * layer_max
+    } else {
+        0.0
+    };
     let candidates: Vec<(&str, f64)> = match p.workload.kind {
         WorkloadKind::Sporadic => vec![("the ring pass", pass), ("a stage's reads", loader_max)],
         WorkloadKind::Bursty => vec![
-            ("the ring pass", pass),
+            ("the ring pass", pass + train),
             ("a stage's compute", busy_max),
             ("a stage's reads", loader_max),
             ("a link", link_busy),
@@ -395,7 +407,7 @@ fn pareto_dp(
                             bound,
                             offloaded: o,
                         };
-                        push_pareto(&mut opts, opt, |x| (x.pass, x.bound));
+                        push_pareto(&mut opts, opt, |x| (x.pass, x.bound, x.offloaded > 0));
                     }
                     opts
                 })
@@ -420,7 +432,9 @@ fn pareto_dp(
                         let mut a = assign.clone();
                         a.push((m, o.offloaded));
                         let e = (pass + o.pass, bound.max(o.bound), a);
-                        push_pareto(&mut next[total], e, |x| (x.0, x.1));
+                        push_pareto(&mut next[total], e, |x| {
+                            (x.0, x.1, x.2.iter().any(|&(_, o)| o > 0))
+                        });
                     }
                 }
             }
@@ -434,18 +448,21 @@ fn pareto_dp(
     Some(last.into_iter().map(|e| e.2).collect())
 }
 
-/// Adds `x` to a Pareto front (both keys minimised) unless it is dominated.
-fn push_pareto<T>(front: &mut Vec<T>, x: T, key: impl Fn(&T) -> (f64, f64)) {
-    let (a, b) = key(&x);
+/// Adds `x` to a Pareto front (both keys minimised) unless it is dominated by
+/// an entry of the same class: plans that stream and plans that do not are
+/// kept apart, because streaming adds a round's train to the pass (see
+/// [`evaluate`]), which the keys do not hold.
+fn push_pareto<T>(front: &mut Vec<T>, x: T, key: impl Fn(&T) -> (f64, f64, bool)) {
+    let (a, b, class) = key(&x);
     if front.iter().any(|y| {
-        let (ya, yb) = key(y);
-        ya <= a + 1e-15 && yb <= b + 1e-15
+        let (ya, yb, yc) = key(y);
+        yc == class && ya <= a + 1e-15 && yb <= b + 1e-15
     }) {
         return;
     }
     front.retain(|y| {
-        let (ya, yb) = key(y);
-        !(a <= ya && b <= yb)
+        let (ya, yb, yc) = key(y);
+        !(yc == class && a <= ya && b <= yb)
     });
     front.push(x);
 }

@@ -221,6 +221,10 @@ impl Pipeline<'_> {
             if self.moves_on_its_own() {
                 self.move_on_its_own();
             }
+            let streams = self.ring_streams();
+            if let Some(s) = &mut self.starter {
+                s.set_rounds_together(streams);
+            }
             while let Some(s) = &mut self.starter {
                 match s.launch(&mut self.worker) {
                     Some(Ok(act)) => self.advance(act),
@@ -294,6 +298,17 @@ impl Pipeline<'_> {
             rebuilding: self.starter.as_ref().map_or(0, Scheduler::rebuilding),
             context_tokens: self.starter.as_ref().map_or(0, Scheduler::context_tokens),
         }
+    }
+
+    /// Whether the ring streams layers: this stage does, or the plan names
+    /// layers others stream.
+    fn ring_streams(&self) -> bool {
+        self.worker.streams()
+            || self
+                .plan
+                .stages
+                .iter()
+                .any(|s| s.offloaded.as_ref().is_some_and(|o| !o.is_empty()))
     }
 
     /// Handles what arrived: control frames in order, then the activations,

@@ -50,6 +50,9 @@ pub struct Scheduler<'t> {
     /// in it, and the sequences it has carried so far.
     round: Round,
     round_seqs: HashSet<u64>,
+    /// Start a round only once the last has come back, so that its
+    /// micro-batches travel together and share each streamed layer's read.
+    rounds_together: bool,
     outbox: UnboundedSender<Outgoing>,
     /// KV room on every stage: what admission checks requests against.
     ledger: Ledger,
@@ -99,6 +102,7 @@ impl<'t> Scheduler<'t> {
             next_batch: 0,
             round: Round::default(),
             round_seqs: HashSet::new(),
+            rounds_together: false,
             outbox,
             ledger: Ledger::default(),
             holding: false,
@@ -307,7 +311,22 @@ impl<'t> Scheduler<'t> {
 
     /// Whether a micro-batch can be launched now.
     pub fn can_launch(&self) -> bool {
-        !self.holding && !self.ready.is_empty() && (self.launched.len() as u32) < self.max_inflight
+        let round_open = self.round.after > 0;
+        let may_start = !self.rounds_together || round_open || self.launched.is_empty();
+        !self.holding
+            && !self.ready.is_empty()
+            && (self.launched.len() as u32) < self.max_inflight
+            && may_start
+    }
+
+    /// Whether rounds start together (the ring streams layers): a round's
+    /// micro-batches launched one after another stay a train round the ring,
+    /// each stage running them back to back through one read of a streamed
+    /// layer. Spread out, as they drift apart on their own, every one of them
+    /// finds the slot given to another layer. With every layer resident the
+    /// pipeline is better kept full.
+    pub fn set_rounds_together(&mut self, together: bool) {
+        self.rounds_together = together;
     }
 
     /// Builds and embeds the next micro-batch from the ready sequences: an equal

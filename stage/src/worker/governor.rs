@@ -252,6 +252,11 @@ impl MemoryGovernor {
         }
     }
 
+    /// Whether any of the stage's layers are streamed.
+    pub(super) fn streams(&self) -> bool {
+        !self.residency.offloaded().is_empty()
+    }
+
     pub(super) fn residency_report(&self) -> ResidencyReport {
         ResidencyReport {
             resident: self.residency.resident(),

@@ -234,6 +234,11 @@ impl Worker {
         }
     }
 
+    /// Whether this stage streams any of its layers.
+    pub fn streams(&self) -> bool {
+        self.loaded.as_ref().is_some_and(|l| l.governor.streams())
+    }
+
     /// Which layers are resident and which streamed, and how.
     pub fn residency_report(&self) -> ResidencyReport {
         match &self.loaded {
