@@ -300,15 +300,17 @@ impl Pipeline<'_> {
         }
     }
 
-    /// Whether the ring streams layers: this stage does, or the plan names
-    /// layers others stream.
+    /// Whether the ring streams layers and shares their reads: this stage
+    /// does, or the plan names layers others stream (the baselines, reading
+    /// on demand, share nothing and keep their micro-batches spread).
     fn ring_streams(&self) -> bool {
-        self.worker.streams()
-            || self
-                .plan
-                .stages
-                .iter()
-                .any(|s| s.offloaded.as_ref().is_some_and(|o| !o.is_empty()))
+        self.worker.shares_reads()
+            && (self.worker.streams()
+                || self
+                    .plan
+                    .stages
+                    .iter()
+                    .any(|s| s.offloaded.as_ref().is_some_and(|o| !o.is_empty())))
     }
 
     /// Handles what arrived: control frames in order, then the activations,

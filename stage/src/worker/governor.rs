@@ -257,6 +257,12 @@ impl MemoryGovernor {
         !self.residency.offloaded().is_empty()
     }
 
+    /// Whether streamed layers are read ahead and shared by a round (lime), not
+    /// read on demand for each micro-batch (the baselines).
+    pub(super) fn shares_reads(&self) -> bool {
+        self.residency.prefetch()
+    }
+
     pub(super) fn residency_report(&self) -> ResidencyReport {
         ResidencyReport {
             resident: self.residency.resident(),

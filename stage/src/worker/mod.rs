@@ -234,6 +234,14 @@ impl Worker {
         }
     }
 
+    /// Whether this stage reads streamed layers ahead and shares them among a
+    /// round's micro-batches (off for the baselines).
+    pub fn shares_reads(&self) -> bool {
+        self.loaded
+            .as_ref()
+            .is_some_and(|l| l.governor.shares_reads())
+    }
+
     /// Whether this stage streams any of its layers.
     pub fn streams(&self) -> bool {
         self.loaded.as_ref().is_some_and(|l| l.governor.streams())
