@@ -314,7 +314,7 @@ impl Pipeline<'_> {
     }
 
     /// Handles what arrived: control frames in order, then the activations,
-    /// merged per chunk up to the activation workspace, oldest round first.
+    /// merged per chunk up to the activation workspace.
     /// False when told to stop.
     fn handle_all(&mut self, events: impl Iterator<Item = Event>) -> bool {
         let cap = self.worker.activation_tokens();
@@ -356,10 +356,13 @@ impl Pipeline<'_> {
                 other => self.handle(other),
             }
         }
-        // The oldest round first, and in a round the micro-batch furthest
-        // behind: it runs the layers kept for it before the round's front asks
-        // for the next ones, which would take the slots back.
-        groups.sort_by_key(|g| (g.round.id, g.chunk));
+        // Where reads are shared: the oldest round first, and in a round the
+        // micro-batch furthest behind, so that it runs the layers kept for it
+        // before the round's front asks for the next ones, which would take
+        // the slots back. Elsewhere in order of arrival.
+        if self.ring_streams() {
+            groups.sort_by_key(|g| (g.round.id, g.chunk));
+        }
         for act in groups {
             self.advance(act);
         }
