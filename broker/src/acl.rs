@@ -81,6 +81,7 @@ impl Rules<'_> {
                 topics::TELEMETRY_ALL,
                 topics::PROFILE_ALL,
                 topics::PLAN,
+                topics::PLAN_REVIEW,
                 topics::ERROR,
             ]
             .iter()

@@ -12,14 +12,16 @@
 //! ring recomputes the caches of the sequences in flight it produces nothing;
 //! that takes about a prefill of all their tokens on the new plan), and not
 //! within `switch_interval_ms` of the last switch. The starter moves the ring to
-//! it between token steps.
+//! it between token steps. The verdict, kept or switched, goes retained to
+//! `lime/control/review`.
 
 use crate::conditions::{Change, Conditions, Figure};
 use crate::config::{BrokerConfig, PlannerConfig};
 use lime_plan::{self as planner, Layout, Prediction, Runtime, Workload, WorkloadKind};
 use lime_schemas::signing::{RingKey, Signature};
 use lime_schemas::{
-    topics, DeviceProfile, LinkSpeed, Links, Plan, StageProfile, StageState, StageStatus, Telemetry,
+    topics, DeviceProfile, LinkSpeed, Links, Plan, PlanPrediction, PlanReview, StageProfile,
+    StageState, StageStatus, Telemetry,
 };
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
@@ -59,7 +61,11 @@ pub async fn run(cfg: BrokerConfig, login: crate::gate::internal::Internal, key:
                 continue;
             }
             _ = tick.tick() => {
-                if let Some(plan) = planner.tick(Instant::now()) {
+                let plan = planner.tick(Instant::now());
+                if let Some(review) = planner.take_review() {
+                    publish_review(&client, &review).await;
+                }
+                if let Some(plan) = plan {
                     publish_plan(&client, key.as_ref(), plan).await;
                 }
                 continue;
@@ -99,6 +105,9 @@ pub async fn run(cfg: BrokerConfig, login: crate::gate::internal::Internal, key:
                 } else {
                     None
                 };
+                if let Some(review) = planner.take_review() {
+                    publish_review(&client, &review).await;
+                }
                 if let Some(plan) = plan {
                     publish_plan(&client, key.as_ref(), plan).await;
                 }
@@ -129,6 +138,18 @@ async fn publish_plan(client: &AsyncClient, key: Option<&RingKey>, mut plan: Pla
         .await
     {
         tracing::error!(error = %e, "plan not published");
+    }
+}
+
+/// Publishes the planner's verdict on a change, retained, before any plan it
+/// leads to.
+async fn publish_review(client: &AsyncClient, review: &PlanReview) {
+    let payload = serde_json::to_vec(review).unwrap_or_default();
+    if let Err(e) = client
+        .publish(topics::PLAN_REVIEW, QoS::AtLeastOnce, true, payload)
+        .await
+    {
+        tracing::error!(error = %e, "plan review not published");
     }
 }
 
@@ -164,6 +185,8 @@ pub struct Planner {
     /// Stages planned around after they were lost: left out of every plan
     /// until they report again.
     excluded: std::collections::BTreeSet<String>,
+    /// The verdict on the last change of conditions, until published.
+    review: Option<PlanReview>,
 }
 
 impl Planner {
@@ -186,7 +209,13 @@ impl Planner {
             key: None,
             lost: BTreeMap::new(),
             excluded: Default::default(),
+            review: None,
         }
+    }
+
+    /// The verdict on the last change of conditions weighed, once.
+    pub fn take_review(&mut self) -> Option<PlanReview> {
+        self.review.take()
     }
 
     /// A stage's retained status: a stage of the running plan that goes
@@ -485,7 +514,24 @@ impl Planner {
         );
         let payback = old.map_or(Some(0.0), |old| payback_s(old, new, rebuild));
         let repays = payback.is_some_and(|p| p <= self.cfg.payback_s);
-        if planned.layout == running.layout || !better || !repays {
+        let kept_plan = planned.layout == running.layout || !better || !repays;
+        let figures = |p: &Prediction, plan: &Plan| PlanPrediction {
+            time_per_token_s: p.time_per_token_s,
+            tokens_per_s: p.tokens_per_s,
+            ttft_s: p.ttft_s,
+            slowest_link_mbit_per_s: planner::slowest_link(plan, &links),
+            reason: what.clone(),
+        };
+        self.review = Some(PlanReview {
+            epoch: running.plan.epoch,
+            changes: what.clone(),
+            kept: kept_plan,
+            running: kept.as_ref().map(|p| figures(p, &running.plan)),
+            best: figures(&planned.prediction, &planned.plan),
+            rebuild_s: rebuild,
+            payback_s: payback,
+        });
+        if kept_plan {
             tracing::info!(
                 changes = %what,
                 running_s = old,

@@ -18,7 +18,7 @@ pub mod telemetry;
 pub mod topics;
 
 pub use frame::{Activations, Frame, FrameError, Hello, KvRoom, Round, SeqSlot};
-pub use plan::{LayerRange, Plan, PlanChunk, PlanError, PlanPrediction, PlanStage};
+pub use plan::{LayerRange, Plan, PlanChunk, PlanError, PlanPrediction, PlanReview, PlanStage};
 pub use profile::{
     DeviceProfile, Link, LinkSpeed, Links, MeasuredCompute, ModelShape, ProfileError, ShapeKey,
     StageProfile, TimePoint,

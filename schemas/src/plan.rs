@@ -92,6 +92,32 @@ pub struct PlanPrediction {
     pub reason: String,
 }
 
+/// The planner's verdict on conditions that changed under the running plan,
+/// published whether or not a new plan follows: an operator sees that a
+/// bandwidth swing was weighed, and why the plan stayed when it did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanReview {
+    /// The plan running when the change was weighed.
+    pub epoch: u64,
+    /// What changed, as a new plan's `reason` would say it.
+    pub changes: String,
+    /// Whether the running plan stays (else the next epoch is on its way).
+    pub kept: bool,
+    /// The running plan's figures under the new conditions, when the cost
+    /// model can still evaluate it there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<PlanPrediction>,
+    /// The best plan's figures under them.
+    pub best: PlanPrediction,
+    /// Seconds the switch would spend recomputing the cached tokens.
+    pub rebuild_s: f64,
+    /// Seconds of the faster plan's output that repay the rebuild; absent when
+    /// the best plan is no faster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payback_s: Option<f64>,
+}
+
 /// One stage's place in the ring.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

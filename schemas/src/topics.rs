@@ -19,6 +19,9 @@ pub const ERROR: &str = "lime/error";
 pub const CONTROL_PREFIX: &str = "lime/control/";
 /// The retained current plan.
 pub const PLAN: &str = "lime/control/plan";
+/// The planner's retained verdict on the last change of conditions
+/// ([`crate::PlanReview`]).
+pub const PLAN_REVIEW: &str = "lime/control/review";
 /// Every stage's retained status document.
 pub const STATUS_ALL: &str = "lime/status/+";
 /// Every stage's retained device profile.

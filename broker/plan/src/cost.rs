@@ -40,7 +40,8 @@
 //!   through one slot read each for every micro-batch, `k·q_i·(ρ_d + c_d)`.
 //!   A ring that streams launches a round only once the last is back, so that
 //!   its micro-batches travel together; the pass then counts the train's tail,
-//!   `P(b) + (k − 1)·max_d c_d(b)`.
+//!   `P(b) + (k − 1)·u(b)`, `u` the slowest step a micro-batch takes: a chunk's
+//!   visit `n_i·c_d(b)`, the starter's ends `e(b)`, a hop's transfer.
 //! - **TTFT**: the prompt's prefill passes (`activation_tokens` at a time, with
 //!   prefill compute times), each `max(P, max_d Λ_d)`.
 //!

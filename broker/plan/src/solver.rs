@@ -189,8 +189,9 @@ fn evaluate_with(
     let (mut pass, mut prefill, mut loader_max, mut busy_max) = (0.0, 0.0, 0.0f64, 0.0f64);
     // A prefill pass carries one prompt: each streamed layer is read once for it.
     let mut prefill_reads_max = 0.0f64;
-    // The slowest layer compute, and whether anything streams (see below).
-    let (mut layer_max, mut streams) = (0.0f64, false);
+    // The slowest step a micro-batch takes (a chunk's visit, the starter's
+    // ends, a hop), and whether anything streams (see below).
+    let (mut step_max, mut streams) = (0.0f64, false);
     for (j, &d) in layout.order.iter().enumerate() {
         let dc = &costs[d];
         let mine: Vec<ChunkLoad> = layout.chunks.iter().skip(j).step_by(n).copied().collect();
@@ -223,7 +224,8 @@ fn evaluate_with(
         pass += m as f64 * c + stall + ends;
         prefill += m as f64 * cp + prefill_stall + if starter { dc.ends_s(1) } else { 0.0 };
         loader_max = loader_max.max(loader);
-        layer_max = layer_max.max(c);
+        let visit_max = mine.iter().map(|ch| ch.layers).max().unwrap_or(0) as f64 * c;
+        step_max = step_max.max(visit_max).max(ends);
         streams |= o > 0;
         prefill_reads_max = prefill_reads_max.max(cost::loader_s(o, slots, dc.read_s, cp));
         busy_max = busy_max.max(k as f64 * (m as f64 * c + ends));
@@ -249,7 +251,9 @@ fn evaluate_with(
             let link = p.links.between(from, to);
             hops += v as f64 * cost::hop_s(p.shape, link, b);
             hops_prefill += v as f64 * cost::hop_s(p.shape, link, prompt);
-            link_busy = link_busy.max((k * v) as f64 * cost::hop_busy_s(p.shape, link, b));
+            let busy = cost::hop_busy_s(p.shape, link, b);
+            link_busy = link_busy.max((k * v) as f64 * busy);
+            step_max = step_max.max(busy);
         }
     }
     pass += hops;
@@ -257,9 +261,9 @@ fn evaluate_with(
     let ttft = prefill_passes as f64 * prefill.max(prefill_reads_max);
     // A ring that streams starts a round once the last is back, so that its
     // micro-batches travel as a train sharing reads: the train's tail arrives
-    // k − 1 layer computes after its head.
+    // k − 1 of its slowest steps after its head, as in any flow shop.
     let train = if streams {
-        (k - 1) as f64 * layer_max
+        (k - 1) as f64 * step_max
     } else {
         0.0
     };

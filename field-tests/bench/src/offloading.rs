@@ -174,9 +174,14 @@ pub struct OffloadReport {
     pub tpot_vs_predicted: Option<f64>,
 }
 
-/// Milliseconds for `layer` to decode `tokens` sequences, as a stage profiles it.
+/// Milliseconds for `layer` to decode `tokens` sequences, as an emulated
+/// stage profiles it: the best run, which its pace multiplies.
 fn time_layer(ckpt: &Checkpoint, layer: &DecoderLayer, tokens: usize) -> anyhow::Result<f64> {
-    Ok(lime_stage::control::profile::time_decode(ckpt.config(), layer, tokens, 15)? * 1e3)
+    let timing = lime_stage::control::profile::Timing {
+        reps: 21,
+        best: true,
+    };
+    Ok(lime_stage::control::profile::time_decode(ckpt.config(), layer, tokens, timing)? * 1e3)
 }
 
 fn calibrate(bench: &OffloadBench) -> anyhow::Result<Calibration> {

@@ -7,7 +7,7 @@
 use crate::cluster::{Cluster, ClusterSpec, MemorySpec, Namespaces, PlannerSpec};
 use crate::netns::Fabric;
 use lime_client::mqtt::BrokerAddr;
-use lime_schemas::{topics, Plan, PlanPrediction, Reply, Request, Telemetry};
+use lime_schemas::{topics, Plan, PlanPrediction, PlanReview, Reply, Request, Telemetry};
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::Event;
@@ -33,12 +33,17 @@ pub struct SwingSpec {
     /// Each stage's memory budget and emulated storage bandwidth.
     pub budget_bytes: u64,
     pub read_mb_per_s: f64,
+    /// Each stage computes this many times slower than this machine
+    /// (`emulate.compute_slowdown`), so that four stages on its cores overlap
+    /// like four devices rather than taking turns on two.
+    pub compute_slowdown: f64,
 }
 
 impl SwingSpec {
-    /// The scenario the field test and the benchmark run: budgets that make every
-    /// stage stream one of its layers, fast enough storage that interleaving
-    /// hides the reads at a gigabit, and a load of 16 sequences. Each phase after
+    /// The scenario the field test and the benchmark run: budgets that make the
+    /// starter (which also holds the ends) stream its layers, fast enough
+    /// storage that interleaving hides the reads, emulated devices, and a load
+    /// of 16 sequences. Each phase after
     /// a change is long enough that, after the new plan (about 3 s) and the
     /// caches' rebuild (3 to 5 s), 8 s or so are left to measure it by.
     pub fn standard(model: PathBuf, dir: PathBuf, adapt: bool) -> Self {
@@ -53,6 +58,7 @@ impl SwingSpec {
             max_tokens: 160,
             budget_bytes: 68_000_000 + lime_stage::config::DEFAULT_OVERHEAD_BYTES,
             read_mb_per_s: 1000.0,
+            compute_slowdown: 3.0,
         }
     }
 }
@@ -70,6 +76,13 @@ pub struct PlanSeen {
     /// When the starter first reported every sequence's cache rebuilt under
     /// this plan: from then on the plan runs at its own pace.
     pub rebuilt_at_s: Option<f64>,
+}
+
+/// A verdict of the planner on changed conditions, as the robots' side saw it.
+#[derive(Debug, Clone)]
+pub struct ReviewSeen {
+    pub at_s: f64,
+    pub review: PlanReview,
 }
 
 /// A stage's report of its link to the next, as the robots' side saw it.
@@ -96,6 +109,8 @@ pub struct SwingRun {
     /// Generated tokens per streamed piece, from the final messages.
     pub tokens_per_piece: f64,
     pub plans: Vec<PlanSeen>,
+    /// The planner's verdicts on each change it weighed.
+    pub reviews: Vec<ReviewSeen>,
     /// When the bandwidth was set, and to what.
     pub shaped: Vec<(f64, f64)>,
     pub completed: usize,
@@ -137,6 +152,11 @@ impl SwingRun {
             .collect();
         (kept.len() >= least.max(1))
             .then(|| kept.iter().sum::<u64>() as f64 / kept.len() as f64 * self.tokens_per_piece)
+    }
+
+    /// The first verdict published at or after `t` seconds.
+    pub fn review_after(&self, t: f64) -> Option<&ReviewSeen> {
+        self.reviews.iter().find(|r| r.at_s >= t)
     }
 
     /// The first plan published at or after `t` seconds.
@@ -216,6 +236,7 @@ pub async fn run(
         ..MemorySpec::default()
     };
     cluster_spec.compute_threads = Some(1);
+    cluster_spec.compute_slowdown = spec.compute_slowdown;
     cluster_spec.telemetry_ms = Some(250);
     cluster_spec.namespaces = Some(Namespaces {
         host_ip: fabric.host_ip(),
@@ -244,6 +265,9 @@ async fn load(
     let reply_topic = lime_schemas::topics::tool_replies(broker.username.as_deref(), &id);
     client.subscribe(&reply_topic, QoS::AtLeastOnce).await?;
     client.subscribe(topics::PLAN, QoS::AtLeastOnce).await?;
+    client
+        .subscribe(topics::PLAN_REVIEW, QoS::AtLeastOnce)
+        .await?;
     client
         .subscribe(topics::TELEMETRY_ALL, QoS::AtMostOnce)
         .await?;
@@ -328,6 +352,17 @@ async fn load(
                     prediction: plan.prediction,
                     rebuilt_at_s: None,
                 });
+            }
+            continue;
+        }
+        if p.topic.as_ref() == topics::PLAN_REVIEW.as_bytes() {
+            if let Ok(review) = serde_json::from_slice::<PlanReview>(&p.payload) {
+                let verdict = if review.kept { "kept" } else { "switching" };
+                progress(&format!(
+                    "{now:.1} s: planner weighed {}: {verdict}",
+                    review.changes
+                ));
+                out.reviews.push(ReviewSeen { at_s: now, review });
             }
             continue;
         }

@@ -1,7 +1,8 @@
 //! Field test: four stages in four network namespaces linked by veth through a
 //! bridge, links shaped with `tc … tbf`. The bandwidth drops from 1 Gb/s to
-//! 50 Mb/s mid-run and comes back: nothing is lost or corrupted, a new plan comes
-//! within 5 s of each change, and throughput under it is near its prediction.
+//! 50 Mb/s mid-run and comes back: nothing is lost or corrupted, the planner
+//! weighs each change within 5 s (a new plan, or its verdict that the running
+//! one stays), and throughput under the plan in force is near its prediction.
 //! Skipped, saying why, where namespaces cannot be made (not root, no iproute2).
 
 mod common;
@@ -12,9 +13,9 @@ use lime_testbench::netns::Fabric;
 use lime_testbench::swing::{self, SwingSpec};
 
 #[test]
-fn a_bandwidth_swing_replans_in_time_and_loses_nothing() {
+fn a_bandwidth_swing_is_weighed_in_time_and_loses_nothing() {
     if let Some(why) = Fabric::unavailable() {
-        eprintln!("SKIPPED a_bandwidth_swing_replans_in_time_and_loses_nothing: {why}");
+        eprintln!("SKIPPED a_bandwidth_swing_is_weighed_in_time_and_loses_nothing: {why}");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -70,56 +71,80 @@ fn a_bandwidth_swing_replans_in_time_and_loses_nothing() {
         }
     }
 
-    // A new plan within 5 s of each change.
-    for &(at, mbit) in &run.shaped {
-        let plan = run
-            .plan_after(at)
-            .unwrap_or_else(|| panic!("no new plan after the change to {mbit} Mb/s at {at:.1} s"));
-        assert!(
-            plan.at_s - at <= 5.0,
-            "the plan for {mbit} Mb/s came {:.1} s after the change; the link reports:\n{}",
-            plan.at_s - at,
-            run.link_reports(at, plan.at_s)
-        );
-    }
-
-    // Under each new plan, once every sequence's cache is rebuilt (the switch's
-    // one-off cost, reported apart), decode throughput to the end of the phase
-    // against the plan's prediction: within 15% either way.
+    // Every change weighed within 5 s: a new plan follows, or the planner
+    // says why the running one stays (at 50 Mb/s this model's activations
+    // still cross a hop in about a millisecond, so staying can be right).
     let ends = [
         spec.phases_s[0] + spec.phases_s[1],
         spec.phases_s.iter().sum(),
     ];
     for (&(at, mbit), end) in run.shaped.iter().zip(ends) {
-        let plan = run.plan_after(at).unwrap();
-        let predicted = plan.prediction.as_ref().unwrap().tokens_per_s;
-        let rebuilt = plan
-            .rebuilt_at_s
-            .unwrap_or_else(|| panic!("the caches were never rebuilt under epoch {}", plan.epoch));
-        let from = rebuilt.ceil();
+        let seen = run.review_after(at).unwrap_or_else(|| {
+            panic!(
+                "the planner never weighed the change to {mbit} Mb/s at {at:.1} s; the link reports:\n{}",
+                run.link_reports(at, end)
+            )
+        });
+        assert!(
+            seen.at_s - at <= 5.0,
+            "the change to {mbit} Mb/s was weighed {:.1} s after it; the link reports:\n{}",
+            seen.at_s - at,
+            run.link_reports(at, seen.at_s)
+        );
+        // Under the plan in force, from when it runs at its own pace (a new
+        // plan once every sequence's cache is rebuilt, the switch's one-off
+        // cost reported apart), decode throughput to the end of the phase
+        // against its prediction under the new conditions: within 15%.
+        let (from, predicted, how) = if seen.review.kept {
+            let running = seen
+                .review
+                .running
+                .as_ref()
+                .expect("a kept plan is evaluated under the new conditions");
+            (seen.at_s.ceil(), running.tokens_per_s, "kept".to_string())
+        } else {
+            let plan = run
+                .plan_after(seen.at_s)
+                .unwrap_or_else(|| panic!("no new plan after the verdict at {:.1} s", seen.at_s));
+            assert!(
+                plan.at_s - at <= 5.0,
+                "the plan for {mbit} Mb/s came {:.1} s after the change",
+                plan.at_s - at
+            );
+            let rebuilt = plan.rebuilt_at_s.unwrap_or_else(|| {
+                panic!("the caches were never rebuilt under epoch {}", plan.epoch)
+            });
+            let predicted = plan.prediction.as_ref().unwrap().tokens_per_s;
+            let how = format!(
+                "new plan {:.1} s after the change, caches rebuilt {:.1} s after it",
+                plan.at_s - at,
+                rebuilt - plan.at_s
+            );
+            (rebuilt.ceil(), predicted, how)
+        };
         assert!(
             end - from >= 3.0,
-            "at {mbit} Mb/s the rebuild took until {rebuilt:.1} s: too little of the phase is left to measure"
+            "at {mbit} Mb/s the plan ran at its own pace only from {from:.1} s: too little of the phase is left to measure"
         );
         // Steady decode, as predicted: the seconds in which a new request's
-        // prompt was prefilled (a cohort of 16 every ~10 s) are left out.
+        // prompt was prefilled (a cohort of 16 every so often) are left out.
         let measured = run.decode_tokens_per_s(from, end, 3).unwrap_or_else(|| {
             panic!(
                 "at {mbit} Mb/s fewer than 3 s from {from:.0} to {end:.0} s were free of prefills"
             )
         });
         eprintln!(
-            "{mbit} Mb/s: plan {:.1} s after the change, caches rebuilt {:.1} s after the plan; \
+            "{mbit} Mb/s: weighed {:.1} s after the change ({}), {how}; \
              measured {measured:.1} tokens/s over {from:.0}..{end:.0} s, predicted {predicted:.1} ({:+.0}%)",
-            plan.at_s - at,
-            rebuilt - plan.at_s,
+            seen.at_s - at,
+            seen.review.changes,
             (measured / predicted - 1.0) * 100.0
         );
         assert!(
             (measured / predicted - 1.0).abs() <= 0.15,
             "at {mbit} Mb/s measured {measured:.1} tokens/s against a prediction of {predicted:.1}; \
-             the link reports from the change to the plan:\n{}",
-            run.link_reports(at, plan.at_s)
+             the link reports from the change to the verdict:\n{}",
+            run.link_reports(at, seen.at_s)
         );
     }
 }

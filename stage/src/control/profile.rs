@@ -20,14 +20,44 @@ use std::time::Instant;
 /// Cached tokens in front of each measured decode step.
 const CONTEXT: usize = 32;
 
-/// The median of `reps` runs of `f`, in seconds, after one warm-up run.
-fn median(reps: usize, mut f: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<f64> {
-    f()?;
-    let mut times = (0..reps.max(1))
-        .map(|_| f())
-        .collect::<anyhow::Result<Vec<f64>>>()?;
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+/// How a piece of work is timed: how many runs, and which of them counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// Runs timed after the warm-up.
+    pub reps: usize,
+    /// The best run rather than the median: what an emulated device's pace
+    /// multiplies ([`crate::worker::pace`]), so that its profile tells the
+    /// planner the speed the stage will really run at, whatever else the
+    /// machine was doing while it was measured.
+    pub best: bool,
+}
+
+impl Timing {
+    /// The median of `reps` runs, or under emulation the best of more runs.
+    pub fn for_slowdown(reps: usize, slowdown: f64) -> Self {
+        if slowdown > 1.0 {
+            Self {
+                reps: reps * 3,
+                best: true,
+            }
+        } else {
+            Self { reps, best: false }
+        }
+    }
+
+    /// Times `f` (seconds per run) after one warm-up run.
+    fn of(self, mut f: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<f64> {
+        f()?;
+        let mut times = (0..self.reps.max(1))
+            .map(|_| f())
+            .collect::<anyhow::Result<Vec<f64>>>()?;
+        times.sort_by(f64::total_cmp);
+        Ok(if self.best {
+            times[0]
+        } else {
+            times[times.len() / 2]
+        })
+    }
 }
 
 /// One decode step of `layer` for `tokens` sequences with `CONTEXT` tokens cached.
@@ -35,7 +65,7 @@ pub fn time_decode(
     cfg: &Config,
     layer: &DecoderLayer,
     tokens: usize,
-    reps: usize,
+    timing: Timing,
 ) -> anyhow::Result<f64> {
     let (dev, dtype) = (layer.device().clone(), layer.dtype());
     let rope = Rope::new(cfg, CONTEXT + 1, &dev)?;
@@ -68,7 +98,7 @@ pub fn time_decode(
         .collect::<Result<_, _>>()?;
     let x = Tensor::ones((tokens, cfg.hidden_size), dtype, &dev)?;
     let xp = Tensor::ones((CONTEXT * tokens, cfg.hidden_size), dtype, &dev)?;
-    median(reps, || {
+    timing.of(|| {
         // Rewind so every run appends at the same position.
         caches.iter_mut().for_each(KvCache::clear);
         layer.forward(&xp, &fill, &mut caches.iter_mut().collect::<Vec<_>>())?;
@@ -86,7 +116,7 @@ pub fn time_prefill(
     cfg: &Config,
     layer: &DecoderLayer,
     tokens: usize,
-    reps: usize,
+    timing: Timing,
 ) -> anyhow::Result<f64> {
     let (dev, dtype) = (layer.device().clone(), layer.dtype());
     let rope = Rope::new(cfg, tokens, &dev)?;
@@ -101,7 +131,7 @@ pub fn time_prefill(
     )?;
     let mut cache = KvCache::new(cfg, [layer.index().unwrap_or(0)], tokens, dtype, &dev)?;
     let x = Tensor::ones((tokens, cfg.hidden_size), dtype, &dev)?;
-    median(reps, || {
+    timing.of(|| {
         cache.clear();
         dev.synchronize()?;
         let started = Instant::now();
@@ -117,13 +147,13 @@ fn time_ends(
     head: &Head,
     cfg: &Config,
     tokens: usize,
-    reps: usize,
+    timing: Timing,
 ) -> anyhow::Result<f64> {
     let ids: Vec<u32> = (0..tokens as u32)
         .map(|i| i % cfg.vocab_size as u32)
         .collect();
     let rows: Vec<u32> = (0..tokens as u32).collect();
-    median(reps, || {
+    timing.of(|| {
         let started = Instant::now();
         let x = emb.forward(&ids)?;
         // The logits come back to the host, which waits for a GPU to finish.
@@ -169,7 +199,8 @@ pub fn measure(
     let shape = ckpt.shape();
     let dev = cfg.device.open()?;
     let most = cfg.memory.activation_tokens;
-    let reps = 7;
+    let slowdown = cfg.emulate.compute_slowdown.max(1.0);
+    let timing = Timing::for_slowdown(7, slowdown);
     progress("reading layers");
     let read = read_rate(&ckpt, 3, &dev)?;
     progress("timing decode");
@@ -180,7 +211,7 @@ pub fn measure(
         .map(|b| {
             Ok(TimePoint {
                 tokens: b,
-                seconds: time_decode(&model, &layer, b, reps)?,
+                seconds: time_decode(&model, &layer, b, timing)?,
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -191,7 +222,7 @@ pub fn measure(
         .map(|t| {
             Ok(TimePoint {
                 tokens: t,
-                seconds: time_prefill(&model, &layer, t, 3)?,
+                seconds: time_prefill(&model, &layer, t, Timing::for_slowdown(3, slowdown))?,
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -204,11 +235,10 @@ pub fn measure(
         .map(|b| {
             Ok(TimePoint {
                 tokens: b,
-                seconds: time_ends(&emb, &head, &model, b, reps)?,
+                seconds: time_ends(&emb, &head, &model, b, timing)?,
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let slowdown = cfg.emulate.compute_slowdown.max(1.0);
     let (decode, prefill, ends) = (
         slower(decode, slowdown),
         slower(prefill, slowdown),
