@@ -221,9 +221,9 @@ impl Pipeline<'_> {
             if self.moves_on_its_own() {
                 self.move_on_its_own();
             }
-            let streams = self.ring_streams();
+            let together = self.ring_streams().then_some(self.plan.chunks.len());
             if let Some(s) = &mut self.starter {
-                s.set_rounds_together(streams);
+                s.set_rounds_together(together);
             }
             while let Some(s) = &mut self.starter {
                 match s.launch(&mut self.worker) {

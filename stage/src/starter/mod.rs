@@ -51,8 +51,9 @@ pub struct Scheduler<'t> {
     round: Round,
     round_seqs: HashSet<u64>,
     /// Start a round only once the last has come back, so that its
-    /// micro-batches travel together and share each streamed layer's read.
-    rounds_together: bool,
+    /// micro-batches travel together and share each streamed layer's read;
+    /// then a round may hold up to this many micro-batches.
+    rounds_together: Option<usize>,
     outbox: UnboundedSender<Outgoing>,
     /// KV room on every stage: what admission checks requests against.
     ledger: Ledger,
@@ -102,7 +103,7 @@ impl<'t> Scheduler<'t> {
             next_batch: 0,
             round: Round::default(),
             round_seqs: HashSet::new(),
-            rounds_together: false,
+            rounds_together: None,
             outbox,
             ledger: Ledger::default(),
             holding: false,
@@ -312,21 +313,45 @@ impl<'t> Scheduler<'t> {
     /// Whether a micro-batch can be launched now.
     pub fn can_launch(&self) -> bool {
         let round_open = self.round.after > 0;
-        let may_start = !self.rounds_together || round_open || self.launched.is_empty();
-        !self.holding
-            && !self.ready.is_empty()
-            && (self.launched.len() as u32) < self.max_inflight
-            && may_start
+        let (may_start, most) = match self.rounds_together {
+            // A round is every ready sequence once: prompts split by the
+            // token budget make it more micro-batches than `max_inflight`,
+            // and they fill the pipeline under one read of each layer.
+            Some(most) => (
+                round_open || self.launched.is_empty(),
+                most.max(self.max_inflight as usize),
+            ),
+            None => (true, self.max_inflight as usize),
+        };
+        !self.holding && !self.ready.is_empty() && self.launched.len() < most && may_start
     }
 
-    /// Whether rounds start together (the ring streams layers): a round's
-    /// micro-batches launched one after another stay a train round the ring,
-    /// each stage running them back to back through one read of a streamed
-    /// layer. Spread out, as they drift apart on their own, every one of them
-    /// finds the slot given to another layer. With every layer resident the
-    /// pipeline is better kept full.
-    pub fn set_rounds_together(&mut self, together: bool) {
+    /// Whether rounds start together (the ring streams layers), and then the
+    /// most micro-batches one may hold (the ring's chunk visits per pass: more
+    /// would only queue): a round's micro-batches launched one after another
+    /// stay a train round the ring, each stage running them back to back
+    /// through one read of a streamed layer. Spread out, as they drift apart
+    /// on their own, every one of them finds the slot given to another layer.
+    /// With every layer resident the pipeline is better kept full.
+    pub fn set_rounds_together(&mut self, together: Option<usize>) {
         self.rounds_together = together;
+    }
+
+    /// Micro-batches the ready sequences would make, `share` and the token
+    /// budget to each, as [`Scheduler::launch`] packs them; each sequence
+    /// once, since a prompt split by the budget goes on only when its first
+    /// part is back.
+    fn batches_ready(&self, share: usize) -> usize {
+        let (mut batches, mut seqs, mut budget) = (0, 0, 0);
+        for seq in self.ready.iter().filter_map(|id| self.sequences.get(id)) {
+            if seqs == 0 || seqs >= share || budget == 0 {
+                batches += 1;
+                (seqs, budget) = (0, self.limits.max_batch_tokens);
+            }
+            seqs += 1;
+            budget = budget.saturating_sub(seq.next_input(budget).len());
+        }
+        batches
     }
 
     /// Builds and embeds the next micro-batch from the ready sequences: an equal
@@ -392,7 +417,10 @@ impl<'t> Scheduler<'t> {
     fn round_of(&mut self, slots: &[lime_schemas::SeqSlot], share: usize) -> Round {
         let again = slots.iter().any(|s| self.round_seqs.contains(&s.id));
         if self.round.after == 0 || again {
-            let lanes = self.sequences.len().div_ceil(share.max(1)).max(1);
+            let lanes = match self.rounds_together {
+                Some(most) => (1 + self.batches_ready(share)).min(most.max(1)),
+                None => self.sequences.len().div_ceil(share.max(1)).max(1),
+            };
             self.round = Round {
                 id: self.round.id + 1,
                 after: lanes as u32,
