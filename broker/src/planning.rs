@@ -132,24 +132,21 @@ async fn publish_plan(client: &AsyncClient, key: Option<&RingKey>, mut plan: Pla
     if let Some(key) = key {
         key.sign(&mut plan);
     }
-    let payload = serde_json::to_vec(&plan).unwrap_or_default();
-    if let Err(e) = client
-        .publish(topics::PLAN, QoS::AtLeastOnce, true, payload)
-        .await
-    {
-        tracing::error!(error = %e, "plan not published");
-    }
+    publish_retained(client, topics::PLAN, &plan).await;
 }
 
 /// Publishes the planner's verdict on a change, retained, before any plan it
 /// leads to.
 async fn publish_review(client: &AsyncClient, review: &PlanReview) {
-    let payload = serde_json::to_vec(review).unwrap_or_default();
-    if let Err(e) = client
-        .publish(topics::PLAN_REVIEW, QoS::AtLeastOnce, true, payload)
-        .await
-    {
-        tracing::error!(error = %e, "plan review not published");
+    publish_retained(client, topics::PLAN_REVIEW, review).await;
+}
+
+/// Publishes `doc` as JSON, retained, on `topic`: what the planner tells
+/// every stage and operator, now and after they reconnect.
+async fn publish_retained(client: &AsyncClient, topic: &str, doc: &impl serde::Serialize) {
+    let payload = serde_json::to_vec(doc).unwrap_or_default();
+    if let Err(e) = client.publish(topic, QoS::AtLeastOnce, true, payload).await {
+        tracing::error!(error = %e, %topic, "not published");
     }
 }
 
