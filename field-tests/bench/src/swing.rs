@@ -58,7 +58,7 @@ impl SwingSpec {
             max_tokens: 160,
             budget_bytes: 68_000_000 + lime_stage::config::DEFAULT_OVERHEAD_BYTES,
             read_mb_per_s: 1000.0,
-            compute_slowdown: 3.0,
+            compute_slowdown: 4.0,
         }
     }
 }
