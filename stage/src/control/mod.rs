@@ -67,8 +67,10 @@ pub struct Inbox {
     /// Set when the starter can take requests; subscribing follows.
     pub requests: OnceLock<Inflow>,
     /// The status to publish again after a reconnect (retained messages survive a
-    /// broker restart only on brokers that persist them).
-    pub status: Mutex<Option<StageStatus>>,
+    /// broker restart only on brokers that persist them). Held while a status is
+    /// handed to the client, so that a reconnect's copy of an older status can
+    /// never be queued after a newer one and become the retained state.
+    pub status: tokio::sync::Mutex<Option<StageStatus>>,
     /// The profile, for the same reason: a restarted broker's planner needs
     /// every stage's profile again.
     pub profile: Mutex<Option<lime_schemas::StageProfile>>,
@@ -100,7 +102,7 @@ impl Inbox {
             Arc::new(Self {
                 plan: tx,
                 requests: OnceLock::new(),
-                status: Mutex::new(None),
+                status: tokio::sync::Mutex::new(None),
                 profile: Mutex::new(None),
                 running_plan: Mutex::new(None),
                 stage_events: OnceLock::new(),
@@ -115,9 +117,8 @@ impl Inbox {
 pub async fn publish_status(client: &AsyncClient, inbox: &Inbox, status: StageStatus) {
     let payload = serde_json::to_vec(&status).unwrap_or_default();
     let topic = topics::status(&status.stage);
-    if let Ok(mut s) = inbox.status.lock() {
-        *s = Some(status);
-    }
+    let mut held = inbox.status.lock().await;
+    *held = Some(status);
     if let Err(e) = client.publish(topic, QoS::AtLeastOnce, true, payload).await {
         tracing::warn!(error = %e, "status not published");
     }
@@ -242,9 +243,9 @@ async fn resubscribe(client: &AsyncClient, inbox: &Inbox) {
     if inbox.stage_events.get().is_some() {
         let _ = client.subscribe(topics::STATUS_ALL, QoS::AtLeastOnce).await;
     }
-    let status = inbox.status.lock().ok().and_then(|s| s.clone());
-    if let Some(status) = status {
-        let payload = serde_json::to_vec(&status).unwrap_or_default();
+    let held = inbox.status.lock().await;
+    if let Some(status) = held.as_ref() {
+        let payload = serde_json::to_vec(status).unwrap_or_default();
         let _ = client
             .publish(
                 topics::status(&status.stage),
