@@ -44,7 +44,9 @@ pub struct BrokerConfig {
     /// the starter has not read yet must fit, or rumqttd drops the oldest
     /// without a word. The starter reads at wire speed and refuses what it has
     /// no room for, so this only has to cover a burst published faster than
-    /// one router pass delivers it.
+    /// one router pass delivers it. Counted in requests' bytes: a small
+    /// request from a robot that connects only to send it holds about 9 KiB
+    /// of the broker's memory while it is in the log (see `router`).
     pub request_log_bytes: usize,
     /// How long a new connection may take to send CONNECT.
     pub connection_timeout_ms: u16,

@@ -50,13 +50,22 @@ pub fn config(cfg: &BrokerConfig, internal: &Internal) -> rumqttd::Config {
     }
 }
 
-/// The request filters' logs: segments of 1 MiB (a larger request
-/// overfills one), as many as `request_log_bytes` holds.
+/// The request filters' logs: `request_log_bytes` in segments of a sixteenth
+/// of it (64 KiB to 1 MiB), so that the oldest requests leave in small steps.
+/// A segment takes one request however large, so the log holds at least as
+/// many requests of any size as it has segments.
+///
+/// What a stored request really costs can be far more than its bytes: rumqttd
+/// keeps the publish as a slice of the connection's 10 KiB read buffer, so a
+/// robot that connects only to publish one small request pins a whole buffer
+/// until the request leaves the log (measured: about 8.7 KiB per such request,
+/// against ~300 bytes counted). A long-lived connection's requests share their
+/// buffers.
 fn request_logs(cfg: &BrokerConfig) -> HashMap<String, rumqttd::SegmentConfig> {
-    const SEGMENT: usize = 1 << 20;
+    let segment = (cfg.request_log_bytes / 16).clamp(64 << 10, 1 << 20);
     let log = rumqttd::SegmentConfig {
-        max_segment_size: SEGMENT,
-        max_segment_count: (cfg.request_log_bytes / SEGMENT).max(2),
+        max_segment_size: segment,
+        max_segment_count: (cfg.request_log_bytes / segment).max(2),
     };
     [
         lime_schemas::topics::REQUEST,

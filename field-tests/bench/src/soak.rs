@@ -70,6 +70,8 @@ pub struct SoakReport {
     pub wrong: Vec<String>,
     /// RSS per process (MiB) once warm and at the end.
     pub rss_mib: Vec<(String, f64, f64)>,
+    /// Bursts (each a robot connection) begun after memory counted as warm.
+    pub bursts_since_warm: u64,
 }
 
 impl SoakReport {
@@ -335,6 +337,7 @@ pub async fn run(
         match next {
             Ok(Some(b)) => {
                 report.bursts += 1;
+                report.bursts_since_warm += u64::from(warm.is_some());
                 report.dropped += u64::from(b.dropped);
                 report.sent += spec.burst as u64;
                 report.answered += b.answered;
