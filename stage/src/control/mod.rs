@@ -115,13 +115,27 @@ impl Inbox {
 
 /// Publishes `status` retained and remembers it for reconnects.
 pub async fn publish_status(client: &AsyncClient, inbox: &Inbox, status: StageStatus) {
-    let payload = serde_json::to_vec(&status).unwrap_or_default();
-    let topic = topics::status(&status.stage);
     let mut held = inbox.status.lock().await;
-    *held = Some(status);
-    if let Err(e) = client.publish(topic, QoS::AtLeastOnce, true, payload).await {
+    let status = held.insert(status);
+    if let Err(e) = send_status(client, status).await {
         tracing::warn!(error = %e, "status not published");
     }
+}
+
+/// Queues `status` retained, at least once; the caller holds `Inbox::status`.
+async fn send_status(
+    client: &AsyncClient,
+    status: &StageStatus,
+) -> Result<(), rumqttc::v5::ClientError> {
+    let payload = serde_json::to_vec(status).unwrap_or_default();
+    client
+        .publish(
+            topics::status(&status.stage),
+            QoS::AtLeastOnce,
+            true,
+            payload,
+        )
+        .await
 }
 
 /// Publishes a telemetry report, retained so that a reader arriving later (`lime
@@ -245,15 +259,7 @@ async fn resubscribe(client: &AsyncClient, inbox: &Inbox) {
     }
     let held = inbox.status.lock().await;
     if let Some(status) = held.as_ref() {
-        let payload = serde_json::to_vec(status).unwrap_or_default();
-        let _ = client
-            .publish(
-                topics::status(&status.stage),
-                QoS::AtLeastOnce,
-                true,
-                payload,
-            )
-            .await;
+        let _ = send_status(client, status).await;
     }
 }
 
