@@ -2,10 +2,7 @@
 //! bridge, links shaped with `tc … tbf`. The bandwidth drops from 1 Gb/s to
 //! 50 Mb/s mid-run and comes back: nothing is lost or corrupted, the planner
 //! weighs each change within 5 s (a new plan, or its verdict that the running
-//! one stays), and throughput under the plan in force follows its prediction:
-//! at 50 Mb/s it reaches the same share of its prediction as at 1 Gb/s in the
-//! same run (within 15%), since how fast this shared machine runs the four
-//! stages varies between runs far more than the plan's error does.
+//! one stays), and throughput under the plan in force is near its prediction.
 //! Skipped, saying why, where namespaces cannot be made (not root, no iproute2).
 
 mod common;
@@ -81,8 +78,6 @@ fn a_bandwidth_swing_is_weighed_in_time_and_loses_nothing() {
         spec.phases_s[0] + spec.phases_s[1],
         spec.phases_s.iter().sum(),
     ];
-    // Per change: the bandwidth, measured / predicted, and what explains it.
-    let mut shares: Vec<(f64, f64, String)> = Vec::new();
     for (&(at, mbit), end) in run.shaped.iter().zip(ends) {
         let seen = run.review_after(at).unwrap_or_else(|| {
             panic!(
@@ -145,20 +140,11 @@ fn a_bandwidth_swing_is_weighed_in_time_and_loses_nothing() {
             seen.review.changes,
             (measured / predicted - 1.0) * 100.0
         );
-        shares.push((mbit, measured / predicted, run.link_reports(at, seen.at_s)));
-    }
-    let [(low, at_low, links), (high, at_high, _)] = &shares[..] else {
-        panic!("expected two changes, measured {}", shares.len());
-    };
-    for (mbit, share, _) in &shares {
         assert!(
-            (0.6..=1.4).contains(share),
-            "at {mbit} Mb/s the plan ran at {share:.2} of its prediction"
+            (measured / predicted - 1.0).abs() <= 0.15,
+            "at {mbit} Mb/s measured {measured:.1} tokens/s against a prediction of {predicted:.1}; \
+             the link reports from the change to the verdict:\n{}",
+            run.link_reports(at, seen.at_s)
         );
     }
-    assert!(
-        (at_low / at_high - 1.0).abs() <= 0.15,
-        "at {low} Mb/s the plan ran at {at_low:.2} of its prediction, at {high} Mb/s at {at_high:.2}; \
-         the link reports from the change to the verdict:\n{links}"
-    );
 }
