@@ -34,7 +34,8 @@ pub struct StageConfig {
     pub telemetry_ms: u64,
     /// This device's profile for the broker's planner (written by
     /// `lime-stage --profile`, or by hand). Absent, a stage without a `plan_file`
-    /// measures itself at start.
+    /// measures itself at start. Under `emulate`, the stage computes at its
+    /// figures, with a `plan_file` too.
     #[serde(default)]
     pub profile_file: Option<PathBuf>,
     /// Threads the layers compute on; absent, one per core. Fewer leave cores to
@@ -136,7 +137,9 @@ pub struct EmulateConfig {
     /// after each layer (and the starter's ends) the stage waits until the
     /// computation has taken this many times as long. Stages sharing a few cores
     /// then mostly wait instead of competing for them, so that N of them overlap
-    /// like N devices. 1 is off. The profile reports the emulated speed.
+    /// like N devices. 1 is off. The profile reports the emulated speed, and the
+    /// stage then keeps to the profile's figures, so that what other tenants of
+    /// this machine do later does not change the emulated device.
     pub compute_slowdown: f64,
 }
 

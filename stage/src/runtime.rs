@@ -55,6 +55,9 @@ struct Adopted {
     updates: Option<watch::Receiver<Option<Plan>>>,
     ckpt: Arc<Checkpoint>,
     starter: bool,
+    /// This device's measured compute, when it has a profile: an emulated
+    /// device computes at its figures ([`worker::pace`]).
+    figures: Option<lime_schemas::MeasuredCompute>,
 }
 
 /// The ring as this stage sees it: what arrives from the previous stage, and
@@ -159,7 +162,7 @@ impl Stage {
     /// publishing this device's profile for the broker's planner).
     async fn plan(&mut self) -> anyhow::Result<Adopted> {
         let cfg = &self.cfg;
-        if cfg.plan_file.is_none() {
+        let figures = if cfg.plan_file.is_none() {
             self.service.status("measuring this device for the planner");
             let announced = own_profile(cfg).await?;
             control::publish_profile(&self.client, &self.inbox, &announced).await;
@@ -168,7 +171,14 @@ impl Stage {
                 read_mb_s = announced.device.read_bytes_per_s / 1e6,
                 "profile published for the planner"
             );
-        }
+            announced.device.measured
+        } else {
+            cfg.profile_file
+                .as_deref()
+                .map(read_profile)
+                .transpose()?
+                .and_then(|p| p.measured)
+        };
         let mut updates = None;
         let plan = match (&cfg.plan_file, self.plan_rx.take()) {
             (Some(path), _) => {
@@ -246,6 +256,7 @@ impl Stage {
             updates,
             ckpt,
             starter,
+            figures,
         })
     }
 
@@ -324,13 +335,14 @@ impl Stage {
                 .join(", "),
             adopted.plan.epoch
         ));
-        let (plan, name, memory, ckpt, device, slowdown) = (
+        let (plan, name, memory, ckpt, device, slowdown, figures) = (
             adopted.plan.clone(),
             self.cfg.name.clone(),
             self.cfg.memory.clone(),
             adopted.ckpt.clone(),
             self.cfg.device,
             self.cfg.emulate.compute_slowdown,
+            adopted.figures.clone(),
         );
         let worker = tokio::task::spawn_blocking(move || {
             let mut last = Instant::now();
@@ -343,7 +355,7 @@ impl Stage {
                     }
                 });
             let mut worker = loaded?;
-            worker.emulate_slowdown(slowdown);
+            worker.emulate(slowdown, figures);
             anyhow::Ok(worker)
         })
         .await??;
@@ -573,6 +585,13 @@ impl Stage {
     }
 }
 
+/// A profile file (`profile_file`), as `lime-stage --profile` writes it.
+fn read_profile(path: &std::path::Path) -> anyhow::Result<lime_schemas::DeviceProfile> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the profile {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing the profile {}", path.display()))
+}
+
 /// This stage's profile for the broker's planner: the configured file, else
 /// measured now, with the address the ring reaches it at.
 async fn own_profile(cfg: &StageConfig) -> anyhow::Result<lime_schemas::StageProfile> {
@@ -584,10 +603,7 @@ async fn own_profile(cfg: &StageConfig) -> anyhow::Result<lime_schemas::StagePro
         .context("a stage planned by the broker needs data.listen (or data.advertise)")?;
     let mut announced = match &cfg.profile_file {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading the profile {}", path.display()))?;
-            let device: lime_schemas::DeviceProfile = serde_json::from_str(&text)
-                .with_context(|| format!("parsing the profile {}", path.display()))?;
+            let device = read_profile(path)?;
             let model = Checkpoint::open(&cfg.model)?.shape();
             lime_schemas::StageProfile { device, model }
         }

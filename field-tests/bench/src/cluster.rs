@@ -65,6 +65,10 @@ pub struct ClusterSpec {
     /// Let lime-broker's planner make the plan from the stages' profiles
     /// (instead of `interleave`, `cuts` and the budget's offloaded sets).
     pub planner: Option<PlannerSpec>,
+    /// Each stage's profile file, in every mode: emulated devices compute at
+    /// its figures, so that clusters given the same files run on the same
+    /// devices (the planner's own files, if it has them, come first).
+    pub profiles: Option<Vec<PathBuf>>,
     /// Run stage `i` in network namespace `stages[i]`, reaching the broker
     /// (listening on every address) at `host_ip`.
     pub namespaces: Option<Namespaces>,
@@ -389,6 +393,7 @@ impl ClusterSpec {
             compute_slowdown: 1.0,
             device: DeviceSpec::Cpu,
             planner: None,
+            profiles: None,
             namespaces: None,
             security: Security::Open,
         }
@@ -717,12 +722,10 @@ impl Cluster {
                 ))
             })
             .collect::<anyhow::Result<_>>()?;
-        let profiles = match &spec.planner {
-            Some(p) => Some(match &p.profiles {
-                Some(files) => files.clone(),
-                None => measure_profiles(spec, &configs)?,
-            }),
-            None => None,
+        let profiles = match (spec.planner.as_ref().map(|p| &p.profiles), &spec.profiles) {
+            (Some(Some(files)), _) | (_, Some(files)) => Some(files.clone()),
+            (Some(None), None) => Some(measure_profiles(spec, &configs)?),
+            (None, None) => None,
         };
         cluster.broker = match &spec.external_broker {
             Some(b) => b.clone(),

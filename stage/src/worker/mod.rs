@@ -118,9 +118,14 @@ impl Worker {
     }
 
     /// Computes as a device `slowdown` times slower than this machine would
-    /// (`emulate.compute_slowdown`; 1 is full speed).
-    pub fn emulate_slowdown(&mut self, slowdown: f64) {
-        self.pace = ComputePace::new(slowdown);
+    /// (`emulate.compute_slowdown`; 1 is full speed), taking the times of the
+    /// device's profile `figures` where they describe the work ([`pace`]).
+    pub fn emulate(&mut self, slowdown: f64, figures: Option<lime_schemas::MeasuredCompute>) {
+        let pace = ComputePace::new(slowdown);
+        self.pace = match figures {
+            Some(f) if self.ckpt.shape().matches(&f.model) => pace.with_figures(f),
+            _ => pace,
+        };
     }
 
     /// Moves this stage to `plan`: every cache and slot goes, resident layers the
