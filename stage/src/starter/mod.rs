@@ -342,14 +342,16 @@ impl<'t> Scheduler<'t> {
     /// once, since a prompt split by the budget goes on only when its first
     /// part is back.
     fn batches_ready(&self, share: usize) -> usize {
+        let most = self.limits.max_batch_tokens;
         let (mut batches, mut seqs, mut budget) = (0, 0, 0);
         for seq in self.ready.iter().filter_map(|id| self.sequences.get(id)) {
-            if seqs == 0 || seqs >= share || budget == 0 {
+            let whole = seq.next_input(most).len();
+            if seqs == 0 || seqs >= share || budget == 0 || whole > budget {
                 batches += 1;
-                (seqs, budget) = (0, self.limits.max_batch_tokens);
+                (seqs, budget) = (0, most);
             }
             seqs += 1;
-            budget = budget.saturating_sub(seq.next_input(budget).len());
+            budget = budget.saturating_sub(whole);
         }
         batches
     }
@@ -375,10 +377,13 @@ impl<'t> Scheduler<'t> {
                 self.ready.pop_front();
                 continue;
             };
-            let input = seq.next_input(budget);
-            if input.len() > budget && !slots.is_empty() {
+            // A prompt that fits a micro-batch whole goes in one: split, its
+            // rest would make the next round's micro-batches prompt-sized
+            // while the other sequences only decode.
+            if seq.next_input(self.limits.max_batch_tokens).len() > budget && !slots.is_empty() {
                 break;
             }
+            let input = seq.next_input(budget);
             self.ready.pop_front();
             budget = budget.saturating_sub(input.len());
             slots.push(seq.slot(id, input.len()));
