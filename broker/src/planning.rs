@@ -516,6 +516,7 @@ impl Planner {
             time_per_token_s: p.time_per_token_s,
             tokens_per_s: p.tokens_per_s,
             ttft_s: p.ttft_s,
+            burst_prefill_s: p.burst_prefill_s,
             slowest_link_mbit_per_s: planner::slowest_link(plan, &links),
             reason: what.clone(),
         };

@@ -85,6 +85,10 @@ pub struct PlanPrediction {
     pub tokens_per_s: f64,
     /// Seconds to the first token of a prompt of the planned workload's length.
     pub ttft_s: f64,
+    /// Bursty: seconds until every sequence of a burst of the planned
+    /// concurrency has its first token (all its prompts prefilled).
+    #[serde(default)]
+    pub burst_prefill_s: f64,
     /// The slowest link the plan was made for, Mb/s.
     pub slowest_link_mbit_per_s: f64,
     /// Why the planner made it: `"profiles"` for the first plan, else what

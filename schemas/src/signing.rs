@@ -159,6 +159,7 @@ mod tests {
                 time_per_token_s: figure(1.0),
                 tokens_per_s: figure(500.0),
                 ttft_s: figure(10.0),
+                burst_prefill_s: figure(60.0),
                 slowest_link_mbit_per_s: figure(1000.0),
                 reason: "profiles".into(),
             });

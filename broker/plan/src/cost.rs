@@ -44,6 +44,11 @@
 //!   visit `n_i·c_d(b)`, the starter's ends `e(b)`, a hop's transfer.
 //! - **TTFT**: the prompt's prefill passes (`activation_tokens` at a time, with
 //!   prefill compute times), each `max(P, max_d Λ_d)`.
+//! - **A burst's prefill**: its `N` prompts of `p` tokens, each whole in one
+//!   micro-batch of at most `activation_tokens` and `⌈N/k⌉` sequences, make
+//!   `K` micro-batches; a ring that streams sends them in rounds of at most one
+//!   per chunk, each a round as above with prefill compute at the micro-batch's
+//!   tokens. Every sequence has its first token when they are done.
 //!
 //! **Memory** is [`crate::memory`]'s model, the one the stages account with,
 //! with KV reserved for the whole workload.

@@ -47,6 +47,7 @@ pub fn plan(problem: &Problem, epoch: u64) -> Result<Planned, Infeasible> {
         time_per_token_s: prediction.time_per_token_s,
         tokens_per_s: prediction.tokens_per_s,
         ttft_s: prediction.ttft_s,
+        burst_prefill_s: prediction.burst_prefill_s,
         slowest_link_mbit_per_s: slowest_link(&plan, problem.links),
         reason: "profiles".into(),
     });

@@ -88,6 +88,9 @@ pub struct Prediction {
     pub tokens_per_s: f64,
     /// Time to the first token of a prompt of the workload's length.
     pub ttft_s: f64,
+    /// Bursty: the burst's first round, every sequence's prompt prefilled (see
+    /// [`crate::cost`]); its first tokens come at its end. Sporadic: `ttft_s`.
+    pub burst_prefill_s: f64,
     /// One micro-batch's ring pass.
     pub pass_s: f64,
     /// Sequences per micro-batch.
@@ -185,8 +188,18 @@ fn evaluate_with(
         .prompt_tokens
         .clamp(1, p.runtime.activation_tokens);
     let prefill_passes = p.workload.prompt_tokens.max(1).div_ceil(prompt);
+    // The burst's prompts, packed into micro-batches of the token budget; a
+    // ring that streams sends them in rounds of one per chunk at most.
+    let burst = BurstPrefill::of(p, k);
+    let (burst_rounds, per_round) =
+        burst.rounds(if layout.chunks.iter().any(|c| c.offloaded > 0) {
+            layout.chunks.len()
+        } else {
+            burst.batches
+        });
     let mut stages = Vec::with_capacity(n);
     let (mut pass, mut prefill, mut loader_max, mut busy_max) = (0.0, 0.0, 0.0f64, 0.0f64);
+    let mut first = RoundCost::default();
     // A prefill pass carries one prompt: each streamed layer is read once for it.
     let mut prefill_reads_max = 0.0f64;
     // The slowest step a micro-batch takes (a chunk's visit, the starter's
@@ -229,6 +242,25 @@ fn evaluate_with(
         streams |= o > 0;
         prefill_reads_max = prefill_reads_max.max(cost::loader_s(o, slots, dc.read_s, cp));
         busy_max = busy_max.max(k as f64 * (m as f64 * c + ends));
+        let cb = dc.prefill_s(burst.tokens);
+        let ends_b = if starter { dc.ends_s(burst.rows) } else { 0.0 };
+        first.pass += m as f64 * cb
+            + mine
+                .iter()
+                .map(|ch| cost::stall(ch.offloaded, slots, dc.read_s, cb))
+                .sum::<f64>()
+            + ends_b;
+        first.busy = first.busy.max(per_round as f64 * (m as f64 * cb + ends_b));
+        first.reads = first.reads.max(cost::round_reads_s(
+            mine.iter().map(|ch| ch.offloaded),
+            slots,
+            per_round,
+            dc.read_s,
+            cb,
+        ));
+        first.step = first
+            .step
+            .max(mine.iter().map(|ch| ch.layers).max().unwrap_or(0) as f64 * cb);
         stages.push(StagePrediction {
             device: dc.profile.name.clone(),
             layers: m,
@@ -254,6 +286,10 @@ fn evaluate_with(
             let busy = cost::hop_busy_s(p.shape, link, b);
             link_busy = link_busy.max((k * v) as f64 * busy);
             step_max = step_max.max(busy);
+            first.pass += v as f64 * cost::hop_s(p.shape, link, burst.tokens);
+            let busy = cost::hop_busy_s(p.shape, link, burst.tokens);
+            first.link = first.link.max((per_round * v) as f64 * busy);
+            first.step = first.step.max(busy);
         }
     }
     pass += hops;
@@ -266,6 +302,10 @@ fn evaluate_with(
         (k - 1) as f64 * step_max
     } else {
         0.0
+    };
+    let burst_prefill_s = match p.workload.kind {
+        WorkloadKind::Sporadic => ttft,
+        WorkloadKind::Bursty => burst_rounds as f64 * first.time(streams, per_round),
     };
     let candidates: Vec<(&str, f64)> = match p.workload.kind {
         WorkloadKind::Sporadic => vec![("the ring pass", pass), ("a stage's reads", loader_max)],
@@ -288,11 +328,76 @@ fn evaluate_with(
         time_per_token_s: round,
         tokens_per_s: generated as f64 / round,
         ttft_s: ttft,
+        burst_prefill_s,
         pass_s: pass,
         micro_batch_tokens: b,
         bound: bound.into(),
         stages,
     })
+}
+
+/// How a burst's prompts go round the ring first, as the starter packs them:
+/// `concurrency` prompts of `prompt_tokens`, each whole in one micro-batch of
+/// at most the token budget and of a `k`-th of the sequences; a ring that
+/// streams sends them in rounds of at most one micro-batch per chunk.
+#[derive(Debug, Clone, Copy)]
+struct BurstPrefill {
+    /// Micro-batches in all.
+    batches: usize,
+    /// Tokens in each.
+    tokens: usize,
+    /// Sequences in each (the rows its head samples).
+    rows: usize,
+}
+
+impl BurstPrefill {
+    fn of(p: &Problem, k: usize) -> Self {
+        let budget = p.runtime.activation_tokens.max(1);
+        let prompt = p.workload.prompt_tokens.max(1);
+        let seqs = p.workload.concurrency.max(1);
+        let per_batch = (budget / prompt).clamp(1, seqs.div_ceil(k.max(1)));
+        // Prompts longer than the budget go over several micro-batches.
+        let batches = seqs.div_ceil(per_batch) * prompt.div_ceil(budget);
+        let rows = seqs.div_ceil(batches).max(1);
+        Self {
+            batches,
+            tokens: (rows * prompt).min(budget),
+            rows,
+        }
+    }
+
+    /// Rounds of at most `most` micro-batches, and the micro-batches in each.
+    fn rounds(&self, most: usize) -> (usize, usize) {
+        let rounds = self.batches.div_ceil(most.max(1));
+        (rounds, self.batches.div_ceil(rounds))
+    }
+}
+
+/// One round's candidates for its time: the pass, the busiest stage, the
+/// busiest loader and link, and the slowest step (for the train's tail).
+#[derive(Debug, Clone, Copy, Default)]
+struct RoundCost {
+    pass: f64,
+    busy: f64,
+    reads: f64,
+    link: f64,
+    step: f64,
+}
+
+impl RoundCost {
+    /// The round of `k` micro-batches; a ring that streams sends them as a
+    /// train, whose tail trails its head by `k − 1` steps.
+    fn time(&self, streams: bool, k: usize) -> f64 {
+        let train = if streams {
+            k.saturating_sub(1) as f64 * self.step
+        } else {
+            0.0
+        };
+        (self.pass + train)
+            .max(self.busy)
+            .max(self.reads)
+            .max(self.link)
+    }
 }
 
 fn busiest(pred: &Prediction) -> f64 {

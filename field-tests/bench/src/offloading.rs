@@ -111,6 +111,8 @@ pub struct Calibration {
     pub read_mb_per_s: f64,
     /// How long reading one layer takes at that bandwidth.
     pub layer_read_ms: f64,
+    /// The bursty requests' mean prompt, in tokens.
+    pub prompt_tokens: usize,
 }
 
 /// One mode's measurements.
@@ -139,8 +141,12 @@ pub struct ModeRow {
     /// Visits to a streamed layer kept for them by an earlier micro-batch of
     /// their round (reads shared), during the bursty run.
     pub bursty_shared_visits: u64,
-    /// Decode throughput of the bursty run: sequences / median time per token.
+    /// Decode throughput of the bursty run while every request generates
+    /// (else sequences / median time per token).
     pub bursty_decode_tokens_per_s: f64,
+    /// Seconds from the burst's sending to its last first token: every prompt
+    /// prefilled.
+    pub bursty_prefill_s: f64,
     pub budget_bytes: u64,
     /// Largest peak RSS of a stage, and that stage's budget.
     pub peak_rss_bytes: u64,
@@ -172,6 +178,12 @@ pub struct OffloadReport {
     pub ttft_vs_predicted: Option<f64>,
     /// lime's measured bursty time per token (p50) over the predicted round.
     pub tpot_vs_predicted: Option<f64>,
+    /// lime's burst as predicted, prefill included: its prompts' first round,
+    /// then a round per further token; tokens/s and measured over it.
+    pub burst_predicted_tokens_per_s: Option<f64>,
+    pub burst_vs_predicted: Option<f64>,
+    /// lime's measured burst prefill (to the last first token) over predicted.
+    pub burst_prefill_vs_predicted: Option<f64>,
 }
 
 /// Milliseconds for `layer` to decode `tokens` sequences, as an emulated
@@ -205,6 +217,7 @@ fn calibrate(bench: &OffloadBench) -> anyhow::Result<Calibration> {
         layer_ms_burst: burst,
         read_mb_per_s,
         layer_read_ms: layer_bytes as f64 / (read_mb_per_s * 1e6) * 1e3,
+        prompt_tokens: prompt_tokens(bench)?,
     })
 }
 
@@ -237,12 +250,13 @@ async fn telemetry_after(
     }
 }
 
-async fn measure(
+/// The cluster `mode` runs on: the same emulated devices for every mode.
+fn cluster_spec(
     bench: &OffloadBench,
     mode: Mode,
     cal: &Calibration,
     budgets: &[u64],
-) -> anyhow::Result<(ModeRow, Vec<Telemetry>)> {
+) -> ClusterSpec {
     let dir = bench.dir.join(mode.to_string());
     let mut spec = ClusterSpec::new(&bench.model, bench.stages, &dir);
     spec.mode = mode;
@@ -258,7 +272,7 @@ async fn measure(
                 let mut planner = PlannerSpec::new("bursty", bench.burst, bench.context());
                 // One plan for the whole run: a re-plan mid-run would mix two.
                 planner.adapt = false;
-                planner.prompt_tokens = PROMPT_TOKENS;
+                planner.prompt_tokens = cal.prompt_tokens;
                 spec.planner = Some(planner);
             }
         }
@@ -268,6 +282,18 @@ async fn measure(
     spec.memory.activation_tokens = Some(bench.activation_tokens);
     // KV room for the whole burst.
     spec.memory.kv_reserve_tokens = Some(bench.burst * bench.context());
+    spec
+}
+
+async fn measure(
+    bench: &OffloadBench,
+    mode: Mode,
+    cal: &Calibration,
+    budgets: &[u64],
+    profiles: &[PathBuf],
+) -> anyhow::Result<(ModeRow, Vec<Telemetry>)> {
+    let mut spec = cluster_spec(bench, mode, cal, budgets);
+    spec.profiles = Some(profiles.to_vec());
     let every = Duration::from_millis(250);
     spec.telemetry_ms = Some(every.as_millis() as u64);
     eprintln!("{mode}: starting {} stages", bench.stages);
@@ -297,11 +323,16 @@ async fn measure(
     };
     eprintln!("{mode}: bursty, {burst} requests at once");
     let started = Instant::now();
+    let mut pieces = Vec::new();
     let answers = ask_all(
         &cluster.broker,
         &requests(burst, bench.max_tokens, 1),
         timeout,
-        |_, _| {},
+        |_, reply| {
+            if matches!(reply, lime_schemas::Reply::Text(_)) {
+                pieces.push(Instant::now());
+            }
+        },
     )
     .await?;
     let bursty = row(&mode.to_string(), "bursty", &answers, started.elapsed())?;
@@ -348,9 +379,15 @@ async fn measure(
         predicted: cluster.plan.prediction.clone(),
         bursty_read_cpu_s: read_cpu,
         bursty_shared_visits: shared,
-        // naive generates for one request at a time.
-        bursty_decode_tokens_per_s: if mode == Mode::Naive { 1 } else { burst } as f64 * 1e3
-            / bursty.tpot_ms_p50.max(1e-9),
+        bursty_prefill_s: answers
+            .iter()
+            .filter_map(|a| a.first)
+            .max()
+            .map_or(0.0, |t| (t - started).as_secs_f64()),
+        bursty_decode_tokens_per_s: steady_decode(&answers, &pieces).unwrap_or(
+            // naive generates for one request at a time.
+            if mode == Mode::Naive { 1 } else { burst } as f64 * 1e3 / bursty.tpot_ms_p50.max(1e-9),
+        ),
         offloaded: after.iter().map(|t| t.residency.offloaded.len()).sum(),
         layers: after
             .iter()
@@ -375,9 +412,39 @@ async fn measure(
     Ok((row, after))
 }
 
-/// Prompt length the planner predicts TTFT for: the bench's prompts are 8 to
-/// 24 words.
-const PROMPT_TOKENS: usize = 16;
+/// Decode tokens/s while every request of a burst is generating: from the last
+/// first token (every prompt prefilled) to the first answer's end, the text
+/// pieces streamed meanwhile, at the burst's tokens per piece. `None` when the
+/// requests never all generate at once over a few rounds (naive serves them one
+/// by one).
+fn steady_decode(answers: &[lime_client::ask::Answer], pieces: &[Instant]) -> Option<f64> {
+    let from = answers.iter().map(|a| a.first).max()??;
+    let to = answers.iter().map(|a| a.last).min()?;
+    let tokens: u64 = answers
+        .iter()
+        .filter_map(|a| a.outcome.as_ref().ok())
+        .map(|f| f.usage.completion_tokens as u64)
+        .sum();
+    let per_piece = tokens as f64 / pieces.len().max(1) as f64;
+    let within = pieces.iter().filter(|&&t| t > from && t <= to).count();
+    // Three rounds' worth at the least, or the window says little.
+    (to > from && within >= 3 * answers.len())
+        .then(|| within as f64 * per_piece / (to - from).as_secs_f64())
+}
+
+/// The bursty requests' mean prompt length in tokens (the planner predicts
+/// TTFT and the burst's prefill for it).
+fn prompt_tokens(bench: &OffloadBench) -> anyhow::Result<usize> {
+    let tokenizer = lime_kernels::TextTokenizer::from_path(&bench.model)?;
+    let burst = requests(bench.burst.max(1), bench.max_tokens, 1);
+    let mut total = 0;
+    for r in &burst {
+        total += tokenizer
+            .encode(r.prompt.as_deref().unwrap_or_default(), true)?
+            .len();
+    }
+    Ok(total.div_ceil(burst.len()))
+}
 
 /// A bound on lime's bursty throughput for a fixed plan (no planner prediction):
 /// a round takes at least the slowest stage reading its offloaded layers once
@@ -412,10 +479,16 @@ pub async fn run(bench: &OffloadBench) -> anyhow::Result<OffloadReport> {
         ..Default::default()
     };
     let budgets = crate::cluster::share_budgets(&bench.model, bench.stages, bench.share, &memory)?;
+    // One profile of each device, measured in turn on a quiet machine: every
+    // mode's emulated devices compute at its figures, and lime's planner plans
+    // from them.
+    let mut profiling = cluster_spec(bench, Mode::Lime, &cal, &budgets);
+    profiling.dir = bench.dir.join("profiles");
+    let profiles = crate::cluster::profile_stages(&profiling)?;
     let mut rows = Vec::new();
     let mut lime_telemetry = None;
     for &mode in &bench.modes {
-        let (row, telemetry) = measure(bench, mode, &cal, &budgets).await?;
+        let (row, telemetry) = measure(bench, mode, &cal, &budgets, &profiles).await?;
         if mode == Mode::Lime {
             lime_telemetry = Some(telemetry);
         }
@@ -431,7 +504,7 @@ pub async fn run(bench: &OffloadBench) -> anyhow::Result<OffloadReport> {
         (Some(p), _) => (
             Some(p.tokens_per_s),
             format!(
-                "the planner's prediction of its plan ({}); measured as decode throughput (sequences / median time per token)",
+                "the planner's prediction of its plan ({}); measured as decode throughput while every request of the burst generates",
                 p.reason
             ),
         ),
@@ -442,6 +515,12 @@ pub async fn run(bench: &OffloadBench) -> anyhow::Result<OffloadReport> {
         (None, None) => (None, String::new()),
     };
     let decode_tps = lime.map(|r| r.bursty_decode_tokens_per_s);
+    let burst_predicted = predicted.as_ref().map(|p| {
+        let tokens = bench.burst as f64 * bench.max_tokens as f64;
+        tokens
+            / (p.burst_prefill_s + bench.max_tokens.saturating_sub(1) as f64 * p.time_per_token_s)
+                .max(1e-9)
+    });
     Ok(OffloadReport {
         model: bench.model.display().to_string(),
         stages: bench.stages,
@@ -459,6 +538,11 @@ pub async fn run(bench: &OffloadBench) -> anyhow::Result<OffloadReport> {
         tpot_vs_predicted: lime
             .zip(predicted.as_ref())
             .map(|(r, p)| r.bursty.tpot_ms_p50 / (p.time_per_token_s * 1e3)),
+        burst_predicted_tokens_per_s: burst_predicted,
+        burst_vs_predicted: ratio(tps(lime), burst_predicted),
+        burst_prefill_vs_predicted: lime
+            .zip(predicted.as_ref())
+            .map(|(r, p)| r.bursty_prefill_s / p.burst_prefill_s.max(1e-9)),
         calibration: cal,
         rows,
     })
@@ -559,10 +643,20 @@ impl fmt::Display for OffloadReport {
                 self.bound_note
             )?;
         }
-        if let (Some(t), Some(p)) = (self.tpot_vs_predicted, self.ttft_vs_predicted) {
+        if let (Some(b), Some(r)) = (self.burst_predicted_tokens_per_s, self.burst_vs_predicted) {
             writeln!(
                 f,
-                "measured / predicted: bursty time per token {t:.2}, sporadic TTFT {p:.2}"
+                "predicted for lime's whole burst, prefill included: {b:.1} tokens/s; measured / predicted {r:.2}"
+            )?;
+        }
+        if let (Some(t), Some(p), Some(b)) = (
+            self.tpot_vs_predicted,
+            self.ttft_vs_predicted,
+            self.burst_prefill_vs_predicted,
+        ) {
+            writeln!(
+                f,
+                "measured / predicted: bursty time per token {t:.2}, sporadic TTFT {p:.2}, the burst's prefill (to its last first token) {b:.2}"
             )?;
         }
         let overhead = self
