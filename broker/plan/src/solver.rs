@@ -1004,4 +1004,47 @@ mod tests {
         );
         assert!(err.contains("a (1.0 MiB)"), "{err}");
     }
+
+    #[test]
+    fn a_bursts_prefill_is_its_prompts_packed_whole_into_micro_batches() {
+        let ms = |tokens, ms: f64| TimePoint {
+            tokens,
+            seconds: ms / 1e3,
+        };
+        let mut d = device("a", &mut Lcg(3), true);
+        d.memory_bytes = 1 << 30;
+        let m = d.measured.as_mut().unwrap();
+        m.prefill = vec![ms(16, 16.0), ms(64, 64.0)];
+        m.ends = vec![ms(1, 1.0), ms(4, 1.0)];
+        let devices = [d];
+        let shape = shape(8);
+        let links = Links::uniform(LinkSpeed {
+            mbit_per_s: 1000.0,
+            latency_ms: 0.0,
+        });
+        let mut p = Problem {
+            shape: &shape,
+            devices: &devices,
+            links: &links,
+            workload: Workload::bursty(8, 64),
+            runtime: Runtime {
+                activation_tokens: 64,
+                ..Runtime::default()
+            },
+            starter: None,
+        };
+        p.workload.prompt_tokens = 16;
+        let (_, pred) = solve(&p).unwrap();
+        // Eight prompts of 16 tokens, four to a micro-batch of 64: two
+        // micro-batches through 8 resident layers at 64 ms each, and the head
+        // over four rows after each.
+        assert!(
+            (pred.burst_prefill_s - 2.0 * (8.0 * 0.064 + 0.001)).abs() < 1e-9,
+            "{pred:?}"
+        );
+        assert!(pred.burst_prefill_s > pred.ttft_s);
+        p.workload = Workload::sporadic(64);
+        let (_, pred) = solve(&p).unwrap();
+        assert_eq!(pred.burst_prefill_s, pred.ttft_s);
+    }
 }
