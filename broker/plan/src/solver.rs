@@ -191,20 +191,20 @@ fn evaluate_with(
     // The burst's prompts, packed into micro-batches of the token budget; a
     // ring that streams sends them in rounds of one per chunk at most.
     let burst = BurstPrefill::of(p, k);
-    let (burst_rounds, per_round) =
-        burst.rounds(if layout.chunks.iter().any(|c| c.offloaded > 0) {
-            layout.chunks.len()
-        } else {
-            burst.batches
-        });
+    let streams = layout.chunks.iter().any(|c| c.offloaded > 0);
+    let (burst_rounds, per_round) = burst.rounds(if streams {
+        layout.chunks.len()
+    } else {
+        burst.batches
+    });
     let mut stages = Vec::with_capacity(n);
     let (mut pass, mut prefill, mut loader_max, mut busy_max) = (0.0, 0.0, 0.0f64, 0.0f64);
     let mut first = RoundCost::default();
     // A prefill pass carries one prompt: each streamed layer is read once for it.
     let mut prefill_reads_max = 0.0f64;
     // The slowest step a micro-batch takes (a chunk's visit, the starter's
-    // ends, a hop), and whether anything streams (see below).
-    let (mut step_max, mut streams) = (0.0f64, false);
+    // ends, a hop).
+    let mut step_max = 0.0f64;
     for (j, &d) in layout.order.iter().enumerate() {
         let dc = &costs[d];
         let mine: Vec<ChunkLoad> = layout.chunks.iter().skip(j).step_by(n).copied().collect();
@@ -239,7 +239,6 @@ fn evaluate_with(
         loader_max = loader_max.max(loader);
         let visit_max = mine.iter().map(|ch| ch.layers).max().unwrap_or(0) as f64 * c;
         step_max = step_max.max(visit_max).max(ends);
-        streams |= o > 0;
         prefill_reads_max = prefill_reads_max.max(cost::loader_s(o, slots, dc.read_s, cp));
         busy_max = busy_max.max(k as f64 * (m as f64 * c + ends));
         let cb = dc.prefill_s(burst.tokens);
